@@ -1,0 +1,23 @@
+"""datainf: which training examples made a LoRA fine-tuned model do what it does.
+
+Sign convention (the paper's): a positive influence score means that up-weighting the training
+example increases the test loss (the example is harmful); the most helpful examples have the
+most negative scores.
+"""
+
+from .damping import Damping
+from .errors import DataInfError
+from .methods import Convergence, DataInf, Exact, HessianFree, InfluenceEstimator, LiSSA
+
+__all__ = [
+    "Convergence",
+    "DataInf",
+    "DataInfError",
+    "Damping",
+    "Exact",
+    "HessianFree",
+    "InfluenceEstimator",
+    "LiSSA",
+]
+
+__version__ = "0.1.0"

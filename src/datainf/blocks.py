@@ -1,0 +1,177 @@
+"""Per-block gradients: the one input format every estimator reads.
+
+A *gradient source* holds, for n examples, one row per example in each of L blocks:
+block ``name`` is an ``(n, d_l)`` matrix whose row i is the gradient of example i's loss with
+respect to that block's parameters, flattened. Sources come in three shapes:
+
+- a mapping ``name -> (n, d_l) tensor`` (in memory);
+- a list or tuple of such mappings, each holding consecutive rows (row chunks), so that
+  callers never need all rows at once;
+- any object with the attributes of :class:`GradientSource` (the on-disk store is one).
+
+Estimators read sources block by block, in row chunks, so memory does not grow with n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from .errors import DataInfError
+
+
+@runtime_checkable
+class GradientSource(Protocol):
+    """What an estimator needs of a set of per-example gradients."""
+
+    block_names: tuple[str, ...]
+    block_widths: dict[str, int]
+    num_rows: int
+
+    def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(start, chunk)`` with ``chunk`` of shape (b, d_l) holding rows start..start+b.
+
+        ``rows`` is a hint for b; every block of one source must be cut at the same rows
+        when given the same hint, so that chunks of different blocks line up.
+        """
+        ...
+
+
+def _as_matrix(name: str, value: object, where: str) -> torch.Tensor:
+    """Check one block: a finite-dtype 2-D tensor (numpy arrays are accepted and wrapped)."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise DataInfError(
+            f"{where}: block {name!r} is a {type(value).__name__}, not a tensor; "
+            "pass a torch.Tensor or numpy array of shape (examples, parameters)"
+        )
+    if value.ndim != 2:
+        raise DataInfError(
+            f"{where}: block {name!r} has shape {tuple(value.shape)}; a block must be 2-D "
+            "(examples, parameters): flatten each example's gradient into one row"
+        )
+    if not value.is_floating_point():
+        raise DataInfError(
+            f"{where}: block {name!r} has dtype {value.dtype}; gradients must be floating point"
+        )
+    return value
+
+
+class InMemoryGradients:
+    """A mapping ``name -> (n, d_l)`` tensor, cut into row chunks on demand (views, no copy)."""
+
+    def __init__(self, blocks: Mapping[str, object], where: str = "gradients") -> None:
+        if len(blocks) == 0:
+            raise DataInfError(f"{where}: no blocks were given; pass at least one (n, d) tensor")
+        self.blocks = {str(k): _as_matrix(str(k), v, where) for k, v in blocks.items()}
+        rows = {name: t.shape[0] for name, t in self.blocks.items()}
+        first_name, first_rows = next(iter(rows.items()))
+        for name, n in rows.items():
+            if n != first_rows:
+                raise DataInfError(
+                    f"{where}: block {name!r} has {n} rows but block {first_name!r} has "
+                    f"{first_rows}; every block needs one row per example"
+                )
+        self.block_names = tuple(self.blocks)
+        self.block_widths = {name: t.shape[1] for name, t in self.blocks.items()}
+        self.num_rows = first_rows
+
+    def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        block = self.blocks[name]
+        for start in range(0, self.num_rows, max(1, rows)):
+            yield start, block[start : start + rows]
+
+
+class ChunkedGradients:
+    """A list of mappings, each holding the same blocks for consecutive rows.
+
+    The chunks are used as they were given: the ``rows`` hint of :meth:`iter_block` is ignored.
+    """
+
+    def __init__(self, chunks: Sequence[Mapping[str, object]], where: str = "gradients") -> None:
+        self.chunks = [InMemoryGradients(c, f"{where}, chunk {i}") for i, c in enumerate(chunks)]
+        if not self.chunks:
+            raise DataInfError(f"{where}: the list of chunks is empty; pass at least one chunk")
+        first = self.chunks[0]
+        for i, chunk in enumerate(self.chunks[1:], start=1):
+            if set(chunk.block_names) != set(first.block_names):
+                missing = sorted(set(first.block_names) - set(chunk.block_names))
+                extra = sorted(set(chunk.block_names) - set(first.block_names))
+                raise DataInfError(
+                    f"{where}: chunk {i} has other blocks than chunk 0 "
+                    f"(missing {missing}, extra {extra}); every chunk needs the same blocks"
+                )
+            for name in first.block_names:
+                if chunk.block_widths[name] != first.block_widths[name]:
+                    raise DataInfError(
+                        f"{where}: block {name!r} has {chunk.block_widths[name]} columns in "
+                        f"chunk {i} but {first.block_widths[name]} in chunk 0"
+                    )
+        self.block_names = first.block_names
+        self.block_widths = dict(first.block_widths)
+        self.num_rows = sum(c.num_rows for c in self.chunks)
+
+    def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        start = 0
+        for chunk in self.chunks:
+            if chunk.num_rows:
+                yield start, chunk.blocks[name]
+            start += chunk.num_rows
+
+
+def as_gradient_source(gradients: object, where: str = "gradients") -> GradientSource:
+    """Wrap any accepted gradient input as a :class:`GradientSource` (see the module docstring)."""
+    if isinstance(gradients, Mapping):
+        return InMemoryGradients(gradients, where)
+    if isinstance(gradients, (list, tuple)):
+        return ChunkedGradients(gradients, where)
+    if isinstance(gradients, GradientSource):
+        return gradients
+    if isinstance(gradients, Iterator):
+        raise DataInfError(
+            f"{where}: got a one-shot iterator; estimators read the gradients more than once. "
+            "Pass a list of chunks, a mapping of tensors, or a gradient store"
+        )
+    raise DataInfError(
+        f"{where}: cannot read gradients from a {type(gradients).__name__}; pass a mapping "
+        "block name -> (n, d) tensor, a list of such mappings (row chunks), or a gradient store"
+    )
+
+
+def read_block(source: GradientSource, name: str, rows: int = 1 << 30) -> torch.Tensor:
+    """The whole ``(n, d_l)`` block ``name`` of ``source`` as one tensor."""
+    chunks = [chunk for _, chunk in source.iter_block(name, rows)]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def check_finite(name: str, chunk: torch.Tensor, start: int, where: str) -> None:
+    """Raise naming the first example whose gradient in block ``name`` is NaN or infinite."""
+    bad = (~torch.isfinite(chunk)).any(dim=1).nonzero()
+    if len(bad):
+        row = start + int(bad[0])
+        raise DataInfError(
+            f"{where}: block {name!r} has a NaN or infinite gradient in example {row}; "
+            "recompute that example's gradient (check its loss) or drop it"
+        )
+
+
+def check_same_blocks(train: GradientSource, test: GradientSource) -> None:
+    """Test gradients must have exactly the training blocks, with the same widths."""
+    missing = [b for b in train.block_names if b not in test.block_widths]
+    extra = [b for b in test.block_names if b not in train.block_widths]
+    if missing or extra:
+        raise DataInfError(
+            f"test gradients do not have the training blocks: missing {missing}, extra {extra}; "
+            "compute both with the same model, adapter and block selection"
+        )
+    for name in train.block_names:
+        if train.block_widths[name] != test.block_widths[name]:
+            raise DataInfError(
+                f"block {name!r} has {test.block_widths[name]} columns in the test gradients "
+                f"but {train.block_widths[name]} in the training gradients; "
+                "compute both with the same model and adapter"
+            )

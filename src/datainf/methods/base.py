@@ -1,0 +1,209 @@
+"""What every influence estimator shares: fit on training gradients, score test gradients.
+
+Sign convention (the paper's): a POSITIVE score means that up-weighting the training example
+INCREASES the test loss, i.e. the example is harmful; the most helpful examples have the most
+negative scores.
+
+Estimators read gradients block by block (see :mod:`datainf.blocks`) and sum the blocks'
+contributions: I(k) = sum_l I_l(k). Computations run in float64 when the training gradients are
+float64, otherwise in float32 with float64 sums across chunks and blocks; scores are float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from ..blocks import (
+    GradientSource,
+    as_gradient_source,
+    check_finite,
+    check_same_blocks,
+)
+from ..damping import Damping, as_damping
+from ..errors import DataInfError
+
+
+class InfluenceEstimator:
+    """Base class: ``fit(train)`` then ``score(test)`` (scikit-learn style, no global state).
+
+    Parameters
+    ----------
+    damping:
+        A number (the relative constant of the paper's rule, default 0.1), a mapping
+        block -> lambda_l, or a :class:`~datainf.Damping`.
+    chunk_rows:
+        Rows of training gradients read at a time; None picks a size per block (64 MiB of float32 per
+        test row, at most 256 MiB). Changes nothing but memory and speed.
+    test_batch_size:
+        Test rows scored together in pairwise mode (bounds memory to test_batch_size x d_l).
+    device:
+        Where to compute (default: where the gradients are).
+    progress:
+        Show a progress bar over blocks (None: only when stderr is a terminal).
+    """
+
+    def __init__(
+        self,
+        damping: float | Mapping[str, float] | Damping = 0.1,
+        *,
+        chunk_rows: int | None = None,
+        test_batch_size: int = 1024,
+        device: str | torch.device | None = None,
+        progress: bool | None = None,
+    ) -> None:
+        self.damping = damping
+        self.chunk_rows = chunk_rows
+        self.test_batch_size = test_batch_size
+        self.device = device
+        self.progress = progress
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train_gradients: object) -> InfluenceEstimator:
+        """Read the training gradients (mapping, list of row chunks, or store) and prepare.
+
+        Computes, per block, the squared norm of every row and the damping lambda_l, then
+        whatever the method precomputes. Returns ``self``.
+        """
+        for name in ("chunk_rows", "test_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise DataInfError(f"{name} must be a positive integer, not {value!r}")
+        train = as_gradient_source(train_gradients, "training gradients")
+        if train.num_rows == 0:
+            raise DataInfError(
+                "training gradients: there are no examples (0 rows); "
+                "pass at least one training example"
+            )
+        for name in train.block_names:
+            if train.block_widths[name] == 0:
+                raise DataInfError(f"training gradients: block {name!r} has no columns; drop it")
+        self.train_ = train
+        self.n_ = train.num_rows
+        _, first = next(iter(train.iter_block(train.block_names[0], 1)))
+        self.device_ = torch.device(self.device) if self.device is not None else first.device
+        self.compute_dtype_ = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self.row_sq_norms_: dict[str, torch.Tensor] = {}
+        mean_squares = {}
+        for name in train.block_names:
+            norms = []
+            for start, chunk in self._train_chunks(name, rows=self._rows(name, 1)):
+                # ||g_il||^2 per row; a NaN or inf entry makes its row's norm non-finite
+                norm = torch.linalg.vector_norm(chunk, dim=1)
+                if not torch.isfinite(norm).all():
+                    check_finite(name, chunk, start, "training gradients")
+                    norm = torch.linalg.vector_norm(chunk.double(), dim=1)  # float32 overflow
+                norms.append(norm.double() ** 2)
+            sq = torch.cat(norms)
+            self.row_sq_norms_[name] = sq
+            mean_squares[name] = float(sq.sum()) / (self.n_ * train.block_widths[name])
+        self.damping_ = as_damping(self.damping).resolve(mean_squares)
+        self._fit_blocks()
+        return self
+
+    def _fit_blocks(self) -> None:
+        """Method-specific precomputation after norms and damping are known."""
+
+    # ---------------------------------------------------------------- score
+    def score(self, test_gradients: object, aggregate: bool = False) -> torch.Tensor:
+        """Influence of each training example on the test loss (positive = harmful).
+
+        Returns an (m, n) float64 tensor, row j the influence of every training example on
+        test example j; with ``aggregate=True`` an (n,) tensor, the influence on the MEAN test
+        loss (the test gradients are averaged per block first).
+        """
+        self._check_fitted()
+        test = as_gradient_source(test_gradients, "test gradients")
+        check_same_blocks(self.train_, test)
+        if test.num_rows == 0:
+            raise DataInfError("test gradients: there are no examples (0 rows)")
+        self._start_scoring()
+        n, m = self.n_, test.num_rows
+        out = torch.zeros((n,) if aggregate else (m, n), dtype=torch.float64, device=self.device_)
+        for name in self._blocks("scoring"):
+            if aggregate:
+                v = self._test_mean(test, name)
+                out += self._score_block(name, v)[0]
+                continue
+            for start, rows in test.iter_block(name, self.test_batch_size):
+                V = rows.to(device=self.device_, dtype=self.compute_dtype_)
+                if not torch.isfinite(torch.linalg.vector_norm(V, dim=1)).all():
+                    check_finite(name, rows, start, "test gradients")
+                out[start : start + len(rows)] += self._score_block(name, V)
+        self._finish_scoring()
+        return out
+
+    def self_influence(self) -> torch.Tensor:
+        """Self-influence of every training example, shape (n,), float64, >= 0.
+
+        s_k = sum_l g_kl^T H_l^-1 g_kl: how much example k's own loss falls when k is
+        up-weighted. It is MINUS the influence I(k, k) of k on its own loss under the paper's sign
+        convention, so that, as with the other scores, larger means more suspicious (mislabeled
+        and atypical examples have large self-influence).
+        """
+        self._check_fitted()
+        out = torch.zeros(self.n_, dtype=torch.float64, device=self.device_)
+        for name in self._blocks("self-influence"):
+            out += self._self_influence_block(name)
+        return out
+
+    # ------------------------------------------------------- for subclasses
+    def _score_block(self, name: str, V: torch.Tensor) -> torch.Tensor:
+        """Block l's share of the scores: (m, d_l) test rows -> (m, n) float64."""
+        raise NotImplementedError
+
+    def _self_influence_block(self, name: str) -> torch.Tensor:
+        raise DataInfError(
+            f"{type(self).__name__} does not compute self-influence; use DataInf, Exact or "
+            "HessianFree"
+        )
+
+    def _start_scoring(self) -> None:
+        """Called before each score(); methods reset per-call diagnostics here."""
+
+    def _finish_scoring(self) -> None:
+        """Called after each score()."""
+
+    # -------------------------------------------------------------- helpers
+    def _train_chunks(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Row chunks of training block ``name``, moved to the compute device and dtype."""
+        for start, chunk in self.train_.iter_block(name, rows):
+            yield start, chunk.to(device=self.device_, dtype=self.compute_dtype_)
+
+    def _rows(self, name: str, test_rows: int) -> int:
+        """Training rows per chunk: 64 MiB of float32 per test row, capped at 256 MiB.
+
+        Large chunks keep BLAS efficient; the cap bounds the memory of chunks read from disk.
+        """
+        if self.chunk_rows is not None:
+            return self.chunk_rows
+        elements = min(1 << 26, (1 << 24) * max(1, test_rows))
+        return max(1, elements // self.train_.block_widths[name])
+
+    def _test_mean(self, test: GradientSource, name: str) -> torch.Tensor:
+        """v_l = mean_j v_jl as a (1, d_l) row, summed in float64."""
+        total = torch.zeros(test.block_widths[name], dtype=torch.float64, device=self.device_)
+        for start, rows in test.iter_block(name, self.test_batch_size):
+            part = rows.to(device=self.device_).sum(dim=0).double()
+            if not torch.isfinite(part).all():
+                check_finite(name, rows, start, "test gradients")
+                part = rows.to(device=self.device_, dtype=torch.float64).sum(dim=0)
+            total += part
+        return (total / test.num_rows).to(self.compute_dtype_)[None, :]
+
+    def _blocks(self, what: str) -> list[str]:
+        return tqdm(
+            self.train_.block_names,
+            desc=f"{type(self).__name__} {what}",
+            unit="block",
+            disable=None if self.progress is None else not self.progress,
+            leave=False,
+        )
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "train_"):
+            raise DataInfError(
+                f"{type(self).__name__} is not fitted; call .fit(train_gradients) first"
+            )
