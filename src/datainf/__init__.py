@@ -7,6 +7,7 @@ most negative scores.
 
 from .damping import Damping
 from .errors import DataInfError
+from .gradients import collect_gradients
 from .methods import Convergence, DataInf, Exact, HessianFree, InfluenceEstimator, LiSSA
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "DataInfError",
     "Damping",
     "Exact",
+    "collect_gradients",
     "HessianFree",
     "InfluenceEstimator",
     "LiSSA",

@@ -88,20 +88,26 @@ class InfluenceEstimator:
         self.row_sq_norms_: dict[str, torch.Tensor] = {}
         mean_squares = {}
         for name in train.block_names:
-            norms = []
-            for start, chunk in self._train_chunks(name, rows=self._rows(name, 1)):
-                # ||g_il||^2 per row; a NaN or inf entry makes its row's norm non-finite
-                norm = torch.linalg.vector_norm(chunk, dim=1)
-                if not torch.isfinite(norm).all():
-                    check_finite(name, chunk, start, "training gradients")
-                    norm = torch.linalg.vector_norm(chunk.double(), dim=1)  # float32 overflow
-                norms.append(norm.double() ** 2)
-            sq = torch.cat(norms)
+            sq = self._row_sq_norms(name)
             self.row_sq_norms_[name] = sq
             mean_squares[name] = float(sq.sum()) / (self.n_ * train.block_widths[name])
         self.damping_ = as_damping(self.damping).resolve(mean_squares)
         self._fit_blocks()
         return self
+
+    def _row_sq_norms(self, name: str) -> torch.Tensor:
+        """||g_il||^2 for every row of block ``name`` (float64), checking that all are finite."""
+        if hasattr(self.train_, "row_sq_norms"):  # a store keeps them, checked when written
+            return self.train_.row_sq_norms(name).to(device=self.device_, dtype=torch.float64)
+        norms = []
+        for start, chunk in self._train_chunks(name, rows=self._rows(name, 1)):
+            # a NaN or inf entry makes its row's norm non-finite
+            norm = torch.linalg.vector_norm(chunk, dim=1)
+            if not torch.isfinite(norm).all():
+                check_finite(name, chunk, start, "training gradients")
+                norm = torch.linalg.vector_norm(chunk.double(), dim=1)  # float32 overflow
+            norms.append(norm.double() ** 2)
+        return torch.cat(norms)
 
     def _fit_blocks(self) -> None:
         """Method-specific precomputation after norms and damping are known."""

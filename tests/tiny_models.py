@@ -1,0 +1,139 @@
+"""Tiny models built from configs, with LoRA, for fast gradient tests (no downloads)."""
+
+import peft
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
+
+
+def tiny_bert_classifier(num_labels: int = 3, seed: int = 0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=60,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        num_labels=num_labels,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    model = BertForSequenceClassification(config)
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            lora_dropout=0.1,
+        ),
+    )
+    _randomize_lora(model, seed)
+    return model.to(dtype)
+
+
+def _llama_config(**kw):
+    return LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        **kw,
+    )
+
+
+def tiny_llama_classifier(num_labels: int = 3, seed: int = 0, dtype=torch.float64):
+    """Pools the last non-pad token, so (unlike BERT's first-token pooling) left padding is fine."""
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(_llama_config(num_labels=num_labels))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["q_proj", "v_proj"],
+            modules_to_save=["score"],
+            lora_dropout=0.1,
+        ),
+    )
+    _randomize_lora(model, seed)
+    return model.to(dtype)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_llama_config())
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1),
+    )
+    _randomize_lora(model, seed)
+    return model.to(dtype)
+
+
+def tiny_unet(seed: int = 0, dtype=torch.float64):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    model = peft.get_peft_model(
+        unet, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"])
+    )
+    _randomize_lora(model, seed)
+    return model.to(dtype)
+
+
+def _randomize_lora(model, seed):
+    """LoRA B starts at zero; give it values so that every gradient is non-trivial."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def padded_text_batch(lengths, vocab: int, side: str, seed: int, prompt: int | None = None):
+    """input_ids / attention_mask with the given lengths, padded on ``side`` with id 0.
+
+    With ``prompt``, also causal-LM labels: -100 on the first ``prompt`` tokens and on padding.
+    """
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    labels = torch.full((len(lengths), T), -100, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        tokens = torch.randint(1, vocab, (n,), generator=g)
+        span = slice(T - n, T) if side == "left" else slice(0, n)
+        ids[b, span] = tokens
+        mask[b, span] = 1
+        if prompt is not None:
+            lab = tokens.clone()
+            lab[:prompt] = -100
+            labels[b, span] = lab
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if prompt is not None:
+        batch["labels"] = labels
+    return batch
