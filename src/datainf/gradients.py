@@ -125,9 +125,10 @@ def _batch_gradients(model, task, layers, batch, rows: torch.Tensor) -> dict[str
             )
         bad = (~torch.isfinite(losses.detach())).nonzero()
         if len(bad):
+            b = int(bad[0])
             raise DataInfError(
-                f"the loss of example {int(rows[int(bad[0])])} is "
-                f"{float(losses[int(bad[0])])}; check that example's input"
+                f"the loss of example {int(rows[b])} is {float(losses[b].detach())}; "
+                "check that example's input"
             )
         outputs = [out for layer in layers for _, out in layer.calls]
         deltas = iter(torch.autograd.grad(losses.sum(), outputs, allow_unused=True))

@@ -35,8 +35,8 @@ class InfluenceEstimator:
         A number (the relative constant of the paper's rule, default 0.1), a mapping
         block -> lambda_l, or a :class:`~datainf.Damping`.
     chunk_rows:
-        Rows of training gradients read at a time; None picks a size per block (64 MiB of float32 per
-        test row, at most 256 MiB). Changes nothing but memory and speed.
+        Rows of training gradients read at a time; None picks a size per block (64 MiB of
+        float32 per test row, at most 256 MiB). Changes nothing but memory and speed.
     test_batch_size:
         Test rows scored together in pairwise mode (bounds memory to test_batch_size x d_l).
     device:
