@@ -175,3 +175,42 @@ def check_same_blocks(train: GradientSource, test: GradientSource) -> None:
                 f"but {train.block_widths[name]} in the training gradients; "
                 "compute both with the same model and adapter"
             )
+
+
+class BlockSubset:
+    """The blocks of ``source`` whose names are in ``names`` (a view; nothing is copied)."""
+
+    def __init__(self, source: GradientSource, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in source.block_widths]
+        if unknown:
+            raise DataInfError(f"blocks {unknown[:3]} are not in the gradients")
+        self.source = source
+        self.block_names = tuple(names)
+        self.block_widths = {n: source.block_widths[n] for n in names}
+        self.num_rows = source.num_rows
+        if hasattr(source, "row_sq_norms"):
+            self.row_sq_norms = source.row_sq_norms
+
+    def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        return self.source.iter_block(name, rows)
+
+
+def blocks_matching(source: GradientSource, pattern: str | None) -> GradientSource:
+    """The blocks whose name matches the regular expression ``pattern`` (all when None)."""
+    import re
+
+    if pattern is None:
+        return source
+    try:
+        regex = re.compile(pattern)
+    except re.error as error:
+        raise DataInfError(
+            f"--blocks {pattern!r} is not a valid regular expression: {error}"
+        ) from None
+    names = [n for n in source.block_names if regex.search(n)]
+    if not names:
+        raise DataInfError(
+            f"no gradient block matches {pattern!r}; block names look like "
+            f"{list(source.block_names[:2])}"
+        )
+    return BlockSubset(source, names)

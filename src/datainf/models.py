@@ -215,6 +215,7 @@ def load_classifier(
         labels = {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
     model = _from_pretrained(
         AutoModelForSequenceClassification, name, num_labels=num_labels, dtype=torch_dtype,
+        ignore_mismatched_sizes=True,  # a head for another number of classes is re-initialised
         **labels,
     )
     tokenizer = _from_pretrained(AutoTokenizer, name)

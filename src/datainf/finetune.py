@@ -1,0 +1,75 @@
+"""LoRA fine-tuning of a sequence classifier, and its predictions.
+
+Plain AdamW on the trainable (LoRA and head) parameters, mean cross entropy per batch,
+a fixed seed for the shuffling; no learning-rate schedule beyond a linear decay.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import TextData, text_batches
+from .tasks import text_model_inputs
+
+
+def finetune(
+    model: torch.nn.Module,
+    tokenizer,
+    data: TextData,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    max_length: int,
+    seed: int,
+    progress: bool | None = None,
+) -> list[float]:
+    """Train the model's trainable parameters in place; returns the mean loss of each epoch."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    steps = epochs * -(-len(data) // batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / max(1, steps))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model.train()
+    history = []
+    bar = tqdm(total=steps, desc="fine-tuning", unit="step",
+               disable=None if progress is None else not progress)
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for batch in text_batches(tokenizer, data, batch_size, max_length,
+                                  order=rng.permutation(len(data))):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**text_model_inputs(model, batch)).logits
+            loss = F.cross_entropy(logits, batch["labels"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(batch["labels"])
+            count += len(batch["labels"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        history.append(total / count)
+    bar.close()
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, tokenizer, data: TextData, *, batch_size: int,
+            max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example cross-entropy losses under the model's labels and predicted classes."""
+    device = next(model.parameters()).device
+    model.eval()
+    losses, predictions = [], []
+    for batch in text_batches(tokenizer, data, batch_size, max_length):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**text_model_inputs(model, batch)).logits
+        losses.append(F.cross_entropy(logits, batch["labels"], reduction="none").cpu())
+        predictions.append(logits.argmax(-1).cpu())
+    return torch.cat(losses).double().numpy(), torch.cat(predictions).numpy()

@@ -1,0 +1,344 @@
+"""The ``detect-mislabeled`` job: which training examples of a LoRA fine-tune are mislabeled?
+
+Stages (each expensive one is written to ``out`` once and reused when the job is repeated with
+the same settings; an interrupted run goes on from the last finished stage):
+
+1. data     load, split, inject label noise (seeded)                     -> recomputed (cheap)
+2. adapter  LoRA fine-tuning of the classifier                          -> out/adapter/
+3. predict  per-example training loss, validation accuracy              -> out/predictions.npz
+4. gradients per-example gradients of training and validation examples -> out/gradients/{train,val}
+5. scores   every method's score of every training example, metrics     -> summary.json,
+            scores.csv, report.html (always recomputed)
+
+Every score is oriented so that HIGHER = MORE SUSPICIOUS: influence on the mean validation loss
+(positive = harmful, the paper's convention), self-influence g^T H^-1 g, the training loss and
+the gradient norm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .blocks import blocks_matching
+from .data import TextData, bbc_news, encode_labels, flip_labels, read_table, stratified_split
+from .errors import DataInfError
+from .metrics import detection_auc
+
+METHODS = {
+    "datainf": "DataInf",
+    "exact": "Exact",
+    "lissa": "LiSSA",
+    "hessian_free": "Hessian-free",
+    "datainf_self": "DataInf self-influence",
+}
+REFERENCES = {"loss": "Training loss", "grad_norm": "Gradient norm"}
+DEFAULT_METHODS = tuple(METHODS)
+
+
+@dataclass
+class Config:
+    """Settings of one run. Those in ``EXPENSIVE`` decide the adapter and gradients."""
+
+    data: str | None = None             # None: the shipped BBC News corpus
+    text_columns: tuple[str, ...] = ("text",)
+    label_column: str = "label"
+    val_data: str | None = None
+    val_fraction: float = 0.1
+    train_size: int | None = 900        # BBC News default; None: every remaining example
+    val_size: int | None = 100
+    noise: float = 0.2
+    model: str = "minilm"
+    adapter: str | None = None
+    lora_r: int = 4
+    lora_alpha: int = 8
+    lora_targets: tuple[str, ...] = ("query", "value")
+    epochs: int = 4
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    max_length: int = 128
+    device: str = "cpu"
+    seed: int = 0
+    # cheap: may change between runs on the same --out
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    blocks: str | None = None
+    damping: float = 0.1
+    out: str = "runs/detect-mislabeled"
+    progress: bool | None = None
+    stage_seconds: dict = field(default_factory=dict)
+
+    EXPENSIVE = ("data", "text_columns", "label_column", "val_data", "val_fraction", "train_size",
+                 "val_size", "noise", "model", "adapter", "lora_r", "lora_alpha", "lora_targets",
+                 "epochs", "batch_size", "learning_rate", "max_length", "seed")
+
+    def expensive(self) -> dict:
+        return {k: _jsonable(getattr(self, k)) for k in self.EXPENSIVE}
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ---------------------------------------------------------------- stage 1: data
+def load_data(config: Config) -> tuple[TextData, TextData]:
+    """Training and validation data, with label noise injected into training when asked."""
+    if not 0 <= config.noise < 1:
+        raise DataInfError(f"--noise must be in [0, 1), not {config.noise}")
+    if config.data is None:
+        texts, labels = bbc_news()
+        pairs, val = None, None
+    else:
+        if not 1 <= len(config.text_columns) <= 2:
+            raise DataInfError("give one text column, or two for sentence pairs")
+        texts, pairs, labels = read_table(config.data, list(config.text_columns),
+                                          config.label_column)
+        val = None
+        if config.val_data is not None:
+            val = read_table(config.val_data, list(config.text_columns), config.label_column)
+    if val is None:
+        if not 0 < config.val_fraction < 1:
+            raise DataInfError(f"--val-fraction must be in (0, 1), not {config.val_fraction}")
+        classes = sorted(set(labels))
+        ids = np.array([classes.index(x) for x in labels])
+        n_val = config.val_size or max(1, int(round(config.val_fraction * len(labels))))
+        n_train = config.train_size or len(labels) - n_val
+        train_idx, val_idx = stratified_split(ids, (n_train, n_val), config.seed)
+        take = lambda xs, idx: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        val = (take(texts, val_idx), take(pairs, val_idx), take(labels, val_idx))
+        texts, pairs, labels = take(texts, train_idx), take(pairs, train_idx), \
+            take(labels, train_idx)
+        row_ids = [str(i) for i in train_idx]
+    else:
+        row_ids = [str(i) for i in range(len(texts))]
+    train_y, val_y, classes = encode_labels(labels, val[2])
+    train = TextData(texts, train_y, classes, pairs=pairs, ids=row_ids)
+    if config.noise > 0:
+        noisy, flipped = flip_labels(train_y, len(classes), config.noise, config.seed)
+        train = TextData(texts, noisy, classes, pairs=pairs, original=train_y, flipped=flipped,
+                         ids=row_ids)
+    validation = TextData(val[0], val_y, classes, pairs=val[1],
+                          ids=[str(i) for i in range(len(val[0]))])
+    return train, validation
+
+
+# ---------------------------------------------------------------- run folder
+def check_run_folder(config: Config, train: TextData) -> Path:
+    """Create ``out`` or check that it holds a run made with the same expensive settings."""
+    out = Path(config.out)
+    record = {**config.expensive(), "data_fingerprint": train.fingerprint()}
+    path = out / "run.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise DataInfError(f"{path} is damaged; delete {out} or choose another --out") from None
+        differ = [f"{k} ({old.get(k)!r} there, {record[k]!r} now)"
+                  for k in record if old.get(k) != record[k]]
+        if differ:
+            raise DataInfError(
+                f"--out {out} holds a run made with other settings: " + "; ".join(differ[:4])
+                + ". Use another --out, or delete that folder"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise DataInfError(f"--out {out} is not empty and holds no datainf run; choose another "
+                           "--out or empty it")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(record, indent=2))
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- stage 2: adapter
+def build_model(config: Config, train: TextData, out: Path, progress):
+    """The LoRA classifier: loaded from out/adapter when present, else fine-tuned and saved."""
+    from .finetune import finetune
+    from .models import add_lora, load_adapter, load_classifier
+
+    torch.manual_seed(config.seed)
+    id2label = dict(enumerate(train.classes))
+    base, tokenizer = load_classifier(config.model, len(train.classes), id2label=id2label)
+    saved = out / "adapter"
+    if config.adapter is not None:
+        return load_adapter(base, config.adapter).to(config.device), tokenizer, None
+    if (saved / "adapter_config.json").exists():
+        model = load_adapter(base, saved).to(config.device)
+        history = json.loads((saved / "training.json").read_text())
+        return model, tokenizer, history
+    torch.manual_seed(config.seed)
+    model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
+                     target_modules=config.lora_targets).to(config.device)
+    losses = finetune(model, tokenizer, train, epochs=config.epochs,
+                      batch_size=config.batch_size, learning_rate=config.learning_rate,
+                      max_length=config.max_length, seed=config.seed, progress=progress)
+    history = {"epoch_losses": losses}
+    tmp = out / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(history))
+    os.replace(tmp, saved)
+    return model, tokenizer, history
+
+
+# ---------------------------------------------------------------- stage 3: predictions
+def predictions(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path):
+    """(training losses, validation accuracy), cached in out/predictions.npz."""
+    from .finetune import predict
+
+    path = out / "predictions.npz"
+    if path.exists():
+        saved = np.load(path)
+        return saved["train_loss"], float(saved["val_accuracy"])
+    train_loss, _ = predict(model, tokenizer, train, batch_size=config.batch_size,
+                            max_length=config.max_length)
+    _, val_pred = predict(model, tokenizer, val, batch_size=config.batch_size,
+                          max_length=config.max_length)
+    accuracy = float((val_pred == val.labels).mean())
+    tmp = out / "predictions.tmp.npz"
+    np.savez(tmp, train_loss=train_loss, val_accuracy=accuracy)
+    os.replace(tmp, path)
+    return train_loss, accuracy
+
+
+# ---------------------------------------------------------------- stage 4: gradients
+def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path,
+              progress):
+    from .data import text_batches
+    from .gradients import collect_gradients
+
+    stores = {}
+    for split, data in (("train", train), ("val", val)):
+        batches = text_batches(tokenizer, data, config.batch_size, config.max_length)
+        stores[split] = collect_gradients(model, batches, "classification",
+                                          out=str(out / "gradients" / split),
+                                          progress=progress)
+    return stores["train"], stores["val"]
+
+
+# ---------------------------------------------------------------- stage 5: scores
+def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
+    """Every chosen method's scores (higher = more suspicious) and its seconds."""
+    from .methods import DataInf, Exact, HessianFree, LiSSA
+
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    train = blocks_matching(train_store, config.blocks)
+    val = blocks_matching(val_store, config.blocks)
+    kwargs = {"damping": config.damping, "progress": False}
+    make = {"datainf": DataInf, "exact": Exact, "lissa": LiSSA, "hessian_free": HessianFree}
+    scores, seconds, notes = {}, {}, {}
+    for method in config.methods:
+        start = time.perf_counter()
+        if method == "datainf_self":
+            values = DataInf(**kwargs).fit(train).self_influence()
+        else:
+            est = make[method](**kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                values = est.fit(train).score(val, aggregate=True)
+            if method == "lissa":
+                notes[method] = {"converged": est.converged_}
+        seconds[method] = time.perf_counter() - start
+        scores[method] = values.cpu().numpy()
+    start = time.perf_counter()
+    scores["loss"] = np.asarray(train_loss, dtype=np.float64)
+    seconds["loss"] = 0.0  # a by-product of the prediction stage
+    sq = sum(train.row_sq_norms(name).numpy() for name in train.block_names)
+    scores["grad_norm"] = np.sqrt(sq)
+    seconds["grad_norm"] = time.perf_counter() - start
+    return scores, seconds, notes, list(train.block_names)
+
+
+def write_outputs(config: Config, out: Path, train: TextData, val: TextData, scores: dict,
+                  seconds: dict, notes: dict, summary_extra: dict) -> dict:
+    """summary.json, scores.csv and report.html, each written whole or not at all."""
+    import pandas as pd
+
+    from .report import write_report
+
+    labels = {**METHODS, **REFERENCES}
+    methods = {}
+    for key, values in scores.items():
+        entry = {"label": labels[key], "seconds": round(seconds[key], 4)}
+        if train.flipped is not None:
+            entry["auc"] = round(detection_auc(values, train.flipped), 4)
+        entry.update(notes.get(key, {}))
+        methods[key] = entry
+    summary = {
+        "config": {k: _jsonable(v) for k, v in asdict(config).items()
+                   if k not in ("stage_seconds", "progress")},
+        "classes": train.classes,
+        "n_train": len(train), "n_val": len(val),
+        "n_flipped": None if train.flipped is None else int(train.flipped.sum()),
+        **summary_extra,
+        "methods": methods,
+        "stage_seconds": {k: round(v, 2) for k, v in config.stage_seconds.items()},
+        "sign_convention": "every score: higher = more suspicious (influence on the mean "
+                           "validation loss: positive = harmful)",
+    }
+    table = pd.DataFrame({"index": np.arange(len(train)), "id": train.ids, "text": train.texts})
+    if train.pairs is not None:
+        table["text_pair"] = train.pairs
+    table["given_label"] = [train.classes[i] for i in train.labels]
+    if train.original is not None:
+        table["original_label"] = [train.classes[i] for i in train.original]
+        table["flipped"] = train.flipped
+    for key, values in scores.items():
+        table[f"{key}_score"] = values
+        table[f"{key}_rank"] = pd.Series(-values).rank(method="first").astype(int).values
+    tmp_csv = out / "scores.csv.tmp"
+    table.to_csv(tmp_csv, index=False)
+    html = write_report(summary, table, scores, train.flipped)
+    _write_atomic(out / "report.html", html)
+    os.replace(tmp_csv, out / "scores.csv")
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def run(config: Config) -> dict:
+    """Run every stage; returns the summary (also written to out/summary.json)."""
+    stage = config.stage_seconds
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        stage[name] = stage.get(name, 0.0) + time.perf_counter() - start
+        _say(config, f"{name}: {stage[name]:.1f} s")
+        return result
+
+    train, val = timed("data", load_data, config)
+    out = check_run_folder(config, train)
+    for name in ("summary.json", "report.html", "scores.csv"):  # never leave stale results
+        (out / name).unlink(missing_ok=True)
+    model, tokenizer, history = timed("fine-tuning", build_model, config, train, out,
+                                      config.progress)
+    train_loss, accuracy = timed("predictions", predictions, config, model, tokenizer, train,
+                                 val, out)
+    train_store, val_store = timed("gradients", gradients, config, model, tokenizer, train, val,
+                                   out, config.progress)
+    scores, seconds, notes, blocks = timed("scoring", score_all, config, train_store,
+                                           val_store, train_loss)
+    extra = {"val_accuracy": round(accuracy, 4), "training": history,
+             "blocks": {"count": len(blocks),
+                        "parameters": int(sum(train_store.block_widths[b] for b in blocks))}}
+    summary = timed("report", write_outputs, config, out, train, val, scores, seconds, notes,
+                    extra)
+    return summary
+
+
+def _say(config: Config, message: str) -> None:
+    if config.progress is not False:
+        print(f"[datainf] {message}", flush=True)

@@ -1,0 +1,228 @@
+"""detect-mislabeled end to end on a tiny BERT built from a config (seconds), through the CLI."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from datainf.cli import main
+from datainf.models import minilm_path
+
+WORDS = {
+    "sport": "match goal team player score league coach win cup season",
+    "money": "market shares profit bank price trade growth tax firm stock",
+    "tech": "software phone chip data users network mobile computer web digital",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer BERT with MiniLM's tokenizer, saved like any HF checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def make_texts(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    classes = sorted(WORDS)
+    labels = [classes[i % len(classes)] for i in range(n)]
+    texts = [" ".join(rng.choice(WORDS[c].split(), size=8)) for c in labels]
+    return texts, labels
+
+
+@pytest.fixture
+def csv_file(tmp_path):
+    texts, labels = make_texts(60, seed=1)
+    path = tmp_path / "train.csv"
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
+    return path
+
+
+def cli(*args):
+    return main(["detect-mislabeled", "--quiet", *map(str, args)])
+
+
+def common(tiny_model, out):
+    return ["--model", tiny_model, "--out", out, "--epochs", "3", "--batch-size", "8",
+            "--max-length", "16", "--learning-rate", "3e-3", "--lora-r", "2"]
+
+
+def test_end_to_end_outputs(tiny_model, csv_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("--data", csv_file, "--noise", "0.2", *common(tiny_model, out)) == 0
+    assert "report:" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 54 and summary["n_val"] == 6 and summary["n_flipped"] == 11
+    expected = {"datainf", "exact", "lissa", "hessian_free", "datainf_self", "loss",
+                "grad_norm"}
+    assert set(summary["methods"]) == expected
+    for entry in summary["methods"].values():
+        assert 0 <= entry["auc"] <= 1 and entry["seconds"] >= 0
+    assert "converged" in summary["methods"]["lissa"]
+    assert set(summary["stage_seconds"]) >= {"fine-tuning", "gradients", "scoring"}
+    table = pd.read_csv(out / "scores.csv")
+    assert len(table) == 54
+    assert table["flipped"].sum() == 11
+    assert (table["given_label"] != table["original_label"]).sum() == 11
+    for key in expected:
+        assert sorted(table[f"{key}_rank"]) == list(range(1, 55))
+        top = table.loc[table[f"{key}_rank"] == 1, f"{key}_score"].item()
+        assert top == table[f"{key}_score"].max()
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "Top 50 suspects" in page
+    assert page.count("<tr>") >= 7 + 50
+    # the DataInf score in the CSV is the aggregate influence of the stored gradients
+    from datainf import DataInf
+    from datainf.store import GradientStore
+
+    train = GradientStore.open(out / "gradients" / "train")
+    val = GradientStore.open(out / "gradients" / "val")
+    scores = DataInf().fit(train).score(val, aggregate=True).numpy()
+    assert np.allclose(table["datainf_score"], scores, rtol=1e-6)
+
+
+def test_rerun_reuses_adapter_and_gradients(tiny_model, csv_file, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", csv_file, *common(tiny_model, out)]
+    assert cli(*args, "--methods", "datainf") == 0
+    stamps = {p: p.stat().st_mtime_ns for p in [out / "adapter" / "adapter_model.safetensors",
+                                                  out / "gradients" / "train" / "manifest.json"]}
+    first = pd.read_csv(out / "scores.csv")
+    assert cli(*args, "--methods", "datainf,hessian_free", "--blocks", "classifier") == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    second = json.loads((out / "summary.json").read_text())
+    assert set(second["methods"]) == {"datainf", "hessian_free", "loss", "grad_norm"}
+    assert second["blocks"]["count"] == 2  # classifier weight and bias
+    assert not np.allclose(pd.read_csv(out / "scores.csv")["datainf_score"],
+                           first["datainf_score"])
+
+
+def test_no_noise_gives_ranking_without_auc(tiny_model, csv_file, tmp_path):
+    out = tmp_path / "run"
+    assert cli("--data", csv_file, "--noise", "0", "--methods", "datainf",
+               *common(tiny_model, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_flipped"] is None
+    assert all("auc" not in m for m in summary["methods"].values())
+    assert "flipped" not in pd.read_csv(out / "scores.csv").columns
+
+
+def test_sentence_pairs_and_separate_validation_file(tiny_model, tmp_path):
+    texts, labels = make_texts(40, seed=2)
+    pairs, _ = make_texts(40, seed=3)
+    pd.DataFrame({"a": texts, "b": pairs, "y": labels}).to_json(
+        tmp_path / "train.jsonl", orient="records", lines=True)
+    vt, vl = make_texts(9, seed=4)
+    pd.DataFrame({"a": vt, "b": vt, "y": vl}).to_parquet(tmp_path / "val.parquet")
+    out = tmp_path / "run"
+    assert cli("--data", tmp_path / "train.jsonl", "--val-data", tmp_path / "val.parquet",
+               "--text-column", "a", "--text-column", "b", "--label-column", "y",
+               "--methods", "datainf", *common(tiny_model, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 40 and summary["n_val"] == 9
+    assert "text_pair" in pd.read_csv(out / "scores.csv").columns
+
+
+# ------------------------------------------------------------------ bad input
+def bad(capsys, *args):
+    code = cli(*args)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.startswith("datainf: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_missing_file(tiny_model, tmp_path, capsys):
+    err = bad(capsys, "--data", tmp_path / "nope.csv", *common(tiny_model, tmp_path / "o"))
+    assert "does not exist" in err
+
+
+def test_missing_column(tiny_model, csv_file, tmp_path, capsys):
+    err = bad(capsys, "--data", csv_file, "--label-column", "category",
+              *common(tiny_model, tmp_path / "o"))
+    assert "no column 'category'" in err and "['text', 'label']" in err
+
+
+def test_empty_file(tiny_model, tmp_path, capsys):
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    err = bad(capsys, "--data", tmp_path / "empty.csv", *common(tiny_model, tmp_path / "o"))
+    assert "has no rows" in err
+
+
+def test_single_class(tiny_model, tmp_path, capsys):
+    pd.DataFrame({"text": ["a b"] * 20, "label": ["x"] * 20}).to_csv(tmp_path / "one.csv")
+    err = bad(capsys, "--data", tmp_path / "one.csv", *common(tiny_model, tmp_path / "o"))
+    assert "single class" in err
+
+
+def test_unseen_validation_label(tiny_model, csv_file, tmp_path, capsys):
+    pd.DataFrame({"text": ["goal"], "label": ["weather"]}).to_csv(tmp_path / "v.csv")
+    err = bad(capsys, "--data", csv_file, "--val-data", tmp_path / "v.csv",
+              *common(tiny_model, tmp_path / "o"))
+    assert "['weather'] never occur in the training data" in err
+
+
+def test_invalid_utf8(tiny_model, tmp_path, capsys):
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\xe9 ol\xe9,a\nb,b\n".encode("latin-1"))
+    err = bad(capsys, "--data", tmp_path / "latin1.csv", *common(tiny_model, tmp_path / "o"))
+    assert "not valid UTF-8" in err
+
+
+@pytest.mark.parametrize("noise", ["1", "-0.1", "1.5"])
+def test_noise_out_of_range(tiny_model, csv_file, tmp_path, capsys, noise):
+    err = bad(capsys, "--data", csv_file, "--noise", noise, *common(tiny_model, tmp_path / "o"))
+    assert "--noise must be in [0, 1)" in err
+
+
+def test_out_with_other_settings(tiny_model, csv_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli("--data", csv_file, "--methods", "datainf", *common(tiny_model, out)) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    err = bad(capsys, "--data", csv_file, "--methods", "datainf", *common(tiny_model, out),
+              "--epochs", "2")
+    assert "holds a run made with other settings: epochs (3 there, 2 now)" in err
+    # the earlier run is left exactly as it was: nothing lost, nothing half-written
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_out_folder_with_foreign_files(tiny_model, csv_file, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    err = bad(capsys, "--data", csv_file, *common(tiny_model, out))
+    assert "not empty and holds no datainf run" in err
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_interrupted_run_goes_on_from_last_stage(tiny_model, csv_file, tmp_path, capsys,
+                                                 monkeypatch):
+    """Ctrl-C during scoring: exit 130, no summary; the rerun reuses adapter and gradients."""
+    import datainf.mislabeled as job
+
+    out = tmp_path / "run"
+    args = ["--data", csv_file, "--methods", "datainf", *common(tiny_model, out)]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    original = job.score_all
+    monkeypatch.setattr(job, "score_all", interrupted)
+    assert cli(*args) == 130
+    assert "run the same command again" in capsys.readouterr().err
+    assert not (out / "summary.json").exists() and not (out / "report.html").exists()
+    stamp = os.stat(out / "adapter" / "adapter_model.safetensors").st_mtime_ns
+    monkeypatch.setattr(job, "score_all", original)
+    assert cli(*args) == 0
+    assert os.stat(out / "adapter" / "adapter_model.safetensors").st_mtime_ns == stamp
+    assert (out / "summary.json").exists()
