@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+# Tests never reach a model hub: every model is built from a config or shipped in a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def random_gradients(n: int, widths: dict[str, int], seed: int, dtype=torch.float64, scale=None):
