@@ -6,14 +6,15 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	.venv/bin/datainf demo
+	.venv/bin/datainf detect-mislabeled
 
 lint: setup
-	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks scripts
 
 test: setup
-	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks scripts
 	.venv/bin/python -m pytest -q
 
 bench: setup
 	.venv/bin/python benchmarks/bench_estimators.py
+	.venv/bin/python benchmarks/bench_gradients.py

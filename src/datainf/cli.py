@@ -26,15 +26,25 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"  {label:<24}{r['auc']:>8.3f}{r['seconds']:>10.3f}{note}")
 
 
+def _quiet_libraries() -> None:
+    """Keep transformers' load reports and deprecation notes out of the job's output."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def _detect_mislabeled(args: argparse.Namespace) -> None:
     from .mislabeled import Config, run
+
+    _quiet_libraries()
 
     text_columns = tuple(args.text_column or ["text"])
     config = Config(
         data=args.data, text_columns=text_columns, label_column=args.label_column,
         val_data=args.val_data, val_fraction=args.val_fraction,
-        train_size=args.train_size or (900 if args.data is None else None),
-        val_size=args.val_size or (100 if args.data is None else None),
+        train_size=args.train_size or (Config.train_size if args.data is None else None),
+        val_size=args.val_size or (Config.val_size if args.data is None else None),
         noise=args.noise, model=args.model, adapter=args.adapter, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -61,9 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
+    from .mislabeled import Config as C
+
     d = sub.add_parser(
         "detect-mislabeled",
         help="fine-tune a LoRA classifier, score every training example, write a report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Find mislabeled training examples of a LoRA fine-tune. Without --data: "
         "MiniLM-L6 on the shipped BBC News corpus with 20% of the labels flipped (offline, "
         "a few minutes on a laptop CPU).",
@@ -72,37 +85,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", help="training data: .csv, .tsv, .jsonl or .parquet file")
     g.add_argument("--text-column", action="append",
                    help="text column (give twice for sentence pairs; default: text)")
-    g.add_argument("--label-column", default="label")
+    g.add_argument("--label-column", default=C.label_column, help="label column")
     g.add_argument("--val-data", help="validation file (default: a share of --data)")
-    g.add_argument("--val-fraction", type=float, default=0.1)
+    g.add_argument("--val-fraction", type=float, default=C.val_fraction,
+                   help="share of --data held out for validation when there is no --val-data")
     g.add_argument("--train-size", type=int,
                    help="training examples drawn (default: 900 of the built-in data; all of "
                    "--data)")
     g.add_argument("--val-size", type=int,
                    help="validation examples drawn (default: 100 of the built-in data; "
                    "--val-fraction of --data)")
-    g.add_argument("--noise", type=float, default=0.2,
+    g.add_argument("--noise", type=float, default=C.noise,
                    help="share of training labels to flip (0 scores the data as it is)")
     m = d.add_argument_group("model")
-    m.add_argument("--model", default="minilm",
+    m.add_argument("--model", default=C.model,
                    help="'minilm' (shipped), a HF model folder or hub name")
     m.add_argument("--adapter", help="an existing PEFT adapter folder (skips fine-tuning)")
-    m.add_argument("--lora-r", type=int, default=4)
-    m.add_argument("--lora-alpha", type=int, default=8)
-    m.add_argument("--lora-targets", default="query,value")
-    m.add_argument("--epochs", type=int, default=4)
-    m.add_argument("--batch-size", type=int, default=16)
-    m.add_argument("--learning-rate", type=float, default=1e-3)
-    m.add_argument("--max-length", type=int, default=128)
-    m.add_argument("--device", default="cpu")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--lora-r", type=int, default=C.lora_r, help="LoRA rank")
+    m.add_argument("--lora-alpha", type=int, default=C.lora_alpha, help="LoRA alpha")
+    m.add_argument("--lora-targets", default=",".join(C.lora_targets),
+                   help="modules that get LoRA (comma-separated); the head is trained too")
+    m.add_argument("--epochs", type=int, default=C.epochs, help="fine-tuning epochs")
+    m.add_argument("--batch-size", type=int, default=C.batch_size, help="examples per batch")
+    m.add_argument("--learning-rate", type=float, default=C.learning_rate, help="AdamW")
+    m.add_argument("--max-length", type=int, default=C.max_length, help="tokens per text")
+    m.add_argument("--device", default=C.device, help="cpu, cuda, cuda:1, ...")
+    m.add_argument("--seed", type=int, default=C.seed,
+                   help="seed of the split, the noise, LoRA and the head")
     s = d.add_argument_group("scoring")
-    s.add_argument("--methods", default="datainf,exact,lissa,hessian_free,datainf_self")
+    s.add_argument("--methods", default=",".join(C.methods),
+                   help="comma-separated; the training loss and gradient norm are always shown")
     s.add_argument("--blocks", help="regular expression: only the matching gradient blocks "
                    "count (e.g. 'classifier' or 'layer\\.5\\.')")
-    s.add_argument("--damping", type=float, default=0.1,
+    s.add_argument("--damping", type=float, default=C.damping,
                    help="relative damping constant (lambda_l = c x mean squared gradient)")
-    d.add_argument("--out", default="runs/detect-mislabeled")
+    d.add_argument("--out", default=C.out, help="run folder (reused when repeated)")
     d.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
     d.set_defaults(run=_detect_mislabeled)
     return parser

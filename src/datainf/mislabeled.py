@@ -63,7 +63,7 @@ class Config:
     lora_targets: tuple[str, ...] = ("query", "value")
     epochs: int = 4
     batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     max_length: int = 128
     device: str = "cpu"
     seed: int = 0

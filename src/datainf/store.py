@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -271,10 +272,26 @@ class GradientStore:
 
         b = ``rows`` (the last chunk may be shorter); every block is cut at the same rows.
         Chunks are views of a private memory map: changing them does not change the store.
+        Once the caller asks for the next chunk, the pages of the previous one are released
+        from this process's resident memory (madvise DONTNEED; touching them again re-reads
+        the file), so reading a block end to end keeps memory flat whatever n is.
         """
-        block = self.read_block(name)
-        step = max(1, int(rows))
-        return ((start, block[start : start + step]) for start in range(0, self.num_rows, step))
+        self._check_readable(name)  # now, not when the chunks are first asked for
+        return self._chunks(name, max(1, int(rows)))
+
+    def _chunks(self, name: str, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        torch_dtype, itemsize, _ = DTYPES[self.dtype]
+        width, n = self.block_widths[name], self.num_rows
+        row_bytes = width * itemsize
+        with open(self._files[name], "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), n * row_bytes, access=mmap.ACCESS_COPY)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            chunk = torch.frombuffer(mapped, dtype=torch_dtype, count=(stop - start) * width,
+                                     offset=start * row_bytes)
+            yield start, chunk.view(stop - start, width)
+            first_page = start * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, first_page, stop * row_bytes - first_page)
 
     def read_block(self, name: str) -> torch.Tensor:
         """The whole (n, d_l) block ``name``, memory-mapped (no copy, pages read on access)."""

@@ -1,0 +1,114 @@
+"""collect_gradients into an on-disk store: round trip, resume, refusal of another run's store."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import padded_text_batch, tiny_bert_classifier, tiny_llama
+
+from datainf import DataInfError, collect_gradients
+from datainf.store import GradientStore
+
+
+def text_batches(sizes=(3, 3, 3, 3), seed=0):
+    """One padded batch of sum(sizes) examples, cut into batches of the given sizes."""
+    n = sum(sizes)
+    whole = padded_text_batch([4 + i % 5 for i in range(n)], vocab=60, side="right", seed=seed)
+    whole["labels"] = torch.tensor([i % 3 for i in range(n)])
+    batches, start = [], 0
+    for size in sizes:
+        batches.append({k: v[start : start + size] for k, v in whole.items()})
+        start += size
+    return batches
+
+
+def interrupted(batches, after):
+    """Yields ``after`` batches, then fails like a killed run."""
+    for i, batch in enumerate(batches):
+        if i == after:
+            raise KeyboardInterrupt
+        yield batch
+
+
+def test_store_equals_in_memory(tmp_path):
+    model = tiny_bert_classifier(dtype=torch.float32)
+    batches = text_batches()
+    in_memory = collect_gradients(model, batches)
+    store = collect_gradients(model, batches, out=tmp_path / "g", progress=False)
+    assert store.complete and store.num_rows == 12
+    for name, value in in_memory.items():
+        assert torch.equal(store.read_block(name), value)
+    reopened = GradientStore.open(tmp_path / "g")
+    assert reopened.identity["task"] == {"name": "classification"}
+
+
+def test_resume_after_interruption_gives_identical_arrays(tmp_path):
+    model = tiny_bert_classifier(dtype=torch.float32)
+    batches = text_batches()
+    whole = collect_gradients(model, batches, out=tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        collect_gradients(model, interrupted(batches, 2), out=tmp_path / "part",
+                          num_examples=12)
+    partial = GradientStore.create_or_resume(tmp_path / "part", whole.block_widths, 12,
+                                             whole.identity)
+    assert partial.rows_complete == 6
+    calls = []
+    original_forward = model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original_forward(*args, **kwargs)
+
+    model.forward = counting_forward
+    # resumed with batches of 4: rows 4-7 straddle the 6 rows kept, rows 8-11 are new
+    resumed = collect_gradients(model, text_batches(sizes=(4, 4, 4)), out=tmp_path / "part")
+    assert calls == [4, 4]
+    for name in whole.block_names:
+        assert torch.equal(resumed.read_block(name), whole.read_block(name))
+
+
+@pytest.mark.parametrize("change", ["adapter", "data", "task", "blocks"])
+def test_store_of_another_run_is_refused(tmp_path, change):
+    model = tiny_bert_classifier(dtype=torch.float32)
+    batches = text_batches()
+    collect_gradients(model, batches, out=tmp_path / "g")
+    kwargs, message = {}, ""
+    if change == "adapter":
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.01)
+        message = "another adapter"
+    elif change == "data":
+        batches = text_batches(seed=7)
+        message = "other data"
+    elif change == "task":
+        kwargs = {"task": lambda m, b: m(input_ids=b["input_ids"]).logits.sum(1)}
+        message = "another task"
+    else:
+        kwargs = {"blocks": "classifier"}
+        message = "blocks"
+    with pytest.raises(DataInfError, match=message):
+        collect_gradients(model, batches, out=tmp_path / "g", **kwargs)
+
+
+def test_more_or_fewer_examples_than_announced(tmp_path):
+    model = tiny_llama(dtype=torch.float32)
+    batch = padded_text_batch([4, 5], vocab=50, side="right", seed=1, prompt=1)
+    with pytest.raises(DataInfError, match="held 2 examples but 3 were announced"):
+        collect_gradients(model, iter([batch]), "causal_lm", out=tmp_path / "a", num_examples=3)
+    with pytest.raises(DataInfError, match="more than the 1 examples announced"):
+        collect_gradients(model, iter([batch]), "causal_lm", out=tmp_path / "b", num_examples=1)
+    with pytest.raises(DataInfError, match="number of examples up front"):
+        collect_gradients(model, iter([batch]), "causal_lm", out=tmp_path / "c")
+
+
+def test_bfloat16_store(tmp_path):
+    model = tiny_bert_classifier(dtype=torch.float32)
+    batches = text_batches()
+    exact = collect_gradients(model, batches)
+    store = collect_gradients(model, batches, out=tmp_path / "g", dtype="bfloat16")
+    for name, value in exact.items():
+        got = store.read_block(name)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, value.to(torch.bfloat16))
+    rel = np.mean([float((store.read_block(n).float() - v).norm() / v.norm())
+                   for n, v in exact.items()])
+    assert rel < 1e-2
