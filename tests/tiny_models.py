@@ -24,19 +24,8 @@ def tiny_bert_classifier(num_labels: int = 3, seed: int = 0, dtype=torch.float64
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
     )
-    model = BertForSequenceClassification(config)
-    model = peft.get_peft_model(
-        model,
-        peft.LoraConfig(
-            r=2,
-            lora_alpha=4,
-            target_modules=["query", "value"],
-            modules_to_save=["classifier"],
-            lora_dropout=0.1,
-        ),
-    )
-    _randomize_lora(model, seed)
-    return model.to(dtype)
+    return _with_lora(BertForSequenceClassification(config), ["query", "value"], ["classifier"],
+                      seed, dtype)
 
 
 def _llama_config(**kw):
@@ -57,29 +46,12 @@ def tiny_llama_classifier(num_labels: int = 3, seed: int = 0, dtype=torch.float6
     """Pools the last non-pad token, so (unlike BERT's first-token pooling) left padding is fine."""
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(_llama_config(num_labels=num_labels))
-    model = peft.get_peft_model(
-        model,
-        peft.LoraConfig(
-            r=2,
-            lora_alpha=4,
-            target_modules=["q_proj", "v_proj"],
-            modules_to_save=["score"],
-            lora_dropout=0.1,
-        ),
-    )
-    _randomize_lora(model, seed)
-    return model.to(dtype)
+    return _with_lora(model, ["q_proj", "v_proj"], ["score"], seed, dtype)
 
 
 def tiny_llama(seed: int = 0, dtype=torch.float64):
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_llama_config())
-    model = peft.get_peft_model(
-        model,
-        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1),
-    )
-    _randomize_lora(model, seed)
-    return model.to(dtype)
+    return _with_lora(LlamaForCausalLM(_llama_config()), ["q_proj", "v_proj"], None, seed, dtype)
 
 
 def tiny_unet(seed: int = 0, dtype=torch.float64):
@@ -98,9 +70,13 @@ def tiny_unet(seed: int = 0, dtype=torch.float64):
         attention_head_dim=2,
         norm_num_groups=4,
     )
-    model = peft.get_peft_model(
-        unet, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"])
-    )
+    return _with_lora(unet, ["to_q", "to_v"], None, seed, dtype)
+
+
+def _with_lora(model, targets, heads, seed, dtype):
+    """LoRA r = 2 (dropout 0.1, which collection must switch off) with random A and B."""
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=targets, modules_to_save=heads, lora_dropout=0.1))
     _randomize_lora(model, seed)
     return model.to(dtype)
 

@@ -118,8 +118,10 @@ class CausalLM:
                 "is -100); give its response tokens their ids as labels"
             )
         nll = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets.masked_fill(~scored, 0), reduction="none"
-        )
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            targets.masked_fill(~scored, 0).reshape(-1),
+            reduction="none",
+        ).view(targets.shape)
         return (nll * scored).sum(1) / counts
 
 
