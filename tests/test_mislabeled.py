@@ -242,3 +242,36 @@ def test_real_minilm_on_bbc_news_reduced(tmp_path):
     # even this small run separates flipped labels better than chance
     assert summary["methods"]["loss"]["auc"] > 0.6
     assert summary["methods"]["datainf"]["auc"] > 0.5
+
+
+def test_hub_dataset_name_goes_through_datasets(tiny_model, tmp_path, monkeypatch):
+    """A --data that is no file is loaded with datasets.load_dataset (stubbed: tests stay
+    offline), with its train and validation splits."""
+    import sys
+    import types
+
+    calls = []
+
+    class Rows(dict):
+        column_names = property(lambda self: list(self))
+
+    def load_dataset(path, config, split):
+        calls.append((path, config, split))
+        texts, labels = make_texts(45 if split == "train" else 9, seed=len(calls))
+        return Rows(sentence1=texts, sentence2=texts, label=labels)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    out = tmp_path / "run"
+    assert cli("--data", "nyu-mll/glue:mrpc", "--text-column", "sentence1", "--text-column",
+               "sentence2", "--methods", "datainf", *common(tiny_model, out)) == 0
+    assert calls == [("nyu-mll/glue", "mrpc", "train"), ("nyu-mll/glue", "mrpc", "validation")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 45 and summary["n_val"] == 9
+
+
+def test_hub_dataset_without_datasets_package(tiny_model, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    err = bad(capsys, "--data", "nyu-mll/glue:mrpc", *common(tiny_model, tmp_path / "o"))
+    assert "pip install datasets" in err

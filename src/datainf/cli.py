@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "a few minutes on a laptop CPU).",
     )
     g = d.add_argument_group("data")
-    g.add_argument("--data", help="training data: .csv, .tsv, .jsonl or .parquet file")
+    g.add_argument("--data", help="training data: a .csv, .tsv, .jsonl or .parquet file, or "
+                   "a Hugging Face dataset NAME[:CONFIG] (online; its validation split is used)")
     g.add_argument("--text-column", action="append",
                    help="text column (give twice for sentence pairs; default: text)")
     g.add_argument("--label-column", default=C.label_column, help="label column")

@@ -124,6 +124,43 @@ def read_table(path: str | Path, text_columns: list[str], label_column: str):
     return texts, pairs, labels
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
+def is_hub_dataset(name: str) -> bool:
+    """A --data value that is no local file and no table file name: a Hugging Face dataset."""
+    return not Path(name).exists() and not name.lower().endswith(TABLE_SUFFIXES)
+
+
+def read_hub_dataset(name: str, split: str, text_columns: list[str], label_column: str):
+    """Rows of a Hugging Face dataset ``NAME`` or ``NAME:CONFIG`` (e.g. ``nyu-mll/glue:mrpc``),
+    as (texts, pairs or None, raw labels). Needs the ``datasets`` package and network access
+    (or its local cache)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataInfError(
+            f"--data {name!r} is not a file, so it was taken for a Hugging Face dataset, which "
+            "needs the `datasets` package: pip install datasets (or give a local file)"
+        ) from None
+    path, _, config = name.partition(":")
+    try:
+        rows = datasets.load_dataset(path, config or None, split=split)
+    except Exception as error:  # offline, unknown name, no such split ...
+        raise DataInfError(
+            f"could not load the {split!r} split of the Hugging Face dataset {name!r}: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__} "
+            "(a local file needs to exist; a hub dataset needs network access)"
+        ) from None
+    missing = [c for c in [*text_columns, label_column] if c not in rows.column_names]
+    if missing:
+        raise DataInfError(f"dataset {name!r} has no column {missing[0]!r}; its columns are "
+                           f"{rows.column_names}")
+    texts = [str(x) for x in rows[text_columns[0]]]
+    pairs = [str(x) for x in rows[text_columns[1]]] if len(text_columns) > 1 else None
+    return texts, pairs, [str(x) for x in rows[label_column]]
+
+
 def encode_labels(train_labels: list[str], val_labels: list[str]):
     """Class ids for both splits: (train ids, val ids, class names)."""
     classes = sorted(set(train_labels))

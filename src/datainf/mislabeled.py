@@ -29,7 +29,16 @@ import numpy as np
 import torch
 
 from .blocks import blocks_matching
-from .data import TextData, bbc_news, encode_labels, flip_labels, read_table, stratified_split
+from .data import (
+    TextData,
+    bbc_news,
+    encode_labels,
+    flip_labels,
+    is_hub_dataset,
+    read_hub_dataset,
+    read_table,
+    stratified_split,
+)
 from .errors import DataInfError
 from .metrics import detection_auc
 
@@ -98,11 +107,14 @@ def load_data(config: Config) -> tuple[TextData, TextData]:
     else:
         if not 1 <= len(config.text_columns) <= 2:
             raise DataInfError("give one text column, or two for sentence pairs")
-        texts, pairs, labels = read_table(config.data, list(config.text_columns),
-                                          config.label_column)
-        val = None
-        if config.val_data is not None:
-            val = read_table(config.val_data, list(config.text_columns), config.label_column)
+        columns = (list(config.text_columns), config.label_column)
+        if is_hub_dataset(config.data):
+            texts, pairs, labels = read_hub_dataset(config.data, "train", *columns)
+            val = (read_table(config.val_data, *columns) if config.val_data is not None
+                   else read_hub_dataset(config.data, "validation", *columns))
+        else:
+            texts, pairs, labels = read_table(config.data, *columns)
+            val = None if config.val_data is None else read_table(config.val_data, *columns)
     if val is None:
         if not 0 < config.val_fraction < 1:
             raise DataInfError(f"--val-fraction must be in (0, 1), not {config.val_fraction}")
