@@ -208,18 +208,21 @@ def build_model(config: Config, train: TextData, out: Path, progress):
 def predictions(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path):
     """(training losses, validation accuracy), cached in out/predictions.npz."""
     from .finetune import predict
+    from .models import model_fingerprint
 
     path = out / "predictions.npz"
+    fingerprint = model_fingerprint(model)
     if path.exists():
         saved = np.load(path)
-        return saved["train_loss"], float(saved["val_accuracy"])
+        if str(saved["model"]) == fingerprint:  # else the adapter changed: predict again
+            return saved["train_loss"], float(saved["val_accuracy"])
     train_loss, _ = predict(model, tokenizer, train, batch_size=config.batch_size,
                             max_length=config.max_length)
     _, val_pred = predict(model, tokenizer, val, batch_size=config.batch_size,
                           max_length=config.max_length)
     accuracy = float((val_pred == val.labels).mean())
     tmp = out / "predictions.tmp.npz"
-    np.savez(tmp, train_loss=train_loss, val_accuracy=accuracy)
+    np.savez(tmp, train_loss=train_loss, val_accuracy=accuracy, model=fingerprint)
     os.replace(tmp, path)
     return train_loss, accuracy
 
