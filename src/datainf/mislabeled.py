@@ -252,7 +252,7 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
         raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     train = blocks_matching(train_store, config.blocks)
     val = blocks_matching(val_store, config.blocks)
-    kwargs = {"damping": config.damping, "progress": False}
+    kwargs = {"damping": config.damping, "progress": False, "device": config.device}
     make = {"datainf": DataInf, "exact": Exact, "lissa": LiSSA, "hessian_free": HessianFree}
     scores, seconds, notes = {}, {}, {}
     for method in config.methods:
