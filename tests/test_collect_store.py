@@ -112,3 +112,22 @@ def test_bfloat16_store(tmp_path):
     rel = np.mean([float((store.read_block(n).float() - v).norm() / v.norm())
                    for n, v in exact.items()])
     assert rel < 1e-2
+
+
+def test_grouping_by_module_on_a_store(tmp_path):
+    from datainf import DataInf
+    from datainf.blocks import as_gradient_source, group_by_module
+
+    model = tiny_bert_classifier(dtype=torch.float32)
+    batches = text_batches()
+    in_memory = collect_gradients(model, batches)
+    store = collect_gradients(model, batches, out=tmp_path / "g")
+    grouped_store, grouped = group_by_module(store), group_by_module(as_gradient_source(in_memory))
+    assert len(grouped_store.block_names) == 4 + 1  # query/value of 2 layers, the head
+    for name in grouped.block_names:
+        expected = sum(v.double().square().sum(1) for k, v in in_memory.items()
+                       if k.startswith(name + "."))
+        assert torch.allclose(grouped_store.row_sq_norms(name), expected, rtol=1e-6)
+    a = DataInf().fit(grouped_store).score(grouped_store, aggregate=True)
+    b = DataInf().fit(grouped).score(grouped, aggregate=True)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))

@@ -89,3 +89,36 @@ def test_numpy_input_gives_same_scores(grads):
         .score({k: v.numpy() for k, v in test.items()})
     )
     assert torch.equal(got, expected)
+
+
+def test_grouping_by_module_equals_concatenated_blocks():
+    from conftest import random_gradients
+
+    from datainf.blocks import as_gradient_source, group_by_module, module_of
+
+    names = {"m.q.lora_A.default.weight": 6, "m.q.lora_B.default.weight": 5,
+             "m.head.modules_to_save.default.weight": 4, "m.head.modules_to_save.default.bias": 2}
+    assert [module_of(n) for n in names] == ["m.q", "m.q", "m.head", "m.head"]
+    train, test = random_gradients(20, names, seed=1), random_gradients(3, names, seed=2)
+    joined = {
+        "m.q": torch.cat([train["m.q.lora_A.default.weight"], train["m.q.lora_B.default.weight"]],
+                         1),
+        "m.head": torch.cat([train["m.head.modules_to_save.default.weight"],
+                             train["m.head.modules_to_save.default.bias"]], 1),
+    }
+    joined_test = {
+        "m.q": torch.cat([test["m.q.lora_A.default.weight"], test["m.q.lora_B.default.weight"]],
+                         1),
+        "m.head": torch.cat([test["m.head.modules_to_save.default.weight"],
+                             test["m.head.modules_to_save.default.bias"]], 1),
+    }
+    grouped = group_by_module(as_gradient_source(train))
+    grouped_test = group_by_module(as_gradient_source(test))
+    assert grouped.block_widths == {"m.q": 11, "m.head": 6}
+    for cls in (DataInf, Exact, HessianFree):
+        for rows in (1, 7, None):
+            got = cls(chunk_rows=rows).fit(grouped).score(grouped_test)
+            assert close(got, cls().fit(joined).score(joined_test)), (cls, rows)
+    # grouping changes DataInf (bigger blocks), not Hessian-free
+    assert not close(DataInf().fit(grouped).score(grouped_test),
+                     DataInf().fit(train).score(test))

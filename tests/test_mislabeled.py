@@ -98,11 +98,16 @@ def test_rerun_reuses_adapter_and_gradients(tiny_model, csv_file, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in [out / "adapter" / "adapter_model.safetensors",
                                                   out / "gradients" / "train" / "manifest.json"]}
     first = pd.read_csv(out / "scores.csv")
+    all_parameters = json.loads((out / "summary.json").read_text())["blocks"]["parameters"]
     assert cli(*args, "--methods", "datainf,hessian_free", "--blocks", "classifier") == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     second = json.loads((out / "summary.json").read_text())
     assert set(second["methods"]) == {"datainf", "hessian_free", "loss", "grad_norm"}
     assert second["blocks"]["count"] == 2  # classifier weight and bias
+    assert cli(*args, "--methods", "datainf", "--grouping", "module") == 0
+    third = json.loads((out / "summary.json").read_text())
+    assert third["blocks"]["count"] == 2 * 2 + 1  # query and value of 2 layers, the head
+    assert third["blocks"]["parameters"] == all_parameters
     assert not np.allclose(pd.read_csv(out / "scores.csv")["datainf_score"],
                            first["datainf_score"])
 

@@ -14,6 +14,7 @@ Estimators read sources block by block, in row chunks, so memory does not grow w
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -197,8 +198,6 @@ class BlockSubset:
 
 def blocks_matching(source: GradientSource, pattern: str | None) -> GradientSource:
     """The blocks whose name matches the regular expression ``pattern`` (all when None)."""
-    import re
-
     if pattern is None:
         return source
     try:
@@ -214,3 +213,43 @@ def blocks_matching(source: GradientSource, pattern: str | None) -> GradientSour
             f"{list(source.block_names[:2])}"
         )
     return BlockSubset(source, names)
+
+
+class GroupedBlocks:
+    """Blocks of ``source`` joined column-wise into larger blocks: ``groups`` maps a new block
+    name to the source blocks it holds, in order. Row i of a group is the concatenation of row i
+    of its members; its squared norm is the sum of theirs."""
+
+    def __init__(self, source: GradientSource, groups: Mapping[str, Sequence[str]]) -> None:
+        self.source = source
+        self.groups = {name: list(members) for name, members in groups.items()}
+        self.block_names = tuple(self.groups)
+        self.block_widths = {g: sum(source.block_widths[m] for m in ms)
+                             for g, ms in self.groups.items()}
+        self.num_rows = source.num_rows
+        if hasattr(source, "row_sq_norms"):
+            self.row_sq_norms = lambda name: sum(source.row_sq_norms(m)
+                                                 for m in self.groups[name])
+
+    def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        members = [self.source.iter_block(m, rows) for m in self.groups[name]]
+        for parts in zip(*members, strict=True):
+            yield parts[0][0], torch.cat([chunk for _, chunk in parts], dim=1)
+
+
+_PARAMETER_SUFFIX = re.compile(r"(\.(lora_[AB]|lora_embedding_[AB]|modules_to_save)\.[^.]+)?"
+                               r"\.(weight|bias)$")
+
+
+def module_of(parameter: str) -> str:
+    """The module a parameter belongs to: '...query.lora_A.default.weight' -> '...query'."""
+    return _PARAMETER_SUFFIX.sub("", parameter)
+
+
+def group_by_module(source: GradientSource) -> GradientSource:
+    """One block per module (LoRA A and B of a layer together, a head's weight and bias
+    together) instead of one per tensor (the paper's and the default grouping)."""
+    groups: dict[str, list[str]] = {}
+    for name in source.block_names:
+        groups.setdefault(module_of(name), []).append(name)
+    return GroupedBlocks(source, groups)

@@ -50,7 +50,8 @@ def _detect_mislabeled(args: argparse.Namespace) -> None:
         lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_length=args.max_length, device=args.device, seed=args.seed,
-        methods=tuple(args.methods.split(",")), blocks=args.blocks, damping=args.damping,
+        methods=tuple(args.methods.split(",")), blocks=args.blocks, grouping=args.grouping,
+        damping=args.damping,
         out=args.out, progress=False if args.quiet else None,
     )
     summary = run(config)
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated; the training loss and gradient norm are always shown")
     s.add_argument("--blocks", help="regular expression: only the matching gradient blocks "
                    "count (e.g. 'classifier' or 'layer\\.5\\.')")
+    s.add_argument("--grouping", choices=("tensor", "module"), default=C.grouping,
+                   help="one block per LoRA tensor (the paper's) or per module (A and B "
+                   "together)")
     s.add_argument("--damping", type=float, default=C.damping,
                    help="relative damping constant (lambda_l = c x mean squared gradient)")
     d.add_argument("--out", default=C.out, help="run folder (reused when repeated)")

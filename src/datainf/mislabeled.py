@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .blocks import blocks_matching
+from .blocks import blocks_matching, group_by_module
 from .data import (
     TextData,
     bbc_news,
@@ -79,6 +79,7 @@ class Config:
     # cheap: may change between runs on the same --out
     methods: tuple[str, ...] = DEFAULT_METHODS
     blocks: str | None = None
+    grouping: str = "tensor"            # "tensor" (the paper's) or "module"
     damping: float = 0.1
     out: str = "runs/detect-mislabeled"
     progress: bool | None = None
@@ -214,7 +215,7 @@ def predictions(config: Config, model, tokenizer, train: TextData, val: TextData
     fingerprint = model_fingerprint(model)
     if path.exists():
         saved = np.load(path)
-        if str(saved["model"]) == fingerprint:  # else the adapter changed: predict again
+        if "model" in saved.files and str(saved["model"]) == fingerprint:  # else predict again
             return saved["train_loss"], float(saved["val_accuracy"])
     train_loss, _ = predict(model, tokenizer, train, batch_size=config.batch_size,
                             max_length=config.max_length)
@@ -250,8 +251,12 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if config.grouping not in ("tensor", "module"):
+        raise DataInfError(f"--grouping must be 'tensor' or 'module', not {config.grouping!r}")
     train = blocks_matching(train_store, config.blocks)
     val = blocks_matching(val_store, config.blocks)
+    if config.grouping == "module":
+        train, val = group_by_module(train), group_by_module(val)
     kwargs = {"damping": config.damping, "progress": False, "device": config.device}
     make = {"datainf": DataInf, "exact": Exact, "lissa": LiSSA, "hessian_free": HessianFree}
     scores, seconds, notes = {}, {}, {}
@@ -274,7 +279,7 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     sq = sum(train.row_sq_norms(name).numpy() for name in train.block_names)
     scores["grad_norm"] = np.sqrt(sq)
     seconds["grad_norm"] = time.perf_counter() - start
-    return scores, seconds, notes, list(train.block_names)
+    return scores, seconds, notes, dict(train.block_widths)
 
 
 def write_outputs(config: Config, out: Path, train: TextData, val: TextData, scores: dict,
@@ -347,8 +352,7 @@ def run(config: Config) -> dict:
     scores, seconds, notes, blocks = timed("scoring", score_all, config, train_store,
                                            val_store, train_loss)
     extra = {"val_accuracy": round(accuracy, 4), "training": history,
-             "blocks": {"count": len(blocks),
-                        "parameters": int(sum(train_store.block_widths[b] for b in blocks))}}
+             "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))}}
     summary = timed("report", write_outputs, config, out, train, val, scores, seconds, notes,
                     extra)
     return summary
