@@ -249,7 +249,7 @@ def collect_gradients(
 
         n = _num_examples(batches, num_examples)
         identity = {
-            "model": model_fingerprint(model),
+            "model": model_fingerprint(model, trainable_values=False),
             "adapter": adapter_fingerprint(model, widths),
             "task": task.settings(),
         }

@@ -338,7 +338,9 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def model_fingerprint(model: Any, *, frozen_samples: int = 1024) -> str:
+def model_fingerprint(
+    model: Any, *, frozen_samples: int = 1024, trainable_values: bool = True
+) -> str:
     """A 16-hex-digit digest of a model's architecture and current weights.
 
     Hashed: the model's config and any PEFT configs (without paths and library versions, so
@@ -350,6 +352,8 @@ def model_fingerprint(model: Any, *, frozen_samples: int = 1024) -> str:
     without reading all of it: this costs milliseconds even for billions of frozen weights,
     and, unlike file sizes and mtimes, works for models loaded from the hub or built in memory.
     An edit to frozen weights that misses every sampled value goes unnoticed.
+    ``trainable_values=False`` leaves the trainable values out: a digest of the base model and
+    the adapter's shape, unchanged by training (the adapter's values are fingerprinted apart).
     """
     h = hashlib.blake2b(digest_size=8)
     h.update(_config_json(model.config).encode())
@@ -358,7 +362,8 @@ def model_fingerprint(model: Any, *, frozen_samples: int = 1024) -> str:
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad};".encode())
         if p.requires_grad:
-            h.update(_tensor_bytes(p))
+            if trainable_values:
+                h.update(_tensor_bytes(p))
         elif p.numel():
             flat = p.detach().reshape(-1)
             h.update(_tensor_bytes(flat[:: max(1, flat.numel() // frozen_samples)]))
