@@ -143,12 +143,6 @@ def as_gradient_source(gradients: object, where: str = "gradients") -> GradientS
     )
 
 
-def read_block(source: GradientSource, name: str, rows: int = 1 << 30) -> torch.Tensor:
-    """The whole ``(n, d_l)`` block ``name`` of ``source`` as one tensor."""
-    chunks = [chunk for _, chunk in source.iter_block(name, rows)]
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
-
 def check_finite(name: str, chunk: torch.Tensor, start: int, where: str) -> None:
     """Raise naming the first example whose gradient in block ``name`` is NaN or infinite."""
     bad = (~torch.isfinite(chunk)).any(dim=1).nonzero()

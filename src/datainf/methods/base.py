@@ -178,6 +178,10 @@ class InfluenceEstimator:
         for start, chunk in self.train_.iter_block(name, rows):
             yield start, chunk.to(device=self.device_, dtype=self.compute_dtype_)
 
+    def _whole_block(self, name: str) -> torch.Tensor:
+        """The whole (n, d_l) training block ``name`` in float64 (for the n x n kernels)."""
+        return torch.cat([G.double() for _, G in self._train_chunks(name, self._rows(name, 1))])
+
     def _rows(self, name: str, test_rows: int) -> int:
         """Training rows per chunk: 64 MiB of float32 per test row, capped at 256 MiB.
 

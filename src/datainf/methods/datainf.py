@@ -64,7 +64,7 @@ class DataInf(InfluenceEstimator):
                 [((G.double() @ M) * G.double()).sum(1) for _, G in self._train_chunks(name, rows)]
             )
         else:
-            G = torch.cat([G.double() for _, G in self._train_chunks(name, rows)])
+            G = self._whole_block(name)
             K = G @ G.T
             quad = (K * K) @ w
         return (sq - quad / n) / lam

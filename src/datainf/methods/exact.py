@@ -59,9 +59,6 @@ class Exact(InfluenceEstimator):
             self.sides_[name] = side
             self.factors_[name] = factor
 
-    def _whole_block(self, name: str) -> torch.Tensor:
-        return torch.cat([G.double() for _, G in self._train_chunks(name, self._rows(name, 1))])
-
     def _score_block(self, name: str, V: torch.Tensor) -> torch.Tensor:
         n, m = self.n_, V.shape[0]
         factor = self.factors_[name]
