@@ -25,3 +25,21 @@ def grads():
     """Training and test gradients with blocks narrower and wider than n = 40."""
     widths = {"layer.0.lora_A": 6, "layer.0.lora_B": 64, "head": 17}
     return random_gradients(40, widths, seed=1), random_gradients(7, widths, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Folder of a 2-layer BERT classifier with MiniLM's tokenizer, saved like any HF checkpoint
+    (for runs of the ``datainf`` command that take seconds)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from datainf.models import minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

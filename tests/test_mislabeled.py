@@ -6,38 +6,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-from datainf.cli import main
-from datainf.models import minilm_path
-
-WORDS = {
-    "sport": "match goal team player score league coach win cup season",
-    "money": "market shares profit bank price trade growth tax firm stock",
-    "tech": "software phone chip data users network mobile computer web digital",
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 2-layer BERT with MiniLM's tokenizer, saved like any HF checkpoint."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def make_texts(n: int, seed: int):
-    rng = np.random.default_rng(seed)
-    classes = sorted(WORDS)
-    labels = [classes[i % len(classes)] for i in range(n)]
-    texts = [" ".join(rng.choice(WORDS[c].split(), size=8)) for c in labels]
-    return texts, labels
+from cli_helpers import bad, cli, common, make_texts
 
 
 @pytest.fixture
@@ -46,15 +15,6 @@ def csv_file(tmp_path):
     path = tmp_path / "train.csv"
     pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
     return path
-
-
-def cli(*args):
-    return main(["detect-mislabeled", "--quiet", *map(str, args)])
-
-
-def common(tiny_model, out):
-    return ["--model", tiny_model, "--out", out, "--epochs", "3", "--batch-size", "8",
-            "--max-length", "16", "--learning-rate", "3e-3", "--lora-r", "2"]
 
 
 def test_end_to_end_outputs(tiny_model, csv_file, tmp_path, capsys):
@@ -139,14 +99,6 @@ def test_sentence_pairs_and_separate_validation_file(tiny_model, tmp_path):
 
 
 # ------------------------------------------------------------------ bad input
-def bad(capsys, *args):
-    code = cli(*args)
-    err = capsys.readouterr().err
-    assert code != 0
-    assert err.startswith("datainf: error: ") and err.count("\n") == 1, err
-    return err
-
-
 def test_missing_file(tiny_model, tmp_path, capsys):
     err = bad(capsys, "--data", tmp_path / "nope.csv", *common(tiny_model, tmp_path / "o"))
     assert "does not exist" in err
