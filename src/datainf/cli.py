@@ -43,6 +43,7 @@ def _detect_mislabeled(args: argparse.Namespace) -> None:
     text_columns = tuple(args.text_column or ["text"])
     config = Config(
         data=args.data, text_columns=text_columns, label_column=args.label_column,
+        id_column=args.id_column,
         val_data=args.val_data, val_fraction=args.val_fraction,
         train_size=args.train_size or (Config.train_size if args.data is None else None),
         val_size=args.val_size or (Config.val_size if args.data is None else None),
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-column", action="append",
                    help="text column (give twice for sentence pairs; default: text)")
     g.add_argument("--label-column", default=C.label_column, help="label column")
+    g.add_argument("--id-column", help="column of record ids, shown next to each example "
+                   "(default: the column 'id' when there is one)")
     g.add_argument("--val-data", help="validation file (default: a share of --data)")
     g.add_argument("--val-fraction", type=float, default=C.val_fraction,
                    help="share of --data held out for validation when there is no --val-data")

