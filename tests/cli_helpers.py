@@ -33,6 +33,7 @@ def common(tiny_model, out):
 
 def bad(capsys, *args):
     """Runs the command, expects a non-zero exit and one line on stderr; returns that line."""
+    capsys.readouterr()  # what earlier commands printed
     code = cli(*args)
     err = capsys.readouterr().err
     assert code != 0

@@ -190,23 +190,33 @@ class BlockSubset:
         return self.source.iter_block(name, rows)
 
 
-def blocks_matching(source: GradientSource, pattern: str | None) -> GradientSource:
-    """The blocks whose name matches the regular expression ``pattern`` (all when None)."""
-    if pattern is None:
-        return source
+def blocks_pattern(pattern: str) -> re.Pattern:
+    """The compiled ``--blocks`` regular expression."""
     try:
-        regex = re.compile(pattern)
+        return re.compile(pattern)
     except re.error as error:
         raise DataInfError(
             f"--blocks {pattern!r} is not a valid regular expression: {error}"
         ) from None
-    names = [n for n in source.block_names if regex.search(n)]
-    if not names:
+
+
+def names_matching(names: Sequence[str], pattern: str) -> list[str]:
+    """The ``names`` in which the regular expression ``pattern`` is found; at least one."""
+    regex = blocks_pattern(pattern)
+    chosen = [n for n in names if regex.search(n)]
+    if not chosen:
         raise DataInfError(
-            f"no gradient block matches {pattern!r}; block names look like "
-            f"{list(source.block_names[:2])}"
+            f"no gradient block matches --blocks {pattern!r}; block names look like "
+            f"{list(names[:2])}"
         )
-    return BlockSubset(source, names)
+    return chosen
+
+
+def blocks_matching(source: GradientSource, pattern: str | None) -> GradientSource:
+    """The blocks whose name matches the regular expression ``pattern`` (all when None)."""
+    if pattern is None:
+        return source
+    return BlockSubset(source, names_matching(source.block_names, pattern))
 
 
 class GroupedBlocks:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
+from typing import NoReturn
 
 from .errors import DataInfError
 
@@ -52,7 +54,7 @@ def _detect_mislabeled(args: argparse.Namespace) -> None:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_length=args.max_length, device=args.device, seed=args.seed,
         methods=tuple(args.methods.split(",")), blocks=args.blocks, grouping=args.grouping,
-        damping=args.damping,
+        damping=args.damping, rank_by=args.rank_by, top=args.top, drop_top=args.drop_top,
         out=args.out, progress=False if args.quiet else None,
     )
     summary = run(config)
@@ -63,15 +65,52 @@ def _detect_mislabeled(args: argparse.Namespace) -> None:
           + f"report: {config.out}/report.html")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line: ``datainf: error: ...`` and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"datainf: error: {message} (see `{self.prog} --help`)\n")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it has none (None) or the help text names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+DETECT_EPILOG = """\
+outputs (in --out): summary.json (settings, sizes, AUC and seconds per method), scores.csv (every
+training example: its row in your file, text, given label, the model's label and probability,
+every score and rank), suspects.csv (the --top most suspicious by --rank-by, with a suggested
+label), report.html, cleaned.csv (with --drop-top), the adapter and the gradient stores.
+
+--noise (default 0.2) flips that share of YOUR training labels on purpose, so that the report
+can measure how well each score finds wrong labels (AUC). To rank your data as it is, use
+--noise 0.
+
+examples:
+  datainf detect-mislabeled                                  # shipped BBC News, offline
+  datainf detect-mislabeled --data train.csv --text-column review --label-column stars \\
+      --noise 0 --drop-top 100 --out runs/reviews
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="datainf",
         description="Influence of training examples on LoRA fine-tuned models (DataInf).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the four estimators on generated gradients (seconds)")
-    demo.add_argument("--n-train", type=int, default=2000)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the four estimators on generated gradients (seconds)",
+                          formatter_class=Help,
+                          description="DataInf, Exact, LiSSA and Hessian-free on the "
+                          "per-example gradients of a softmax regression trained on generated "
+                          "clusters with flipped labels: the AUC of each for finding them.")
+    demo.add_argument("--n-train", type=int, default=2000, help="training examples generated")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data and the flips")
     demo.set_defaults(run=_demo)
 
     from .mislabeled import Config as C
@@ -79,10 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "detect-mislabeled",
         help="fine-tune a LoRA classifier, score every training example, write a report",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
         description="Find mislabeled training examples of a LoRA fine-tune. Without --data: "
         "MiniLM-L6 on the shipped BBC News corpus with 20% of the labels flipped (offline, "
         "a few minutes on a laptop CPU).",
+        epilog=DETECT_EPILOG,
     )
     g = d.add_argument_group("data")
     g.add_argument("--data", help="training data: a .csv, .tsv, .jsonl or .parquet file, or "
@@ -102,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation examples drawn (default: 100 of the built-in data; "
                    "--val-fraction of --data)")
     g.add_argument("--noise", type=float, default=C.noise,
-                   help="share of training labels to flip (0 scores the data as it is)")
+                   help="share of YOUR training labels flipped on purpose to measure detection "
+                   "(0 ranks the data as it is)")
     m = d.add_argument_group("model")
     m.add_argument("--model", default=C.model,
                    help="'minilm' (shipped), a HF model folder or hub name")
@@ -128,13 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "together)")
     s.add_argument("--damping", type=float, default=C.damping,
                    help="relative damping constant (lambda_l = c x mean squared gradient)")
-    d.add_argument("--out", default=C.out, help="run folder (reused when repeated)")
-    d.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+    o = d.add_argument_group("outputs")
+    o.add_argument("--rank-by", default=C.rank_by,
+                   help="the score that orders the suspects (a method or 'loss', 'grad_norm')")
+    o.add_argument("--top", type=int, default=C.top,
+                   help="suspects listed in the report and suspects.csv")
+    o.add_argument("--drop-top", type=int, metavar="K",
+                   help="write cleaned.csv: your data without the K most suspicious examples")
+    o.add_argument("--out", default=C.out, help="run folder (reused when repeated)")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress bars or stage lines (warnings still show)")
     d.set_defaults(run=_detect_mislabeled)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. Exit status: 0 done, 2 bad input or settings (one line on stderr),
+    1 a problem of the machine (disk full, no permission: one line) or a bug (a traceback),
+    130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
@@ -145,6 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         print("datainf: interrupted; run the same command again to go on from the last "
               "finished stage", file=sys.stderr)
         return 130
+    except OSError as error:  # the machine's, not the code's: disk full, read-only, ...
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"datainf: error: {error.strerror or error}{where}; free space or choose a "
+              "writable --out, then run the same command again", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        print("datainf: this is a bug in datainf, not a problem with your input: please report "
+              "it to the datainf issue tracker with the command and the traceback above",
+              file=sys.stderr)
+        return 1
     return 0
 
 

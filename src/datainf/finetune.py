@@ -6,6 +6,8 @@ a fixed seed for the shuffling; no learning-rate schedule beyond a linear decay.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,13 @@ def finetune(
     max_length: int,
     seed: int,
     progress: bool | None = None,
+    on_epoch: Callable[[int, float], bool | None] | None = None,
 ) -> list[float]:
-    """Train the model's trainable parameters in place; returns the mean loss of each epoch."""
+    """Train the model's trainable parameters in place; returns the mean loss of each epoch.
+
+    ``on_epoch(epoch, mean_loss)`` is called after each epoch (1-based) with the model in eval
+    mode; when it returns True, training stops there.
+    """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -55,6 +62,12 @@ def finetune(
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.3f}")
         history.append(total / count)
+        if on_epoch is not None:
+            model.eval()
+            stop = on_epoch(len(history), history[-1])
+            model.train()
+            if stop:
+                break
     bar.close()
     model.eval()
     return history
@@ -63,13 +76,14 @@ def finetune(
 @torch.no_grad()
 def predict(model: torch.nn.Module, tokenizer, data: TextData, *, batch_size: int,
             max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example cross-entropy losses under the model's labels and predicted classes."""
+    """(losses, probabilities): per-example cross entropy of the data's labels, shape (n,), and
+    the model's class probabilities (softmax), shape (n, classes); float64."""
     device = next(model.parameters()).device
     model.eval()
-    losses, predictions = [], []
+    losses, probabilities = [], []
     for batch in text_batches(tokenizer, data, batch_size, max_length):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**text_model_inputs(model, batch)).logits
+        logits = model(**text_model_inputs(model, batch)).logits.double()
         losses.append(F.cross_entropy(logits, batch["labels"], reduction="none").cpu())
-        predictions.append(logits.argmax(-1).cpu())
-    return torch.cat(losses).double().numpy(), torch.cat(predictions).numpy()
+        probabilities.append(logits.softmax(-1).cpu())
+    return torch.cat(losses).numpy(), torch.cat(probabilities).numpy()

@@ -17,18 +17,23 @@ the gradient norm.
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .blocks import blocks_matching, group_by_module
+from .blocks import blocks_matching, blocks_pattern, group_by_module, names_matching
 from .data import TextData, load_splits
 from .errors import DataInfError
 from .metrics import detection_auc
@@ -41,6 +46,8 @@ METHODS = {
     "datainf_self": "DataInf self-influence",
 }
 REFERENCES = {"loss": "Training loss", "grad_norm": "Gradient norm"}
+OUTPUTS = ("summary.json", "report.html", "scores.csv", "suspects.csv", "cleaned.csv")
+WEAK_GAP = 0.25  # see model_quality
 DEFAULT_METHODS = tuple(METHODS)
 
 
@@ -73,6 +80,9 @@ class Config:
     blocks: str | None = None
     grouping: str = "tensor"            # "tensor" (the paper's) or "module"
     damping: float = 0.1
+    rank_by: str = "datainf"            # the score that orders suspects.csv and the report
+    top: int = 50                       # suspects listed in the report and suspects.csv
+    drop_top: int | None = None         # write cleaned.csv without the top K suspects
     out: str = "runs/detect-mislabeled"
     progress: bool | None = None
     stage_seconds: dict = field(default_factory=dict)
@@ -97,30 +107,144 @@ def load_data(config: Config) -> tuple[TextData, TextData, dict]:
     return train, val, info
 
 
+# ---------------------------------------------------------------- settings
+def check_settings(config: Config) -> None:
+    """Refuse unusable settings before anything is read, trained or written."""
+    from .models import check_adapter_folder, check_model_name
+
+    unknown = [m for m in config.methods if m not in METHODS]
+    if unknown:
+        raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if config.rank_by not in (*config.methods, *REFERENCES):
+        raise DataInfError(f"--rank-by {config.rank_by!r} is not among the scores computed "
+                           f"({', '.join((*config.methods, *REFERENCES))}); add it to --methods "
+                           "or pick one of those")
+    if config.grouping not in ("tensor", "module"):
+        raise DataInfError(f"--grouping must be 'tensor' or 'module', not {config.grouping!r}")
+    if config.blocks is not None:
+        blocks_pattern(config.blocks)
+    at_least = {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2, "top": 1,
+                "train_size": 2, "val_size": 1}
+    for name, low in at_least.items():
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise DataInfError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+    for name in ("learning_rate", "damping", "lora_alpha"):
+        if not getattr(config, name) > 0:
+            raise DataInfError(f"--{name.replace('_', '-')} must be positive, not "
+                               f"{getattr(config, name)}")
+    if config.drop_top is not None and config.drop_top < 0:
+        raise DataInfError(f"--drop-top must be 0 or more, not {config.drop_top}")
+    if not 0 <= config.noise < 1:
+        raise DataInfError(f"--noise must be in [0, 1), not {config.noise}")
+    if not 0 < config.val_fraction < 1:
+        raise DataInfError(f"--val-fraction must be in (0, 1), not {config.val_fraction}")
+    check_device(config.device)
+    check_model_name(config.model)
+    if config.adapter is not None:
+        check_adapter_folder(config.adapter)
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has."""
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise DataInfError(f"--device {device!r} is not a device name; use cpu, cuda or "
+                           "cuda:N") from None
+    if where.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataInfError(f"--device {device}: this torch has no CUDA device (build "
+                               f"{torch.__version__}); use --device cpu, or install a CUDA "
+                               "build of torch")
+        if where.index is not None and where.index >= torch.cuda.device_count():
+            raise DataInfError(f"--device {device}: there are only "
+                               f"{torch.cuda.device_count()} CUDA devices")
+    elif where.type not in ("cpu", "mps"):
+        raise DataInfError(f"--device {device!r}: only cpu and cuda are supported")
+
+
+def check_data(config: Config, train: TextData, val: TextData) -> None:
+    """Enough data for a fine-tune and, with noise, for an AUC."""
+    if len(train) < 2 or len(val) < 1:
+        raise DataInfError(f"{len(train)} training and {len(val)} validation examples are too "
+                           "few; give more data")
+    if train.flipped is not None and not 0 < train.flipped.sum() < len(train):
+        raise DataInfError(
+            f"--noise {config.noise} flips {int(train.flipped.sum())} of the {len(train)} "
+            "training labels, so there is nothing to detect; raise --noise, give more data, "
+            "or use --noise 0 to rank the data as it is"
+        )
+
+
 # ---------------------------------------------------------------- run folder
-def check_run_folder(config: Config, train: TextData) -> Path:
-    """Create ``out`` or check that it holds a run made with the same expensive settings."""
+LOCK = ".lock"
+
+
+@contextmanager
+def run_folder(config: Config, record: dict) -> Iterator[Path]:
+    """``out``, locked for this run, after checking that it is new, empty or holds a run made
+    with the same expensive settings. Nothing is written but the lock file; a folder this run
+    created is removed again when the run fails before :func:`record_run`."""
     out = Path(config.out)
-    record = {**config.expensive(), "data_fingerprint": train.fingerprint()}
-    path = out / "run.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            raise DataInfError(f"{path} is damaged; delete {out} or choose another --out") from None
-        differ = [f"{k} ({old.get(k)!r} there, {record[k]!r} now)"
-                  for k in record if old.get(k) != record[k]]
-        if differ:
-            raise DataInfError(
-                f"--out {out} holds a run made with other settings: " + "; ".join(differ[:4])
-                + ". Use another --out, or delete that folder"
-            )
-    elif out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise DataInfError(f"--out {out} is a file; choose a folder")
+    created = not out.exists()
+    if not created and (out / "run.json").exists():
+        _check_same_run(out, record)
+    elif not created and any(p.name != LOCK for p in out.iterdir()):
         raise DataInfError(f"--out {out} is not empty and holds no datainf run; choose another "
                            "--out or empty it")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(record, indent=2))
-    return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a")  # noqa: SIM115 (held for the whole run)
+    except OSError as error:
+        raise DataInfError(f"cannot write to --out {out} ({error.strerror}); choose a folder "
+                           "you can write to") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataInfError(f"--out {out} is in use by another datainf run; wait for it to "
+                               "finish or choose another --out") from None
+    except BaseException:
+        handle.close()
+        raise
+    try:
+        if (out / "run.json").exists():  # another run may have started it meanwhile
+            _check_same_run(out, record)
+        yield out
+    except BaseException:
+        if created and not (out / "run.json").exists():  # leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        handle.close()
+
+
+def _check_same_run(out: Path, record: dict) -> None:
+    path = out / "run.json"
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise DataInfError(f"{path} is damaged; delete {out} or choose another --out") from None
+    differ = [f"{k} ({old.get(k)!r} there, {record[k]!r} now)"
+              for k in record if old.get(k) != record[k]]
+    if differ:
+        raise DataInfError(
+            f"--out {out} holds a run made with other settings: " + "; ".join(differ[:4])
+            + ". Use another --out, or delete that folder"
+        )
+
+
+def run_record(config: Config, train: TextData) -> dict:
+    """What run.json holds: the settings that decide the adapter and gradients."""
+    return {**config.expensive(), "data_fingerprint": train.fingerprint()}
+
+
+def record_run(out: Path, record: dict) -> None:
+    """Write run.json: from here on ``out`` belongs to this run's settings."""
+    _write_atomic(out / "run.json", json.dumps(record, indent=2))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -130,9 +254,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------- stage 2: adapter
-def build_model(config: Config, train: TextData, out: Path, progress):
-    """The LoRA classifier: loaded from out/adapter when present, else fine-tuned and saved."""
-    from .finetune import finetune
+def load_model(config: Config, train: TextData, out: Path):
+    """The classifier with its LoRA adapter, before any training: (model, tokenizer, source,
+    history). ``source``: "given" (--adapter), "reused" (out/adapter of an earlier run) or
+    "new" (fresh LoRA, to be fine-tuned)."""
     from .models import add_lora, load_adapter, load_classifier
 
     torch.manual_seed(config.seed)
@@ -140,14 +265,25 @@ def build_model(config: Config, train: TextData, out: Path, progress):
     base, tokenizer = load_classifier(config.model, len(train.classes), id2label=id2label)
     saved = out / "adapter"
     if config.adapter is not None:
-        return load_adapter(base, config.adapter).to(config.device), tokenizer, None
-    if (saved / "adapter_config.json").exists():
-        model = load_adapter(base, saved).to(config.device)
+        model, source, history = load_adapter(base, config.adapter), "given", None
+    elif (saved / "adapter_config.json").exists():
+        model, source = load_adapter(base, saved), "reused"
         history = json.loads((saved / "training.json").read_text())
-        return model, tokenizer, history
-    torch.manual_seed(config.seed)
-    model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
-                     target_modules=config.lora_targets).to(config.device)
+    else:
+        torch.manual_seed(config.seed)
+        model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
+                         target_modules=config.lora_targets)
+        source, history = "new", None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if config.blocks is not None:
+        names_matching(trainable, config.blocks)
+    return model.to(config.device), tokenizer, source, history
+
+
+def train_adapter(config: Config, model, tokenizer, train: TextData, out: Path, progress):
+    """LoRA fine-tuning; the adapter is saved to out/adapter (whole or not at all)."""
+    from .finetune import finetune
+
     losses = finetune(model, tokenizer, train, epochs=config.epochs,
                       batch_size=config.batch_size, learning_rate=config.learning_rate,
                       max_length=config.max_length, seed=config.seed, progress=progress)
@@ -156,46 +292,65 @@ def build_model(config: Config, train: TextData, out: Path, progress):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps(history))
-    os.replace(tmp, saved)
-    return model, tokenizer, history
+    os.replace(tmp, out / "adapter")
+    return history
 
 
 # ---------------------------------------------------------------- stage 3: predictions
-def predictions(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path):
-    """(training losses, validation accuracy), cached in out/predictions.npz."""
+@dataclass
+class Predictions:
+    """The fine-tuned model's view of the data: losses under the given labels, shape (n,), and
+    class probabilities, shape (n, classes), of the training and validation examples."""
+
+    train_loss: np.ndarray
+    train_probs: np.ndarray
+    val_loss: np.ndarray
+    val_probs: np.ndarray
+
+    def val_accuracy(self, val: TextData) -> float:
+        return float((self.val_probs.argmax(1) == val.labels).mean())
+
+
+def predictions(config: Config, model, tokenizer, train: TextData, val: TextData,
+                out: Path) -> tuple[Predictions, bool]:
+    """(predictions, reused), cached in out/predictions.npz for the model's weights."""
     from .finetune import predict
     from .models import model_fingerprint
 
     path = out / "predictions.npz"
     fingerprint = model_fingerprint(model)
+    keys = [f.name for f in dataclasses.fields(Predictions)]
     if path.exists():
         saved = np.load(path)
-        if "model" in saved.files and str(saved["model"]) == fingerprint:  # else predict again
-            return saved["train_loss"], float(saved["val_accuracy"])
-    train_loss, _ = predict(model, tokenizer, train, batch_size=config.batch_size,
-                            max_length=config.max_length)
-    _, val_pred = predict(model, tokenizer, val, batch_size=config.batch_size,
-                          max_length=config.max_length)
-    accuracy = float((val_pred == val.labels).mean())
+        if set(keys) <= set(saved.files) and str(saved["model"]) == fingerprint:
+            return Predictions(**{k: saved[k] for k in keys}), True
+    found = {}
+    for split, data in (("train", train), ("val", val)):
+        found[f"{split}_loss"], found[f"{split}_probs"] = predict(
+            model, tokenizer, data, batch_size=config.batch_size, max_length=config.max_length)
     tmp = out / "predictions.tmp.npz"
-    np.savez(tmp, train_loss=train_loss, val_accuracy=accuracy, model=fingerprint)
+    np.savez(tmp, model=fingerprint, **found)
     os.replace(tmp, path)
-    return train_loss, accuracy
+    return Predictions(**found), False
 
 
 # ---------------------------------------------------------------- stage 4: gradients
 def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path,
               progress):
+    """(train store, val store, reused): per-example gradients in out/gradients/{train,val}."""
     from .data import text_batches
     from .gradients import collect_gradients
+    from .store import GradientStore
 
-    stores = {}
+    stores, reused = {}, True
     for split, data in (("train", train), ("val", val)):
+        path = out / "gradients" / split
+        reused = reused and (path / "manifest.json").exists() and \
+            GradientStore.open(path).complete
         batches = text_batches(tokenizer, data, config.batch_size, config.max_length)
-        stores[split] = collect_gradients(model, batches, "classification",
-                                          out=str(out / "gradients" / split),
+        stores[split] = collect_gradients(model, batches, "classification", out=str(path),
                                           progress=progress)
-    return stores["train"], stores["val"]
+    return stores["train"], stores["val"], reused
 
 
 # ---------------------------------------------------------------- stage 5: scores
@@ -203,11 +358,6 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     """Every chosen method's scores (higher = more suspicious) and its seconds."""
     from .methods import DataInf, Exact, HessianFree, LiSSA
 
-    unknown = [m for m in config.methods if m not in METHODS]
-    if unknown:
-        raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    if config.grouping not in ("tensor", "module"):
-        raise DataInfError(f"--grouping must be 'tensor' or 'module', not {config.grouping!r}")
     train = blocks_matching(train_store, config.blocks)
     val = blocks_matching(val_store, config.blocks)
     if config.grouping == "module":
@@ -237,11 +387,75 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     return scores, seconds, notes, dict(train.block_widths)
 
 
-def write_outputs(config: Config, out: Path, train: TextData, val: TextData, scores: dict,
-                  seconds: dict, notes: dict, summary_extra: dict) -> dict:
-    """summary.json, scores.csv and report.html, each written whole or not at all."""
+def score_table(train: TextData, preds: Predictions, scores: dict):
+    """One row per training example, in training order: where it is in the user's file, its
+    text and labels, what the model predicts, and every score with its rank (1 = most
+    suspicious)."""
     import pandas as pd
 
+    table = pd.DataFrame({"row": _rows(train)})
+    if train.ids:
+        table["id"] = train.ids
+    table["text"] = train.texts
+    if train.pairs is not None:
+        table["text_pair"] = train.pairs
+    table["given_label"] = [train.classes[i] for i in train.labels]
+    predicted = preds.train_probs.argmax(1)
+    table["model_label"] = [train.classes[i] for i in predicted]
+    table["model_probability"] = preds.train_probs.max(1).round(4)
+    table["given_label_probability"] = \
+        preds.train_probs[np.arange(len(train)), train.labels].round(4)
+    if train.original is not None:
+        table["original_label"] = [train.classes[i] for i in train.original]
+        table["flipped"] = train.flipped
+    for key, values in scores.items():
+        table[f"{key}_score"] = values
+        table[f"{key}_rank"] = pd.Series(-values).rank(method="first").astype(int).values
+    return table
+
+
+def suspect_table(table, rank_by: str, top: int):
+    """The ``top`` most suspicious examples by ``rank_by``, most suspicious first, with a
+    suggested label: the model's own choice where it differs from the given label."""
+    suspects = table.sort_values(f"{rank_by}_rank").head(top)
+    suspects.insert(0, "rank", suspects[f"{rank_by}_rank"].values)
+    disagree = suspects["model_label"] != suspects["given_label"]
+    at = suspects.columns.get_loc("given_label") + 1
+    suspects.insert(at, "suggested_label", suspects["model_label"].where(disagree, ""))
+    return suspects.drop(columns=[c for c in suspects.columns if c.endswith("_rank")])
+
+
+def cleaned_table(config: Config, train: TextData, val: TextData, drop_rows):
+    """Every example this run read (training and validation), in file order, without the
+    examples at ``drop_rows``; columns named as in the user's file. Labels are the file's own
+    (the injected noise is undone)."""
+    import pandas as pd
+
+    parts = []
+    for data in (train, val):
+        labels = data.original if data.original is not None else data.labels
+        part = pd.DataFrame({"row": _rows(data)})
+        if data.ids:
+            part[config.id_column or "id"] = data.ids
+        part[config.text_columns[0]] = data.texts
+        if data.pairs is not None:
+            part[config.text_columns[1]] = data.pairs
+        part[config.label_column] = [data.classes[i] for i in labels]
+        parts.append(part)
+    both = pd.concat(parts).sort_values("row", kind="stable")
+    return both[~both["row"].isin(set(drop_rows))]
+
+
+def _rows(data: TextData) -> np.ndarray:
+    """Positions of the examples in the user's file (0 = first record)."""
+    return np.arange(len(data)) if data.rows is None else data.rows
+
+
+def write_outputs(config: Config, out: Path, train: TextData, val: TextData,
+                  preds: Predictions, scores: dict, seconds: dict, notes: dict,
+                  summary_extra: dict) -> dict:
+    """summary.json, scores.csv, suspects.csv, cleaned.csv (with --drop-top) and report.html,
+    each written whole or not at all; summary.json last, as the mark of a finished run."""
     from .report import write_report
 
     labels = {**METHODS, **REFERENCES}
@@ -252,6 +466,12 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData, sco
             entry["auc"] = round(detection_auc(values, train.flipped), 4)
         entry.update(notes.get(key, {}))
         methods[key] = entry
+    table = score_table(train, preds, scores)
+    suspects = suspect_table(table, config.rank_by, config.top)
+    outputs = {"scores.csv": table, "suspects.csv": suspects}
+    if config.drop_top:
+        dropped = table.sort_values(f"{config.rank_by}_rank")["row"].head(config.drop_top)
+        outputs["cleaned.csv"] = cleaned_table(config, train, val, dropped)
     summary = {
         "config": {k: _jsonable(v) for k, v in asdict(config).items()
                    if k not in ("stage_seconds", "progress")},
@@ -261,33 +481,32 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData, sco
         **summary_extra,
         "methods": methods,
         "stage_seconds": {k: round(v, 2) for k, v in config.stage_seconds.items()},
+        "outputs": sorted([*outputs, "report.html", "summary.json"]),
         "sign_convention": "every score: higher = more suspicious (influence on the mean "
                            "validation loss: positive = harmful)",
     }
-    table = pd.DataFrame({"index": np.arange(len(train)), "text": train.texts})
-    if train.ids:
-        table.insert(1, "id", train.ids)
-    if train.pairs is not None:
-        table["text_pair"] = train.pairs
-    table["given_label"] = [train.classes[i] for i in train.labels]
-    if train.original is not None:
-        table["original_label"] = [train.classes[i] for i in train.original]
-        table["flipped"] = train.flipped
-    for key, values in scores.items():
-        table[f"{key}_score"] = values
-        table[f"{key}_rank"] = pd.Series(-values).rank(method="first").astype(int).values
-    tmp_csv = out / "scores.csv.tmp"
-    table.to_csv(tmp_csv, index=False)
-    html = write_report(summary, table, scores, train.flipped)
-    _write_atomic(out / "report.html", html)
-    os.replace(tmp_csv, out / "scores.csv")
+    if config.drop_top:
+        summary["cleaned"] = {"dropped": int(min(config.drop_top, len(train))),
+                              "rows": len(outputs["cleaned.csv"])}
+    for name, frame in outputs.items():
+        tmp = out / f"{name}.tmp"
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, out / name)
+    _write_atomic(out / "report.html", write_report(summary, table, suspects, scores,
+                                                    train.flipped))
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
 def run(config: Config) -> dict:
-    """Run every stage; returns the summary (also written to out/summary.json)."""
+    """Run every stage; returns the summary (also written to out/summary.json).
+
+    Every setting is checked before anything expensive happens, and ``out`` is claimed (its
+    run.json written) only once the data, the model and the adapter have loaded.
+    """
+    check_settings(config)
     stage = config.stage_seconds
+    reused: list[str] = []
 
     def timed(name, fn, *args):
         start = time.perf_counter()
@@ -296,24 +515,66 @@ def run(config: Config) -> dict:
         _say(config, f"{name}: {stage[name]:.1f} s")
         return result
 
+    def reuse(name: str) -> None:
+        reused.append(name)
+        _say(config, f"{name}: reused from an earlier run in {config.out}")
+
     train, val, data_info = timed("data", load_data, config)
-    out = check_run_folder(config, train)
-    for name in ("summary.json", "report.html", "scores.csv"):  # never leave stale results
-        (out / name).unlink(missing_ok=True)
-    model, tokenizer, history = timed("fine-tuning", build_model, config, train, out,
-                                      config.progress)
-    train_loss, accuracy = timed("predictions", predictions, config, model, tokenizer, train,
-                                 val, out)
-    train_store, val_store = timed("gradients", gradients, config, model, tokenizer, train, val,
-                                   out, config.progress)
-    scores, seconds, notes, blocks = timed("scoring", score_all, config, train_store,
-                                           val_store, train_loss)
-    extra = {"val_accuracy": round(accuracy, 4), "training": history,
-             "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))},
-             "data": data_info}
-    summary = timed("report", write_outputs, config, out, train, val, scores, seconds, notes,
-                    extra)
+    check_data(config, train, val)
+    for note in data_info.get("notes", []):
+        warn(note)
+    record = run_record(config, train)
+    with run_folder(config, record) as out:
+        model, tokenizer, source, history = timed("model", load_model, config, train, out)
+        record_run(out, record)
+        for name in OUTPUTS:  # never leave results of other settings next to this run's
+            (out / name).unlink(missing_ok=True)
+        if source == "new":
+            history = timed("fine-tuning", train_adapter, config, model, tokenizer, train, out,
+                            config.progress)
+        elif source == "reused":
+            reuse("fine-tuning")
+        preds, again = timed("predictions", predictions, config, model, tokenizer, train, val,
+                             out)
+        if again:
+            reuse("predictions")
+        train_store, val_store, again = timed("gradients", gradients, config, model, tokenizer,
+                                              train, val, out, config.progress)
+        if again:
+            reuse("gradients")
+        scores, seconds, notes, blocks = timed("scoring", score_all, config, train_store,
+                                               val_store, preds.train_loss)
+        quality = model_quality(preds, val)
+        if quality["weak"]:
+            warn(quality["warning"])
+        extra = {"val_accuracy": round(quality["val_accuracy"], 4), "model_quality": quality,
+                 "training": history, "adapter": source, "reused_stages": reused,
+                 "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))},
+                 "data": data_info}
+        summary = timed("report", write_outputs, config, out, train, val, preds, scores,
+                        seconds, notes, extra)
     return summary
+
+
+def model_quality(preds: Predictions, val: TextData) -> dict:
+    """Validation accuracy against the majority-class rate. The model is called weak when it
+    closes less than a quarter of the gap between always answering the most frequent class and
+    a perfect score: its gradients then say little about which labels are wrong."""
+    accuracy = preds.val_accuracy(val)
+    majority = float(np.bincount(val.labels, minlength=len(val.classes)).max() / len(val))
+    weak = accuracy - majority < WEAK_GAP * (1 - majority)
+    quality = {"val_accuracy": accuracy, "majority_rate": round(majority, 4), "weak": bool(weak)}
+    if weak:
+        quality["warning"] = (
+            f"the fine-tuned model is weak: validation accuracy {accuracy:.3f} against "
+            f"{majority:.3f} for always answering the most frequent class, so the scores mean "
+            "little; train longer (--epochs), with a higher --learning-rate, or on more data")
+    return quality
+
+
+def warn(message: str) -> None:
+    """A warning the user must see, on stderr even with --quiet."""
+    print(f"datainf: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _say(config: Config, message: str) -> None:

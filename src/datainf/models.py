@@ -302,6 +302,23 @@ def load_adapter(base_model: Any, adapter_dir: str | os.PathLike) -> Any:
     """
     from peft import PeftModel
 
+    folder = check_adapter_folder(adapter_dir)
+    training = base_model.training
+    try:
+        model = PeftModel.from_pretrained(base_model, str(folder), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as err:  # size mismatch, unknown modules, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataInfError(
+            f"the adapter in {folder} does not fit the model "
+            f"{getattr(base_model, 'name_or_path', '') or type(base_model).__name__} ({first}); "
+            "pass the base model it was trained on (and, for a classifier, data with the same "
+            "classes)"
+        ) from err
+    return model.train(training)
+
+
+def check_adapter_folder(adapter_dir: str | os.PathLike) -> Path:
+    """The folder of a saved PEFT adapter, refused when it has no adapter_config.json."""
     folder = Path(adapter_dir).expanduser()
     if not (folder / "adapter_config.json").is_file():
         what = "does not exist" if not folder.exists() else "has no adapter_config.json"
@@ -309,8 +326,7 @@ def load_adapter(base_model: Any, adapter_dir: str | os.PathLike) -> Any:
             f"the adapter folder {folder} {what}: pass a folder written by a PEFT model's "
             "save_pretrained"
         )
-    training = base_model.training
-    return PeftModel.from_pretrained(base_model, str(folder), is_trainable=True).train(training)
+    return folder
 
 
 _UNSTABLE_KEYS = {"_name_or_path", "name_or_path", "transformers_version",
@@ -369,3 +385,12 @@ def model_fingerprint(
             flat = p.detach().reshape(-1)
             h.update(_tensor_bytes(flat[:: max(1, flat.numel() // frozen_samples)]))
     return h.hexdigest()
+
+
+def check_model_name(name_or_path: str | os.PathLike) -> None:
+    """Refuse, at once, a model name that cannot be loaded: a missing asset package, a local
+    folder that does not exist or has no config.json. Loads and converts nothing."""
+    if os.fspath(name_or_path) == "smollm2":
+        smollm2_gguf()
+    else:
+        _resolve(name_or_path)

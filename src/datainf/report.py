@@ -10,7 +10,11 @@ import numpy as np
 
 from .metrics import detection_curve
 
-TOP_SUSPECTS = 50
+SHOWN_CLASSES = 12      # class names listed in the header; the rest are counted
+TEXT_CHARACTERS = 400   # of each suspect's text
+# one look per curve, told apart by colour and line style (print and colour-blind readers)
+LINE_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1))]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 
 
 def _png(fig) -> str:
@@ -27,9 +31,11 @@ def detection_plot(scores: dict, labels: dict, flipped: np.ndarray) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for key, values in scores.items():
+    for i, (key, values) in enumerate(scores.items()):
         inspected, found = detection_curve(values, flipped)
-        ax.plot(inspected, found, label=labels[key])
+        ax.plot(inspected, found, label=labels[key], linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+                marker=MARKERS[i % len(MARKERS)], markevery=max(1, len(inspected) // 8),
+                markersize=4, linewidth=1.4)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random order")
     share = flipped.mean()
     ax.plot([0, share, 1], [0, 1, 1], color="black", linestyle="--", linewidth=0.8,
@@ -45,45 +51,87 @@ def detection_plot(scores: dict, labels: dict, flipped: np.ndarray) -> str:
     return data
 
 
-def write_report(summary: dict, table, scores: dict, flipped: np.ndarray | None) -> str:
-    """The report page as one HTML string."""
+def class_breakdown(table, suspects) -> list[tuple[str, int, int]]:
+    """(given label, training examples with it, suspects with it), most suspects first."""
+    sizes = table["given_label"].value_counts()
+    among = suspects["given_label"].value_counts()
+    rows = [(str(label), int(size), int(among.get(label, 0))) for label, size in sizes.items()]
+    return sorted(rows, key=lambda r: (-r[2], -r[1], r[0]))
+
+
+def write_report(summary: dict, table, suspects, scores: dict, flipped: np.ndarray | None) -> str:
+    """The report page as one HTML string. ``table``: every training example (scores.csv);
+    ``suspects``: the most suspicious ones in order (suspects.csv)."""
     e = html.escape
     methods = summary["methods"]
     labels = {k: v["label"] for k, v in methods.items()}
+    config = summary["config"]
+    rank_by = config["rank_by"]
     has_auc = flipped is not None
-    rows = []
+    method_rows = []
     for m in methods.values():
         auc = f"{m['auc']:.3f}" if has_auc else "–"
         note = "" if m.get("converged", True) else " (did not converge)"
-        rows.append(f"<tr><td>{e(m['label'])}{note}</td><td>{auc}</td>"
-                    f"<td>{m['seconds']:.2f}</td></tr>")
-    first = next(iter(scores))
-    top = table.sort_values(f"{first}_rank").head(TOP_SUSPECTS)
+        method_rows.append(f"<tr><td>{e(m['label'])}{note}</td><td>{auc}</td>"
+                           f"<td>{m['seconds']:.2f}</td></tr>")
+
+    has_id = "id" in suspects
     suspect_rows = []
-    for _, r in top.iterrows():
-        flag = ""
-        if "flipped" in table:
-            flag = "<td>yes</td>" if r["flipped"] else "<td></td>"
-        original = f"<td>{e(str(r['original_label']))}</td>" if "original_label" in table else ""
+    for _, r in suspects.iterrows():
         text = str(r["text"])
-        if "text_pair" in table:
+        if "text_pair" in suspects:
             text += " ‖ " + str(r["text_pair"])
-        suspect_rows.append(
-            f"<tr><td>{int(r[f'{first}_rank'])}</td><td>{int(r['index'])}</td>"
-            f"<td>{e(str(r['given_label']))}</td>{original}{flag}"
-            f"<td class='text'>{e(text[:400])}{'…' if len(text) > 400 else ''}</td></tr>"
-        )
-    head_extra = ("<th>original label</th><th>flipped</th>" if "flipped" in table else "")
+        short = e(text[:TEXT_CHARACTERS]) + ("…" if len(text) > TEXT_CHARACTERS else "")
+        says = f"{e(str(r['model_label']))} ({r['model_probability']:.2f})"
+        cells = [f"<td>{int(r['rank'])}</td>", f"<td>{int(r['row'])}</td>"]
+        if has_id:
+            cells.append(f"<td>{e(str(r['id']))}</td>")
+        cells += [f"<td>{e(str(r['given_label']))}</td>",
+                  f"<td class='{'disagree' if r['suggested_label'] else ''}'>{says}</td>",
+                  f"<td>{r[f'{rank_by}_score']:.4g}</td>"]
+        if has_auc:
+            cells += [f"<td>{e(str(r['original_label']))}</td>",
+                      f"<td>{'yes' if r['flipped'] else ''}</td>"]
+        cells.append(f"<td class='text'>{short}</td>")
+        suspect_rows.append("<tr>" + "".join(cells) + "</tr>")
+    suspect_head = ("<tr><th>rank</th><th>row</th>" + ("<th>id</th>" if has_id else "")
+                    + "<th>given label</th><th>model says (probability)</th>"
+                    + f"<th>score ({e(labels[rank_by])})</th>"
+                    + ("<th>original label</th><th>flipped</th>" if has_auc else "")
+                    + "<th>text</th></tr>")
+
+    breakdown = "".join(
+        f"<tr><td>{e(label)}</td><td>{size}</td><td>{count}</td><td>{count / size:.1%}</td></tr>"
+        for label, size, count in class_breakdown(table, suspects))
+
     plot = ""
     if has_auc:
         plot = (f"<h2>Detection curve</h2><img alt='detection curve' src='data:image/png;base64,"
                 f"{detection_plot(scores, labels, flipped)}'>")
+    reused = set(summary.get("reused_stages", []))
     stages = "".join(f"<tr><td>{e(k)}</td><td>{v:.1f}</td></tr>"
-                     for k, v in summary["stage_seconds"].items())
-    config = summary["config"]
-    noise = (f"{summary['n_flipped']} of {summary['n_train']} training labels were flipped "
-             f"(noise {config['noise']}, seed {config['seed']})." if has_auc else
-             "No label noise was injected: the ranking below lists the suspects; no AUC.")
+                     for k, v in summary["stage_seconds"].items() if k not in reused)
+    stages += "".join(f"<tr><td>{e(k)}</td><td>reused from an earlier run</td></tr>"
+                      for k in summary.get("reused_stages", []))
+
+    warnings = [summary["model_quality"]["warning"]] if summary["model_quality"]["weak"] else []
+    warnings += summary.get("data", {}).get("notes", [])
+    warning_html = "".join(f"<p class='warning'>{e(w)}</p>" for w in warnings)
+
+    classes = summary["classes"]
+    class_list = ", ".join(classes[:SHOWN_CLASSES])
+    if len(classes) > SHOWN_CLASSES:
+        class_list += f" and {len(classes) - SHOWN_CLASSES} more"
+    quality = summary["model_quality"]
+    noise = (f"{summary['n_flipped']} of {summary['n_train']} training labels were flipped on "
+             f"purpose (noise {config['noise']}, seed {config['seed']}) to measure how well each "
+             "score finds them." if has_auc else
+             "No label noise was injected: the suspects below are ranked on your labels as they "
+             "are; there is no AUC.")
+    drop = (f"<code>cleaned.csv</code> holds your data without the top {config['drop_top']} "
+            f"suspects by {e(labels[rank_by])}." if config.get("drop_top") else
+            "<code>--drop-top K</code> writes <code>cleaned.csv</code>: your data without the "
+            "top K suspects.")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>datainf: mislabeled examples</title>
 <style>
@@ -91,24 +139,43 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }}
 th {{ background: #f3f3f3; }}
-td.text {{ font-size: 0.85em; max-width: 650px; }}
+td.text {{ font-size: 0.85em; max-width: 600px; }}
+td.disagree {{ background: #fff1d6; }}
 .note {{ color: #555; font-size: 0.9em; }}
+.warning {{ background: #fde8e8; border-left: 4px solid #c0392b; padding: 0.5em 0.8em; }}
 </style></head><body>
 <h1>Mislabeled training examples</h1>
 <p>Model <code>{e(str(config['model']))}</code>, LoRA rank {config['lora_r']}, data
 <code>{e(str(config['data'] or 'BBC News (shipped)'))}</code>: {summary['n_train']} training and
-{summary['n_val']} validation examples, classes {e(', '.join(summary['classes']))}.
-Validation accuracy after fine-tuning: {summary['val_accuracy']:.3f}. {noise}</p>
+{summary['n_val']} validation examples, {len(classes)} classes ({e(class_list)}).
+Validation accuracy after fine-tuning: {quality['val_accuracy']:.3f} (always answering the most
+frequent class: {quality['majority_rate']:.3f}). {noise}</p>
+{warning_html}
 <p class="note">Every score is oriented so that higher means more suspicious. Influence scores
 follow the paper's sign convention: a positive influence on the mean validation loss means the
 example is harmful. The training loss and the gradient norm are plain reference scores.</p>
 <h2>Methods</h2>
 <table><tr><th>method</th><th>AUC (flipped labels)</th><th>seconds</th></tr>
-{''.join(rows)}</table>
+{''.join(method_rows)}</table>
 {plot}
-<h2>Top {len(top)} suspects by {e(labels[first])}</h2>
-<table><tr><th>rank</th><th>example</th><th>given label</th>{head_extra}<th>text</th></tr>
+<h2>Top {len(suspects)} suspects by {e(labels[rank_by])}</h2>
+<p class="note">"row" is the example's position in your file (0 = the first record). Where the
+model disagrees with the given label (shaded), its choice is the suggested label in
+<code>suspects.csv</code>.</p>
+<table>{suspect_head}
 {''.join(suspect_rows)}</table>
+<h2>Suspects per given label</h2>
+<table><tr><th>given label</th><th>training examples</th><th>among the top {len(suspects)}
+suspects</th><th>share of the label</th></tr>
+{breakdown}</table>
+<h2>What to do next</h2>
+<ul>
+<li>Check the suspects in <code>suspects.csv</code> (row, text, given and suggested label,
+scores): edit the labels you agree with in your own file, by row.</li>
+<li>{drop}</li>
+<li><code>--rank-by</code> orders the suspects by another score (computed ones:
+{e(', '.join(methods))}); nothing is recomputed but the scores.</li>
+</ul>
 <h2>Time per stage (seconds)</h2>
 <table>{stages}</table>
 </body></html>
