@@ -39,6 +39,13 @@ def assert_same(hooked, looped, dtype):
         assert rel < TOL[dtype], (name, rel)
 
 
+def assert_equal_to_rounding(got, expected, rtol=1e-10, msg=None):
+    """Equal up to float64 rounding, relative to the block's largest entry: batches of other
+    shapes may run other kernels, which sum in other orders."""
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * float(expected.abs().max()),
+                               msg=msg)
+
+
 def split(batch, sizes):
     out, start = [], 0
     for size in sizes:
@@ -140,7 +147,8 @@ def test_batch_size_invariance():
     for sizes in ([1] * 6, [2, 4], [5, 1]):
         got = collect_gradients(model, split(batch, sizes), "causal_lm")
         for name in reference:
-            assert torch.allclose(got[name], reference[name], rtol=1e-6, atol=1e-9), sizes
+            assert_equal_to_rounding(got[name], reference[name],
+                                     msg=lambda m, s=sizes, n=name: f"{s} {n}: {m}")
 
 
 def test_diffusion_noise_does_not_depend_on_batching():
@@ -152,7 +160,8 @@ def test_diffusion_noise_does_not_depend_on_batching():
     task = Diffusion(timesteps=(100,), seed=1)
     a = collect_gradients(model, [batch], task)
     b = collect_gradients(model, split(batch, [1, 3]), task)
-    assert all(torch.allclose(a[k], b[k], rtol=1e-6) for k in a)
+    for k in a:
+        assert_equal_to_rounding(b[k], a[k])
     c = collect_gradients(model, [batch], Diffusion(timesteps=(100,), seed=2))
     assert not all(torch.allclose(a[k], c[k]) for k in a)
 
@@ -166,8 +175,10 @@ def test_block_selection():
         n for n, _ in model.named_parameters() if "classifier.modules_to_save" in n
     )
     everything = collect_gradients(model, [batch])
+    # Not bit for bit: with the head alone no graph is recorded before the head, and whether
+    # autograd records may pick other kernels (torch.matmul does).
     for name, value in only_head.items():
-        assert torch.equal(value, everything[name])
+        assert_equal_to_rounding(value, everything[name])
     with pytest.raises(DataInfError, match="no trainable parameter matches"):
         collect_gradients(model, [batch], blocks=r"nothing-like-this")
 

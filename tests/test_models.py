@@ -76,6 +76,7 @@ def test_classifier_head_follows_the_seed(offline):
     a, _ = load_classifier("minilm", 2)
     torch.manual_seed(3)
     b, _ = load_classifier("minilm", 2)
+    # the same random draws repeated: bit for bit
     assert torch.equal(a.classifier.weight, b.classifier.weight)
 
 
@@ -122,11 +123,12 @@ def test_fingerprint_same_for_same_seed_and_follows_lora_weights(offline):
     assert len(fp) == 16 and fp == model_fingerprint(b)
     assert model_fingerprint(minilm_with_lora(seed=1)[0]) != fp  # other LoRA init and head
     lora_b = next(p for n, p in a.named_parameters() if "lora_B" in n)
+    original = lora_b.detach().clone()  # restored exactly (x + d - d need not be x in floats)
     with torch.no_grad():
         lora_b[0, 0] += 1e-3
     assert model_fingerprint(a) != fp
     with torch.no_grad():
-        lora_b[0, 0] -= 1e-3
+        lora_b.copy_(original)
     assert model_fingerprint(a) == fp
 
 
