@@ -2,13 +2,21 @@
 
     .venv/bin/python scripts/check_report.py runs/detect-mislabeled/report.html [shot.png]
 
-Needs Debian's chromium package (apt-get install chromium). Takes a full-page screenshot and
-checks the DOM that Chromium built: the methods table, the detection-curve image (decoded, not
-empty) and the suspects table. Exits non-zero, naming what is missing, otherwise.
+Needs Debian's chromium package (apt-get install chromium; .ci/run installs it). Takes a
+screenshot of the whole page (up to MAX_HEIGHT pixels) and checks the DOM that Chromium built
+against summary.json, suspects.csv and scores.csv when they lie next to the report: the methods
+table, the detection curve (a PNG that decodes) when noise was injected, the suspects table, the
+per-label table, the advice, the warnings; and that the screenshot is not blank. ``check`` returns
+the problems (tests/test_report_browser.py uses it); the script exits non-zero naming them.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,74 +24,288 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars"]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+WIDTH, MAX_HEIGHT = 1200, 16000
+SUSPECT_HEADER = ["rank", "row", "given label", "model says (probability)", "score (", "text"]
+WEAK_MODEL = "the fine-tuned model is weak"
 
 
 class Page(HTMLParser):
-    """Counts what the rendered DOM holds: tables with their rows, headings, images."""
+    """What the rendered DOM holds: headings, tables (rows of cells) and images, each under the
+    heading it follows, and the warning paragraphs."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.headings, self.images, self.table_rows = [], [], []
-        self._in_heading = False
+        self.headings: list[str] = []
+        self.tables: list[dict] = []     # {"heading": h2 above it, "rows": [[cell text]]}
+        self.images: list[dict] = []     # {"heading": ..., "src": ...}
+        self.warnings: list[str] = []
+        self._text: list[str] | None = None  # the heading, cell or warning being read
+        self._where = ""
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag in ("h1", "h2"):
-            self._in_heading = True
-            self.headings.append("")
-        elif tag == "img":
-            self.images.append(attrs.get("src", ""))
+            self._text, self._where = [], tag
         elif tag == "table":
-            self.table_rows.append(0)
-        elif tag == "tr" and self.table_rows:
-            self.table_rows[-1] += 1
+            self.tables.append({"heading": self.headings[-1] if self.headings else "",
+                                "rows": []})
+        elif tag == "tr" and self.tables:
+            self.tables[-1]["rows"].append([])
+        elif tag in ("td", "th") and self.tables and self.tables[-1]["rows"]:
+            self._text, self._where = [], "cell"
+        elif tag == "img":
+            self.images.append({"heading": self.headings[-1] if self.headings else "",
+                                "src": attrs.get("src") or ""})
+        elif tag == "p" and "warning" in (attrs.get("class") or "").split():
+            self._text, self._where = [], "warning"
 
     def handle_endtag(self, tag):
-        if tag in ("h1", "h2"):
-            self._in_heading = False
+        if self._text is None:
+            return
+        text = " ".join("".join(self._text).split())
+        if tag in ("h1", "h2") and self._where == tag:
+            self.headings.append(text)
+        elif tag in ("td", "th") and self._where == "cell":
+            self.tables[-1]["rows"][-1].append(text)
+        elif tag == "p" and self._where == "warning":
+            self.warnings.append(text)
+        else:
+            return
+        self._text = None
 
     def handle_data(self, data):
-        if self._in_heading:
-            self.headings[-1] += data
+        if self._text is not None:
+            self._text.append(data)
+
+    def table(self, heading: str) -> list[list[str]] | None:
+        """Rows of the first table under the h2 that starts with ``heading``."""
+        for t in self.tables:
+            if t["heading"].startswith(heading):
+                return t["rows"]
+        return None
 
 
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
+def chromium() -> str | None:
+    """Path of a Chromium binary, or None."""
+    for name in BROWSERS:
         if shutil.which(name):
             return shutil.which(name)
-    sys.exit("chromium not found: apt-get install chromium")
+    return None
+
+
+def _run(command: list[str]) -> tuple[str, str | None]:
+    """(stdout, None) or ("", what went wrong)."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "", "chromium did not finish in 120 s"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return "", f"chromium failed (exit {done.returncode}): {last}"
+    return done.stdout, None
+
+
+def render(report: Path, shot: Path) -> tuple[str, list[str]]:
+    """The DOM Chromium builds from ``report`` and a screenshot of the page in ``shot``, cut
+    below the content; returns (DOM, problems)."""
+    browser = chromium()
+    if browser is None:
+        return "", ["chromium is not installed: apt-get install chromium (.ci/run installs it)"]
+    with tempfile.TemporaryDirectory() as profile:
+        base = [browser, *FLAGS, f"--user-data-dir={profile}"]
+        dom, failed = _run([*base, "--dump-dom", report.as_uri()])
+        if failed:
+            return "", [failed]
+        # the window must hold the whole page: a generous guess from the rows and images
+        page = Page()
+        page.feed(dom)
+        rows = sum(len(t["rows"]) for t in page.tables)
+        height = min(MAX_HEIGHT, max(2400, 1500 + 120 * rows + 700 * len(page.images)))
+        shot.unlink(missing_ok=True)
+        _, failed = _run([*base, f"--screenshot={shot}", f"--window-size={WIDTH},{height}",
+                          report.as_uri()])
+    if failed:
+        return dom, [failed]
+    if shot.exists():
+        _crop(shot)
+    return dom, []
+
+
+def _crop(shot: Path) -> None:
+    """Cuts the empty background below the content (keeps a margin)."""
+    from PIL import Image, ImageChops
+
+    with Image.open(shot) as img:
+        rgb = img.convert("RGB")
+    background = Image.new("RGB", rgb.size, rgb.getpixel((rgb.width - 1, rgb.height - 1)))
+    box = ImageChops.difference(rgb, background).getbbox()
+    if box and box[3] + 40 < rgb.height:
+        rgb.crop((0, 0, rgb.width, box[3] + 40)).save(shot)
+
+
+def _blank(png: bytes) -> str | None:
+    """Why an image is no picture (does not decode, tiny, one colour), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(png)) as img:
+            kind, rgb = img.format, img.convert("RGB")
+    except Exception as exc:  # any decoding failure is the finding
+        return f"does not decode ({exc})"
+    if kind != "PNG":
+        return f"is {kind}, not PNG"
+    if rgb.width < 200 or rgb.height < 150:
+        return f"is only {rgb.width}x{rgb.height} pixels"
+    # a few pixel rows across the picture: more than one colour on them
+    rows = [rgb.crop((0, y, rgb.width, y + 1)) for y in range(0, rgb.height, rgb.height // 16)]
+    colours = set()
+    for row in rows:
+        colours.update(c for _, c in row.getcolors(rgb.width) or [])
+    if len(colours) < 2:
+        return "is one single colour"
+    return None
+
+
+def _overflows(shot: Path) -> bool:
+    """Whether anything is drawn on the screenshot's right margin (the page body is centred
+    and narrower than the window, so only overflowing content reaches it)."""
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        rgb = img.convert("RGB")
+    margin = rgb.crop((rgb.width - 16, 0, rgb.width, rgb.height))
+    return margin.getcolors(1) is None  # None: more than one colour
+
+
+def _read_next_to(report: Path) -> tuple[dict | None, list[str] | None, set[str] | None]:
+    """summary.json, the columns of suspects.csv and the given labels in scores.csv beside the
+    report (None where missing)."""
+    folder = report.parent
+    summary = columns = labels = None
+    if (folder / "summary.json").is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+    if (folder / "suspects.csv").is_file():
+        with open(folder / "suspects.csv", newline="") as f:
+            columns = next(csv.reader(f), [])
+    if (folder / "scores.csv").is_file():
+        with open(folder / "scores.csv", newline="") as f:
+            labels = {r["given_label"] for r in csv.DictReader(f) if "given_label" in r}
+    return summary, columns, labels
+
+
+def check_dom(dom: str, report: Path) -> list[str]:
+    """Problems with what the rendered page shows (see the module's docstring)."""
+    page = Page()
+    page.feed(dom)
+    summary, columns, labels = _read_next_to(report)
+    problems = []
+
+    methods = page.table("Methods")
+    if methods is None:
+        problems.append("no methods table (under 'Methods')")
+    elif len(methods) < 2:
+        problems.append("the methods table has no rows")
+    elif summary and len(methods) - 1 != len(summary["methods"]):
+        problems.append(f"the methods table has {len(methods) - 1} rows for "
+                        f"{len(summary['methods'])} methods")
+
+    plots = [i["src"] for i in page.images if i["heading"] == "Detection curve"]
+    noise = summary.get("n_flipped") is not None if summary else bool(plots)
+    if noise and "Detection curve" not in page.headings:
+        problems.append("no detection curve although labels were flipped on purpose")
+    elif noise and not plots:
+        problems.append("no image under 'Detection curve'")
+    elif noise:
+        prefix = "data:image/png;base64,"
+        if not plots[0].startswith(prefix):
+            problems.append("the detection curve is not a PNG data URI")
+        else:
+            why = _blank(base64.b64decode(plots[0][len(prefix):]))
+            if why:
+                problems.append(f"the detection-curve image {why}")
+    elif "Detection curve" in page.headings:
+        problems.append("a detection curve although no labels were flipped on purpose")
+
+    heading = next((h for h in page.headings if re.match(r"Top \d+ suspects by ", h)), None)
+    suspects = page.table(heading) if heading else None
+    if suspects is None:
+        problems.append("no suspects table (under 'Top N suspects by ...')")
+    else:
+        header, body = suspects[0], suspects[1:]
+        wanted = SUSPECT_HEADER + (["id"] if columns and "id" in columns else [])
+        missing = [w for w in wanted if not any(c == w or (w.endswith("(") and c.startswith(w))
+                                                for c in header)]
+        if missing:
+            problems.append(f"the suspects table lacks the columns {missing}")
+        method = heading.split(" suspects by ", 1)[1]
+        if f"score ({method})" not in header:
+            problems.append(f"the suspects table has no 'score ({method})' column")
+        if not body:
+            problems.append("the suspects table has no rows")
+        elif len(body) != int(heading.split()[1]):
+            problems.append(f"'{heading}' over {len(body)} rows")
+        if any(len(r) != len(header) for r in body):
+            problems.append("rows of the suspects table do not match its header")
+
+    per_label = page.table("Suspects per given label")
+    expected = labels if labels else set(summary["classes"]) if summary else None
+    if per_label is None:
+        problems.append("no table under 'Suspects per given label'")
+    elif len(per_label) < 2:
+        problems.append("the per-label table has no rows")
+    elif expected and sorted(r[0] for r in per_label[1:]) != sorted(expected):
+        problems.append(f"the per-label table has rows {sorted(r[0] for r in per_label[1:])} "
+                        f"for the labels {sorted(expected)}")
+
+    if "What to do next" not in page.headings:
+        problems.append("no 'What to do next'")
+
+    if summary and summary.get("model_quality", {}).get("weak"):
+        if not any(w.startswith(WEAK_MODEL) for w in page.warnings):
+            problems.append("no weak-model warning although summary.json says the model is weak")
+    for note in (summary or {}).get("data", {}).get("notes", []):
+        if " ".join(note.split()) not in page.warnings:
+            problems.append(f"no warning for the data note {note!r}")
+    return problems
+
+
+def check(report: Path, shot: Path) -> list[str]:
+    """Renders ``report`` in Chromium, writes the screenshot to ``shot`` and returns the
+    problems found (empty: the page shows everything it should)."""
+    report, shot = Path(report).resolve(), Path(shot).resolve()
+    if not report.is_file():
+        return [f"no report at {report}"]
+    dom, problems = render(report, shot)
+    if not dom:
+        return problems
+    problems += check_dom(dom, report)
+    if not shot.is_file():
+        problems.append("no screenshot")
+    elif shot.stat().st_size < 10_000:
+        problems.append(f"the screenshot has only {shot.stat().st_size} bytes")
+    else:
+        why = _blank(shot.read_bytes())
+        if why:
+            problems.append(f"the screenshot {why}")
+        elif _overflows(shot):
+            problems.append(f"the page is wider than a {WIDTH} px window: something overflows "
+                            "to the right (a table with a long unbroken word?)")
+    return problems
 
 
 def main() -> None:
-    report = Path(sys.argv[1]).resolve()
-    shot = Path(sys.argv[2] if len(sys.argv) > 2 else report.with_suffix(".png")).resolve()
-    with tempfile.TemporaryDirectory() as profile:
-        base = [chromium(), *FLAGS, f"--user-data-dir={profile}"]
-        dom = subprocess.run([*base, "--dump-dom", report.as_uri()], capture_output=True,
-                             text=True, timeout=120, check=True).stdout
-        subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2400",
-                        report.as_uri()], capture_output=True, timeout=120, check=True)
-    page = Page()
-    page.feed(dom)
-    problems = []
-    if not any("Methods" in h for h in page.headings) or not page.table_rows:
-        problems.append("the methods table")
-    if not any(src.startswith("data:image/png;base64,") and len(src) > 1000
-               for src in page.images):
-        problems.append("the detection-curve plot")
-    if not any(h.startswith("Top") and "suspects" in h for h in page.headings) or \
-            len(page.table_rows) < 2 or page.table_rows[1] < 2:
-        problems.append("the suspects table")
-    if not shot.exists() or shot.stat().st_size < 10_000:
-        problems.append("a screenshot")
-    print(f"headings: {page.headings}")
-    print(f"table rows: {page.table_rows}; images: {len(page.images)}; screenshot: {shot}")
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__.split("\n\n")[1])
+    report = Path(sys.argv[1])
+    shot = Path(sys.argv[2]) if len(sys.argv) > 2 else report.with_suffix(".png")
+    problems = check(report, shot)
     if problems:
-        sys.exit("the rendered report lacks " + ", ".join(problems))
-    print("the report shows the methods table, the detection curve and the suspects")
+        sys.exit("the rendered report has problems:\n  " + "\n  ".join(problems))
+    print(f"the report shows everything it should; screenshot: {shot}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""The report as a user sees it: a real run's report.html rendered in headless Chromium and
+checked by scripts/check_report.py (skipped where no Chromium is installed)."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from cli_helpers import cli, common, make_texts
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_report.py"
+_spec = importlib.util.spec_from_file_location("check_report", SCRIPT)
+check_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_report)
+
+pytestmark = pytest.mark.skipif(
+    check_report.chromium() is None,
+    reason="chromium is not installed: apt-get install chromium (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_model, tmp_path_factory):
+    """report.html of a run on a CSV with ids and one record without a label (a data note)."""
+    folder = tmp_path_factory.mktemp("browser")
+    texts, labels = make_texts(60, seed=3)
+    labels[5] = ""
+    pd.DataFrame({"id": [f"doc-{i:03d}" for i in range(60)], "text": texts,
+                  "label": labels}).to_csv(folder / "train.csv", index=False)
+    out = folder / "run"
+    assert cli("--data", folder / "train.csv", "--methods", "datainf,hessian_free", "--top",
+               "12", *common(tiny_model, out)) == 0
+    return out / "report.html"
+
+
+def test_the_rendered_report_shows_everything(report):
+    summary = json.loads((report.parent / "summary.json").read_text())
+    # what the check must find on the page: the plot, ids, the weak-model and data warnings
+    assert summary["n_flipped"] and summary["model_quality"]["weak"]
+    assert summary["data"]["notes"]
+    shot = report.with_suffix(".png")
+    assert check_report.check(report, shot) == []
+    assert shot.stat().st_size > 10_000
+
+
+def test_the_check_finds_what_is_missing(report, tmp_path):
+    page = report.read_text()
+    for name in ("summary.json", "suspects.csv", "scores.csv"):
+        (tmp_path / name).write_bytes((report.parent / name).read_bytes())
+    broken = tmp_path / "report.html"
+    # no suspects table, no weak-model warning, a plot that is no PNG
+    page = re.sub(r"(<h2>Top \d+ suspects.*?</p>\s*)<table>.*?</table>", r"\1", page,
+                  count=1, flags=re.S)
+    page = page.replace("<p class='warning'>the fine-tuned model is weak", "<p>", 1)
+    page = re.sub(r"base64,[^']+'", "base64,AAAA'", page, count=1)
+    broken.write_text(page)
+    problems = check_report.check(broken, tmp_path / "shot.png")
+    assert "the per-label table" not in " ".join(problems)
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("the detection-curve image does not decode")
+    assert problems[1] == "no suspects table (under 'Top N suspects by ...')"
+    assert problems[2].startswith("no weak-model warning")
