@@ -43,3 +43,15 @@ def tiny_model(tmp_path_factory):
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture
+def csv_file(tmp_path):
+    """train.csv: 60 short texts of three classes (columns text, label)."""
+    import pandas as pd
+    from cli_helpers import make_texts
+
+    texts, labels = make_texts(60, seed=1)
+    path = tmp_path / "train.csv"
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
+    return path

@@ -14,14 +14,6 @@ import datainf.mislabeled as job
 
 
 @pytest.fixture
-def csv_file(tmp_path):
-    texts, labels = make_texts(60, seed=1)
-    path = tmp_path / "train.csv"
-    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
-    return path
-
-
-@pytest.fixture
 def no_training(monkeypatch):
     """Fails the test if fine-tuning starts: the refusal must come before it."""
 

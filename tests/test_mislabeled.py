@@ -9,14 +9,6 @@ import pytest
 from cli_helpers import bad, cli, common, make_texts
 
 
-@pytest.fixture
-def csv_file(tmp_path):
-    texts, labels = make_texts(60, seed=1)
-    path = tmp_path / "train.csv"
-    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
-    return path
-
-
 def test_end_to_end_outputs(tiny_model, csv_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli("--data", csv_file, "--noise", "0.2", *common(tiny_model, out)) == 0

@@ -44,7 +44,7 @@ def test_suspects_point_at_the_users_rows(tiny_model, csv_with_ids, tmp_path):
     page = (out / "report.html").read_text()
     assert "<th>row</th><th>id</th><th>given label</th><th>model says (probability)</th>" in page
     first = suspects.iloc[0]
-    assert f"<td>1</td><td>{first['row']}</td><td>{first['id']}</td>" in page
+    assert f"<td>1</td><td>{first['row']}</td><td class='id'>{first['id']}</td>" in page
     assert f"{first['model_label']} ({first['model_probability']:.2f})" in page
 
 

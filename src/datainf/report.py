@@ -73,7 +73,7 @@ def write_report(summary: dict, table, suspects, scores: dict, flipped: np.ndarr
         auc = f"{m['auc']:.3f}" if has_auc else "–"
         note = "" if m.get("converged", True) else " (did not converge)"
         method_rows.append(f"<tr><td>{e(m['label'])}{note}</td><td>{auc}</td>"
-                           f"<td>{m['seconds']:.2f}</td></tr>")
+                           f"<td>{m['seconds']:.3g}</td></tr>")
 
     has_id = "id" in suspects
     suspect_rows = []
@@ -85,7 +85,7 @@ def write_report(summary: dict, table, suspects, scores: dict, flipped: np.ndarr
         says = f"{e(str(r['model_label']))} ({r['model_probability']:.2f})"
         cells = [f"<td>{int(r['rank'])}</td>", f"<td>{int(r['row'])}</td>"]
         if has_id:
-            cells.append(f"<td>{e(str(r['id']))}</td>")
+            cells.append(f"<td class='id'>{e(str(r['id']))}</td>")
         cells += [f"<td>{e(str(r['given_label']))}</td>",
                   f"<td class='{'disagree' if r['suggested_label'] else ''}'>{says}</td>",
                   f"<td>{r[f'{rank_by}_score']:.4g}</td>"]
@@ -139,7 +139,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }}
 th {{ background: #f3f3f3; }}
-td.text {{ font-size: 0.85em; max-width: 600px; }}
+td.text {{ font-size: 0.85em; max-width: 600px; overflow-wrap: anywhere; }}
+td.id {{ white-space: nowrap; }}
 td.disagree {{ background: #fff1d6; }}
 .note {{ color: #555; font-size: 0.9em; }}
 .warning {{ background: #fde8e8; border-left: 4px solid #c0392b; padding: 0.5em 0.8em; }}
