@@ -27,8 +27,8 @@ def cli(*args):
 
 def common(tiny_model, out):
     """Options that make a run on the tiny model take seconds."""
-    return ["--model", tiny_model, "--out", out, "--epochs", "3", "--batch-size", "8",
-            "--max-length", "16", "--learning-rate", "3e-3", "--lora-r", "2"]
+    return ["--model", tiny_model, "--out", out, "--epochs", "3", "--max-epochs", "3",
+            "--batch-size", "8", "--max-length", "16", "--learning-rate", "3e-3", "--lora-r", "2"]
 
 
 def bad(capsys, *args):

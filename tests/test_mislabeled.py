@@ -224,3 +224,61 @@ def test_hub_dataset_without_datasets_package(tiny_model, tmp_path, capsys, monk
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     err = bad(capsys, "--data", "nyu-mll/glue:mrpc", *common(tiny_model, tmp_path / "o"))
     assert "pip install datasets" in err
+
+
+@pytest.mark.parametrize("patience", [0, 1])
+def test_stop_on_validation_loss_keeps_the_best_epoch(tiny_model, csv_file, tmp_path, patience):
+    """With patience, training stops once the validation loss stops improving and the saved
+    adapter is the best epoch's: its validation loss is the lowest one seen."""
+    out = tmp_path / "run"
+    assert cli("--data", csv_file, "--methods", "datainf", *common(tiny_model, out),
+               "--epochs", "8", "--max-epochs", "8", "--learning-rate", "1e-1", "--patience",
+               str(patience)) == 0
+    history = json.loads((out / "summary.json").read_text())["training"]
+    val_losses = history["val_losses"]
+    assert len(val_losses) == len(history["epoch_losses"]) == history["epochs_run"]
+    if patience == 0:
+        assert history["epochs_run"] == 8 and history["kept_epoch"] == 8
+    else:
+        best = int(np.argmin(val_losses)) + 1
+        assert history["kept_epoch"] == best
+        assert history["epochs_run"] == 8 or history["epochs_run"] - best == patience
+    saved = np.load(out / "predictions.npz")
+    assert saved["val_loss"].mean() == pytest.approx(val_losses[history["kept_epoch"] - 1],
+                                                     rel=1e-4)
+
+
+def test_a_weak_model_gets_more_rounds(tiny_model, csv_file, tmp_path):
+    """A model still weak after a round of --epochs gets another, up to --max-epochs, unless
+    the validation loss stopped improving; one that is no longer weak is not trained further."""
+    from datainf.mislabeled import WEAK_GAP
+
+    def weak(accuracy, summary):
+        majority = summary["model_quality"]["majority_rate"]
+        return accuracy - majority < WEAK_GAP * (1 - majority)
+
+    out = tmp_path / "run"
+    # a learning rate too small to learn anything: weak after every round, so every round
+    # runs (the flat validation loss would stop it, so no patience here)
+    assert cli("--data", csv_file, "--methods", "datainf", *common(tiny_model, out),
+               "--epochs", "1", "--max-epochs", "3", "--learning-rate", "1e-6",
+               "--patience", "0") == 0
+    history = json.loads((out / "summary.json").read_text())["training"]
+    assert history["rounds"] == 3 and history["epochs_run"] == 3
+    # with patience, the flat validation loss ends training after the second epoch
+    assert cli("--data", csv_file, "--methods", "datainf", *common(tiny_model, tmp_path / "p"),
+               "--epochs", "1", "--max-epochs", "3", "--learning-rate", "1e-6") == 0
+    history = json.loads((tmp_path / "p" / "summary.json").read_text())["training"]
+    assert history["epochs_run"] == 2 and history["stopped_on_val_loss"]
+    # a learning rate that learns: every round but the last ended weak; the last one ended
+    # not weak, on the validation loss, or at --max-epochs
+    out = tmp_path / "learns"
+    assert cli("--data", csv_file, "--methods", "datainf", *common(tiny_model, out),
+               "--epochs", "2", "--max-epochs", "12", "--learning-rate", "1e-2") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    history = summary["training"]
+    ends = [history["val_accuracy"][min(2 * r, history["epochs_run"]) - 1]
+            for r in range(1, history["rounds"] + 1)]
+    assert all(weak(a, summary) for a in ends[:-1])
+    assert (not weak(ends[-1], summary) or history["stopped_on_val_loss"]
+            or history["epochs_run"] == 12)

@@ -51,7 +51,8 @@ def _detect_mislabeled(args: argparse.Namespace) -> None:
         val_size=args.val_size or (Config.val_size if args.data is None else None),
         noise=args.noise, model=args.model, adapter=args.adapter, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        epochs=args.epochs, max_epochs=args.max_epochs, patience=args.patience,
+        batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_length=args.max_length, device=args.device, seed=args.seed,
         methods=tuple(args.methods.split(",")), blocks=args.blocks, grouping=args.grouping,
         damping=args.damping, rank_by=args.rank_by, top=args.top, drop_top=args.drop_top,
@@ -152,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lora-alpha", type=int, default=C.lora_alpha, help="LoRA alpha")
     m.add_argument("--lora-targets", default=",".join(C.lora_targets),
                    help="modules that get LoRA (comma-separated); the head is trained too")
-    m.add_argument("--epochs", type=int, default=C.epochs, help="fine-tuning epochs")
+    m.add_argument("--epochs", type=int, default=C.epochs,
+                   help="fine-tuning epochs (one round, linear learning-rate decay)")
+    m.add_argument("--max-epochs", type=int, default=C.max_epochs,
+                   help="while the model is still weak on the validation set after a round, "
+                   "another round follows, up to this many epochs in all")
+    m.add_argument("--patience", type=int, default=C.patience,
+                   help="stop fine-tuning once the validation loss has not improved for this "
+                   "many epochs and keep the best epoch's adapter (0: run every epoch)")
     m.add_argument("--batch-size", type=int, default=C.batch_size, help="examples per batch")
     m.add_argument("--learning-rate", type=float, default=C.learning_rate, help="AdamW")
     m.add_argument("--max-length", type=int, default=C.max_length, help="tokens per text")

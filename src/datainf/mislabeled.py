@@ -69,7 +69,10 @@ class Config:
     lora_r: int = 4
     lora_alpha: int = 8
     lora_targets: tuple[str, ...] = ("query", "value")
-    epochs: int = 4
+    epochs: int = 4                     # per round; see train_adapter
+    max_epochs: int = 12                # more rounds while the model is weak, up to this
+    patience: int = 1                   # stop when the validation loss has not improved for
+                                        # this many epochs (0: run every epoch)
     batch_size: int = 16
     learning_rate: float = 3e-4
     max_length: int = 128
@@ -89,7 +92,8 @@ class Config:
 
     EXPENSIVE = ("data", "text_columns", "label_column", "id_column", "val_data", "val_fraction",
                  "train_size", "val_size", "noise", "model", "adapter", "lora_r", "lora_alpha",
-                 "lora_targets", "epochs", "batch_size", "learning_rate", "max_length", "seed")
+                 "lora_targets", "epochs", "max_epochs", "patience", "batch_size", "learning_rate",
+                 "max_length", "seed")
 
     def expensive(self) -> dict:
         return {k: _jsonable(getattr(self, k)) for k in self.EXPENSIVE}
@@ -123,8 +127,8 @@ def check_settings(config: Config) -> None:
         raise DataInfError(f"--grouping must be 'tensor' or 'module', not {config.grouping!r}")
     if config.blocks is not None:
         blocks_pattern(config.blocks)
-    at_least = {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2, "top": 1,
-                "train_size": 2, "val_size": 1}
+    at_least = {"epochs": 1, "max_epochs": 1, "patience": 0, "batch_size": 1, "lora_r": 1,
+                "max_length": 2, "top": 1, "train_size": 2, "val_size": 1}
     for name, low in at_least.items():
         value = getattr(config, name)
         if value is not None and value < low:
@@ -280,14 +284,59 @@ def load_model(config: Config, train: TextData, out: Path):
     return model.to(config.device), tokenizer, source, history
 
 
-def train_adapter(config: Config, model, tokenizer, train: TextData, out: Path, progress):
-    """LoRA fine-tuning; the adapter is saved to out/adapter (whole or not at all)."""
-    from .finetune import finetune
+def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path,
+                  progress) -> dict:
+    """LoRA fine-tuning that goes on while the model is weak and stops on the validation loss;
+    the adapter is saved to out/adapter (whole or not at all). Returns the training history.
 
-    losses = finetune(model, tokenizer, train, epochs=config.epochs,
-                      batch_size=config.batch_size, learning_rate=config.learning_rate,
-                      max_length=config.max_length, seed=config.seed, progress=progress)
-    history = {"epoch_losses": losses}
+    Training runs in rounds of ``epochs`` epochs, each with its own linear learning-rate decay.
+    After a round, a model that is still weak on the validation set (:func:`is_weak`) gets
+    another round, up to ``max_epochs`` in all: short or hard texts that the first round
+    under-fits get the training they need, while data the first round fits is not trained
+    further (influence scores tell less once the model has fit the validation set: see the
+    README). After every epoch the mean validation loss is measured; with ``patience`` p > 0,
+    training stops once it has not improved for p epochs, and the adapter of the epoch with
+    the lowest validation loss is kept (p = 0: the last epoch's is kept).
+    """
+    from .finetune import finetune, predict
+
+    history: dict = {"val_losses": [], "val_accuracy": [], "epoch_losses": [], "rounds": 0}
+    best: dict = {"loss": float("inf"), "epoch": 0, "state": None}
+
+    def after_epoch(_epoch_in_round: int, train_loss: float) -> bool:
+        losses, probs = predict(model, tokenizer, val, batch_size=config.batch_size,
+                                max_length=config.max_length)
+        history["epoch_losses"].append(train_loss)
+        history["val_losses"].append(round(float(losses.mean()), 5))
+        history["val_accuracy"].append(round(float((probs.argmax(1) == val.labels).mean()), 4))
+        epoch = len(history["val_losses"])
+        if history["val_losses"][-1] < best["loss"]:
+            best.update(loss=history["val_losses"][-1], epoch=epoch,
+                        state={n: p.detach().clone() for n, p in model.named_parameters()
+                               if p.requires_grad})
+        history["stopped_on_val_loss"] = 0 < config.patience <= epoch - best["epoch"]
+        return history["stopped_on_val_loss"]
+
+    rounds = max(1, config.max_epochs // config.epochs)
+    for round_ in range(rounds):
+        finetune(model, tokenizer, train, epochs=config.epochs,
+                 batch_size=config.batch_size, learning_rate=config.learning_rate,
+                 max_length=config.max_length, seed=config.seed + round_, progress=progress,
+                 on_epoch=after_epoch)
+        history["rounds"] += 1
+        if history["stopped_on_val_loss"] or not is_weak(history["val_accuracy"][-1], val):
+            break
+        if round_ + 1 < rounds:
+            _say(config, f"the model is still weak after {len(history['val_losses'])} epochs "
+                 f"(validation accuracy {history['val_accuracy'][-1]:.3f}): training goes on")
+    history["epochs_run"] = len(history["val_losses"])
+    history["kept_epoch"] = history["epochs_run"]
+    if config.patience > 0 and best["epoch"] < history["epochs_run"]:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in best["state"]:
+                    param.copy_(best["state"][name])
+        history["kept_epoch"] = best["epoch"]
     tmp = out / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -380,7 +429,8 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
         scores[method] = values.cpu().numpy()
     start = time.perf_counter()
     scores["loss"] = np.asarray(train_loss, dtype=np.float64)
-    seconds["loss"] = 0.0  # a by-product of the prediction stage
+    seconds["loss"] = 0.0
+    notes["loss"] = {"by_product": True}  # of the prediction stage
     sq = sum(train.row_sq_norms(name).numpy() for name in train.block_names)
     scores["grad_norm"] = np.sqrt(sq)
     seconds["grad_norm"] = time.perf_counter() - start
@@ -530,8 +580,8 @@ def run(config: Config) -> dict:
         for name in OUTPUTS:  # never leave results of other settings next to this run's
             (out / name).unlink(missing_ok=True)
         if source == "new":
-            history = timed("fine-tuning", train_adapter, config, model, tokenizer, train, out,
-                            config.progress)
+            history = timed("fine-tuning", train_adapter, config, model, tokenizer, train, val,
+                            out, config.progress)
         elif source == "reused":
             reuse("fine-tuning")
         preds, again = timed("predictions", predictions, config, model, tokenizer, train, val,
@@ -556,19 +606,31 @@ def run(config: Config) -> dict:
     return summary
 
 
+def majority_rate(data: TextData) -> float:
+    """Share of the most frequent class: the accuracy of always answering it."""
+    return float(np.bincount(data.labels, minlength=len(data.classes)).max() / len(data))
+
+
+def is_weak(accuracy: float, val: TextData) -> bool:
+    """A model is weak when it closes less than a quarter (``WEAK_GAP``) of the gap between
+    always answering the most frequent class and a perfect score: its gradients then say
+    little about which labels are wrong."""
+    majority = majority_rate(val)
+    return accuracy - majority < WEAK_GAP * (1 - majority)
+
+
 def model_quality(preds: Predictions, val: TextData) -> dict:
-    """Validation accuracy against the majority-class rate. The model is called weak when it
-    closes less than a quarter of the gap between always answering the most frequent class and
-    a perfect score: its gradients then say little about which labels are wrong."""
+    """Validation accuracy against the majority-class rate, and a warning when weak."""
     accuracy = preds.val_accuracy(val)
-    majority = float(np.bincount(val.labels, minlength=len(val.classes)).max() / len(val))
-    weak = accuracy - majority < WEAK_GAP * (1 - majority)
-    quality = {"val_accuracy": accuracy, "majority_rate": round(majority, 4), "weak": bool(weak)}
+    majority = majority_rate(val)
+    weak = is_weak(accuracy, val)
+    quality = {"val_accuracy": accuracy, "majority_rate": round(majority, 4), "weak": weak}
     if weak:
         quality["warning"] = (
             f"the fine-tuned model is weak: validation accuracy {accuracy:.3f} against "
             f"{majority:.3f} for always answering the most frequent class, so the scores mean "
-            "little; train longer (--epochs), with a higher --learning-rate, or on more data")
+            "little; train longer (--max-epochs), with a higher --learning-rate, or on more "
+            "data")
     return quality
 
 

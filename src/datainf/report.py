@@ -11,7 +11,7 @@ import numpy as np
 from .metrics import detection_curve
 
 SHOWN_CLASSES = 12      # class names listed in the header; the rest are counted
-TEXT_CHARACTERS = 400   # of each suspect's text
+TEXT_CHARACTERS = 300   # of each suspect's text
 # one look per curve, told apart by colour and line style (print and colour-blind readers)
 LINE_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1))]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
@@ -72,8 +72,9 @@ def write_report(summary: dict, table, suspects, scores: dict, flipped: np.ndarr
     for m in methods.values():
         auc = f"{m['auc']:.3f}" if has_auc else "–"
         note = "" if m.get("converged", True) else " (did not converge)"
+        seconds = "(by-product)" if m.get("by_product") else f"{m['seconds']:.3g}"
         method_rows.append(f"<tr><td>{e(m['label'])}{note}</td><td>{auc}</td>"
-                           f"<td>{m['seconds']:.3g}</td></tr>")
+                           f"<td>{seconds}</td></tr>")
 
     has_id = "id" in suspects
     suspect_rows = []
@@ -139,7 +140,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }}
 th {{ background: #f3f3f3; }}
-td.text {{ font-size: 0.85em; max-width: 600px; overflow-wrap: anywhere; }}
+table.suspects {{ width: 100%; font-size: 0.85em; }}
+td.text {{ min-width: 22em; overflow-wrap: anywhere; }}
 td.id {{ white-space: nowrap; }}
 td.disagree {{ background: #fff1d6; }}
 .note {{ color: #555; font-size: 0.9em; }}
@@ -163,7 +165,7 @@ example is harmful. The training loss and the gradient norm are plain reference 
 <p class="note">"row" is the example's position in your file (0 = the first record). Where the
 model disagrees with the given label (shaded), its choice is the suggested label in
 <code>suspects.csv</code>.</p>
-<table>{suspect_head}
+<table class="suspects">{suspect_head}
 {''.join(suspect_rows)}</table>
 <h2>Suspects per given label</h2>
 <table><tr><th>given label</th><th>training examples</th><th>among the top {len(suspects)}
