@@ -548,62 +548,97 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData,
     return summary
 
 
-def run(config: Config) -> dict:
-    """Run every stage; returns the summary (also written to out/summary.json).
+class Stages:
+    """Times the stages of a run into ``config.stage_seconds`` and says what each did."""
 
-    Every setting is checked before anything expensive happens, and ``out`` is claimed (its
-    run.json written) only once the data, the model and the adapter have loaded.
-    """
-    check_settings(config)
-    stage = config.stage_seconds
-    reused: list[str] = []
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.reused: list[str] = []
 
-    def timed(name, fn, *args):
+    def timed(self, name: str, fn, *args):
         start = time.perf_counter()
         result = fn(*args)
-        stage[name] = stage.get(name, 0.0) + time.perf_counter() - start
-        _say(config, f"{name}: {stage[name]:.1f} s")
+        seconds = self.config.stage_seconds
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        _say(self.config, f"{name}: {seconds[name]:.1f} s")
         return result
 
-    def reuse(name: str) -> None:
-        reused.append(name)
-        _say(config, f"{name}: reused from an earlier run in {config.out}")
+    def reuse(self, name: str) -> None:
+        self.reused.append(name)
+        _say(self.config, f"{name}: reused from an earlier run in {self.config.out}")
 
-    train, val, data_info = timed("data", load_data, config)
+
+@dataclass
+class Prepared:
+    """What the expensive stages leave for scoring: the data, the fine-tuned model, its
+    predictions and the two gradient stores, in the locked run folder ``out``."""
+
+    out: Path
+    train: TextData
+    val: TextData
+    data_info: dict
+    model: object
+    tokenizer: object
+    source: str                 # the adapter: "new", "reused" or "given"
+    history: dict | None
+    preds: Predictions
+    train_store: object
+    val_store: object
+    stages: Stages
+
+
+@contextmanager
+def prepared(config: Config) -> Iterator[Prepared]:
+    """Runs (or reuses) every expensive stage for ``config`` and yields their results while
+    ``config.out`` stays locked. Every setting is checked before anything expensive happens,
+    and ``out`` is claimed (its run.json written) only once the data, the model and the
+    adapter have loaded."""
+    check_settings(config)
+    stages = Stages(config)
+    train, val, data_info = stages.timed("data", load_data, config)
     check_data(config, train, val)
     for note in data_info.get("notes", []):
         warn(note)
     record = run_record(config, train)
     with run_folder(config, record) as out:
-        model, tokenizer, source, history = timed("model", load_model, config, train, out)
+        model, tokenizer, source, history = stages.timed("model", load_model, config, train,
+                                                         out)
         record_run(out, record)
         for name in OUTPUTS:  # never leave results of other settings next to this run's
             (out / name).unlink(missing_ok=True)
         if source == "new":
-            history = timed("fine-tuning", train_adapter, config, model, tokenizer, train, val,
-                            out, config.progress)
+            history = stages.timed("fine-tuning", train_adapter, config, model, tokenizer,
+                                   train, val, out, config.progress)
         elif source == "reused":
-            reuse("fine-tuning")
-        preds, again = timed("predictions", predictions, config, model, tokenizer, train, val,
-                             out)
+            stages.reuse("fine-tuning")
+        preds, again = stages.timed("predictions", predictions, config, model, tokenizer,
+                                    train, val, out)
         if again:
-            reuse("predictions")
-        train_store, val_store, again = timed("gradients", gradients, config, model, tokenizer,
-                                              train, val, out, config.progress)
+            stages.reuse("predictions")
+        train_store, val_store, again = stages.timed("gradients", gradients, config, model,
+                                                     tokenizer, train, val, out,
+                                                     config.progress)
         if again:
-            reuse("gradients")
-        scores, seconds, notes, blocks = timed("scoring", score_all, config, train_store,
-                                               val_store, preds.train_loss)
-        quality = model_quality(preds, val)
+            stages.reuse("gradients")
+        yield Prepared(out, train, val, data_info, model, tokenizer, source, history, preds,
+                       train_store, val_store, stages)
+
+
+def run(config: Config) -> dict:
+    """Run every stage; returns the summary (also written to out/summary.json)."""
+    with prepared(config) as p:
+        scores, seconds, notes, blocks = p.stages.timed("scoring", score_all, config,
+                                                        p.train_store, p.val_store,
+                                                        p.preds.train_loss)
+        quality = model_quality(p.preds, p.val)
         if quality["weak"]:
             warn(quality["warning"])
         extra = {"val_accuracy": round(quality["val_accuracy"], 4), "model_quality": quality,
-                 "training": history, "adapter": source, "reused_stages": reused,
+                 "training": p.history, "adapter": p.source, "reused_stages": p.stages.reused,
                  "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))},
-                 "data": data_info}
-        summary = timed("report", write_outputs, config, out, train, val, preds, scores,
-                        seconds, notes, extra)
-    return summary
+                 "data": p.data_info}
+        return p.stages.timed("report", write_outputs, config, p.out, p.train, p.val, p.preds,
+                              scores, seconds, notes, extra)
 
 
 def majority_rate(data: TextData) -> float:
