@@ -37,18 +37,19 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _detect_mislabeled(args: argparse.Namespace) -> None:
-    from .mislabeled import Config, run
-
-    _quiet_libraries()
+def _run_config(args: argparse.Namespace):
+    """The detect-mislabeled Config of the command line's data, model and scoring options."""
+    from .data import builtin_dataset
+    from .mislabeled import Config
 
     text_columns = tuple(args.text_column or ["text"])
-    config = Config(
+    builtin = builtin_dataset(args.data)  # its default sizes; None: all of a file
+    return Config(
         data=args.data, text_columns=text_columns, label_column=args.label_column,
         id_column=args.id_column,
         val_data=args.val_data, val_fraction=args.val_fraction,
-        train_size=args.train_size or (Config.train_size if args.data is None else None),
-        val_size=args.val_size or (Config.val_size if args.data is None else None),
+        train_size=args.train_size or (builtin.train_size if builtin else None),
+        val_size=args.val_size or (builtin.val_size if builtin else None),
         noise=args.noise, model=args.model, adapter=args.adapter, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
         epochs=args.epochs, max_epochs=args.max_epochs, patience=args.patience,
@@ -58,12 +59,56 @@ def _detect_mislabeled(args: argparse.Namespace) -> None:
         damping=args.damping, rank_by=args.rank_by, top=args.top, drop_top=args.drop_top,
         out=args.out, progress=False if args.quiet else None,
     )
+
+
+def _detect_mislabeled(args: argparse.Namespace) -> None:
+    from .mislabeled import run
+
+    _quiet_libraries()
+    config = _run_config(args)
     summary = run(config)
     best = {k: v for k, v in summary["methods"].items() if "auc" in v}
     line = ", ".join(f"{v['label']} {v['auc']:.3f}" for v in best.values())
     print(f"datainf: {summary['n_train']} training examples scored; "
           + (f"AUC: {line}; " if line else "")
           + f"report: {config.out}/report.html")
+
+
+EXPERIMENT_DEFAULTS = {
+    # ranks, and the built-in data's size: 25 fine-tunes of the approximation study fit in
+    # 30 minutes on a 2-core CPU at 400 training and 100 validation articles of 64 tokens
+    "approximation": {"ranks": "1,2,4,8,16"},
+    "mislabeled": {"ranks": "4"},
+}
+EXPERIMENT_DATA = {"train_size": 400, "val_size": 100}
+QUICK = {"train_size": 40, "val_size": 20, "max_length": 16, "epochs": 1, "max_epochs": 1,
+         "runs": 2}
+
+
+def _experiment(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from .experiments import EXPERIMENTS, Settings
+
+    _quiet_libraries()
+    config = _run_config(args)
+    if args.data is None:  # the built-in data at the experiments' size
+        config = replace(config, **{k: getattr(args, k) or v for k, v in
+                                    EXPERIMENT_DATA.items()})
+    runs = args.runs if args.runs is not None else 5
+    ranks = args.ranks or EXPERIMENT_DEFAULTS[args.experiment]["ranks"]
+    if args.quick:
+        config = replace(config, **{k: v for k, v in QUICK.items() if k != "runs"})
+        runs = args.runs if args.runs is not None else QUICK["runs"]
+        ranks = args.ranks or ",".join(ranks.split(",")[:2])
+    try:
+        ranks = tuple(int(r) for r in ranks.split(","))
+    except ValueError:
+        raise DataInfError(f"--ranks takes comma-separated integers, not {ranks!r}") from None
+    out = args.out or f"runs/experiment-{args.experiment}"
+    settings = Settings(base=config, ranks=ranks, runs=runs, out=out, cache=args.cache)
+    EXPERIMENTS[args.experiment](settings)
+    print(f"datainf: experiment {args.experiment} done; report: {out}/report.html")
 
 
 class Parser(argparse.ArgumentParser):
@@ -125,9 +170,63 @@ def build_parser() -> argparse.ArgumentParser:
         "a few minutes on a laptop CPU).",
         epilog=DETECT_EPILOG,
     )
+    _add_run_options(d, single_run=True)
+    o = d.add_argument_group("outputs")
+    o.add_argument("--rank-by", default=C.rank_by,
+                   help="the score that orders the suspects (a method or 'loss', 'grad_norm')")
+    o.add_argument("--top", type=int, default=C.top,
+                   help="suspects listed in the report and suspects.csv")
+    o.add_argument("--drop-top", type=int, metavar="K",
+                   help="write cleaned.csv: your data without the K most suspicious examples")
+    o.add_argument("--out", default=C.out, help="run folder (reused when repeated)")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress bars or stage lines (warnings still show)")
+    d.set_defaults(run=_detect_mislabeled)
+
+    x = sub.add_parser("experiment", help="the paper's studies: approximation, mislabeled",
+                       description="The DataInf paper's experiments on the detect-mislabeled "
+                       "pipeline, over LoRA ranks and runs (seeds).")
+    xs = x.add_subparsers(dest="experiment", required=True)
+    for name, text in (("approximation", "each method's correlation with Exact across LoRA "
+                        "ranks (the paper's Figure 1)"),
+                       ("mislabeled", "AUC of every score over runs and the influence step's "
+                        "runtime (Figure 2, the runtime comparison)")):
+        e = xs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                          formatter_class=Help)
+        g = e.add_argument_group("experiment")
+        g.add_argument("--ranks", help="comma-separated LoRA ranks (default: "
+                       f"{EXPERIMENT_DEFAULTS[name]['ranks']})")
+        g.add_argument("--runs", type=int, help="runs per rank (seeds 0, 1, ...; default: 5)")
+        g.add_argument("--quick", action="store_true",
+                       help="a tiny version in seconds: 40 training and 20 validation examples "
+                       "of 16 tokens, 1 epoch, 2 runs, the first two ranks")
+        g.add_argument("--out", help=f"the experiment's folder (default: runs/experiment-{name})")
+        g.add_argument("--cache", default="runs/experiment-cache",
+                       help="fine-tunes and gradient stores, shared by the experiments")
+        g.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+        _add_run_options(e, single_run=False)
+        e.set_defaults(run=_experiment, adapter=None, lora_r=4, lora_alpha=8, seed=0,
+                       methods="datainf", rank_by="datainf", top=50, drop_top=None,
+                       max_length=64)
+        e.description += (" Without --data: BBC News, 400 training and 100 validation "
+                          "articles of 64 tokens.")
+    return parser
+
+
+def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
+    """The data, model and scoring options of one detect-mislabeled run; ``single_run=False``
+    leaves out what an experiment sets per cell (adapter, LoRA rank and alpha, seed, methods)."""
+    from .data import BUILTIN_DATASETS, DEFAULT_DATASET
+    from .mislabeled import Config as C
+
+    def sizes(what: str) -> str:  # "900 of bbc-news, 2000 of rotten-tomatoes"
+        return ", ".join(f"{getattr(b, what)} of {n}" for n, b in BUILTIN_DATASETS.items())
+
     g = d.add_argument_group("data")
-    g.add_argument("--data", help="training data: a .csv, .tsv, .jsonl or .parquet file, or "
-                   "a Hugging Face dataset NAME[:CONFIG] (online; its validation split is used)")
+    g.add_argument("--data", help="training data: a .csv, .tsv, .jsonl or .parquet file, "
+                   "a Hugging Face dataset NAME[:CONFIG] (online; its validation split is used) "
+                   f"or a built-in corpus: {', '.join(BUILTIN_DATASETS)} (default: "
+                   f"{DEFAULT_DATASET})")
     g.add_argument("--text-column", action="append",
                    help="text column (give twice for sentence pairs; default: text)")
     g.add_argument("--label-column", default=C.label_column, help="label column")
@@ -137,20 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", type=float, default=C.val_fraction,
                    help="share of --data held out for validation when there is no --val-data")
     g.add_argument("--train-size", type=int,
-                   help="training examples drawn (default: 900 of the built-in data; all of "
-                   "--data)")
+                   help=f"training examples drawn (default: {sizes('train_size')}; all of "
+                   "a file)")
     g.add_argument("--val-size", type=int,
-                   help="validation examples drawn (default: 100 of the built-in data; "
-                   "--val-fraction of --data)")
+                   help=f"validation examples drawn (default: {sizes('val_size')}; "
+                   "--val-fraction of a file)")
     g.add_argument("--noise", type=float, default=C.noise,
                    help="share of YOUR training labels flipped on purpose to measure detection "
                    "(0 ranks the data as it is)")
     m = d.add_argument_group("model")
     m.add_argument("--model", default=C.model,
                    help="'minilm' (shipped), a HF model folder or hub name")
-    m.add_argument("--adapter", help="an existing PEFT adapter folder (skips fine-tuning)")
-    m.add_argument("--lora-r", type=int, default=C.lora_r, help="LoRA rank")
-    m.add_argument("--lora-alpha", type=int, default=C.lora_alpha, help="LoRA alpha")
+    if single_run:
+        m.add_argument("--adapter", help="an existing PEFT adapter folder (skips fine-tuning)")
+        m.add_argument("--lora-r", type=int, default=C.lora_r, help="LoRA rank")
+        m.add_argument("--lora-alpha", type=int, default=C.lora_alpha, help="LoRA alpha")
     m.add_argument("--lora-targets", default=",".join(C.lora_targets),
                    help="modules that get LoRA (comma-separated); the head is trained too")
     m.add_argument("--epochs", type=int, default=C.epochs,
@@ -165,11 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--learning-rate", type=float, default=C.learning_rate, help="AdamW")
     m.add_argument("--max-length", type=int, default=C.max_length, help="tokens per text")
     m.add_argument("--device", default=C.device, help="cpu, cuda, cuda:1, ...")
-    m.add_argument("--seed", type=int, default=C.seed,
-                   help="seed of the split, the noise, LoRA and the head")
+    if single_run:
+        m.add_argument("--seed", type=int, default=C.seed,
+                       help="seed of the split, the noise, LoRA and the head")
     s = d.add_argument_group("scoring")
-    s.add_argument("--methods", default=",".join(C.methods),
-                   help="comma-separated; the training loss and gradient norm are always shown")
+    if single_run:
+        s.add_argument("--methods", default=",".join(C.methods),
+                       help="comma-separated; the training loss and gradient norm are always "
+                       "shown")
     s.add_argument("--blocks", help="regular expression: only the matching gradient blocks "
                    "count (e.g. 'classifier' or 'layer\\.5\\.')")
     s.add_argument("--grouping", choices=("tensor", "module"), default=C.grouping,
@@ -177,18 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "together)")
     s.add_argument("--damping", type=float, default=C.damping,
                    help="relative damping constant (lambda_l = c x mean squared gradient)")
-    o = d.add_argument_group("outputs")
-    o.add_argument("--rank-by", default=C.rank_by,
-                   help="the score that orders the suspects (a method or 'loss', 'grad_norm')")
-    o.add_argument("--top", type=int, default=C.top,
-                   help="suspects listed in the report and suspects.csv")
-    o.add_argument("--drop-top", type=int, metavar="K",
-                   help="write cleaned.csv: your data without the K most suspicious examples")
-    o.add_argument("--out", default=C.out, help="run folder (reused when repeated)")
-    o.add_argument("--quiet", action="store_true",
-                   help="no progress bars or stage lines (warnings still show)")
-    d.set_defaults(run=_detect_mislabeled)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,163 @@
+"""What the paper's experiments share: one detect-mislabeled run per cell (a LoRA rank and a
+seed), cached by its settings so that the experiments share fine-tunes and gradient stores, and
+the outputs (summary.json, a CSV, report.html) written whole or not at all.
+
+A cell is the detect-mislabeled pipeline itself (:func:`datainf.mislabeled.prepared`): the same
+data loading, label noise, fine-tuning, predictions and gradient stores, in a folder of the
+cache named by a hash of the settings that decide them. Scores are recomputed (cheap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataInfError
+from ..metrics import mean_interval
+from ..mislabeled import METHODS, REFERENCES, Config, Prepared, prepared, score_all
+
+LABELS = {**METHODS, **REFERENCES}
+
+
+@dataclass
+class Settings:
+    """An experiment's settings: the base run (data, model, fine-tuning) and what varies.
+
+    ``base``: a detect-mislabeled Config whose ``lora_r`` and ``seed`` are replaced per cell;
+    ``ranks`` and ``runs`` (seeds 0..runs-1) span the cells; ``out``: the experiment's folder;
+    ``cache``: where cells are kept (shared by every experiment pointed at it).
+    """
+
+    base: Config
+    ranks: tuple[int, ...]
+    runs: int
+    out: str
+    cache: str
+    extra: dict = field(default_factory=dict)
+
+    def cell(self, rank: int, seed: int) -> Config:
+        """The run of one cell: LoRA rank ``rank`` (alpha = 2 rank, as the default 8 at rank 4)
+        and ``seed`` (split, noise draw, LoRA initialisation, data order)."""
+        config = replace(self.base, lora_r=rank, lora_alpha=2 * rank, seed=seed,
+                         stage_seconds={})
+        key = hashlib.sha256(json.dumps(config.expensive(), sort_keys=True).encode())
+        folder = Path(self.cache) / f"r{rank}-s{seed}-{key.hexdigest()[:10]}"
+        return replace(config, out=str(folder))
+
+    def check(self) -> None:
+        if not self.ranks or min(self.ranks) < 1:
+            raise DataInfError(f"--ranks must be positive integers, not {list(self.ranks)}")
+        if self.runs < 1:
+            raise DataInfError(f"--runs must be at least 1, not {self.runs}")
+        if Path(self.out).resolve() == Path(self.cache).resolve():
+            raise DataInfError("--out and --cache must be different folders")
+
+
+def cells(settings: Settings) -> Iterator[tuple[int, int, Prepared, Config]]:
+    """Every (rank, seed) cell, prepared (fine-tuned and with gradients; cached), in order."""
+    settings.check()
+    for rank in settings.ranks:
+        for seed in range(settings.runs):
+            config = settings.cell(rank, seed)
+            _say(settings, f"rank {rank}, run {seed + 1} of {settings.runs}")
+            with prepared(config) as p:
+                yield rank, seed, p, config
+
+
+def scores_of(config: Config, p: Prepared) -> tuple[dict, dict, dict]:
+    """(scores, seconds, notes) of ``config.methods`` and the references, as
+    detect-mislabeled computes them (higher = more suspicious)."""
+    scores, seconds, notes, _ = score_all(config, p.train_store, p.val_store,
+                                          p.preds.train_loss)
+    return scores, seconds, notes
+
+
+def interval(values) -> dict:
+    """{"mean", "low", "high", "n"}: the mean over runs with its 95% t interval."""
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    if not values:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean, low, high = mean_interval(np.asarray(values, dtype=np.float64))
+    clean = lambda x: None if not np.isfinite(x) else round(float(x), 4)  # noqa: E731
+    return {"mean": clean(mean), "low": clean(low), "high": clean(high), "n": len(values)}
+
+
+def write_outputs(settings: Settings, name: str, summary: dict, table, html: str) -> None:
+    """summary.json, NAME.csv and report.html in ``settings.out``; summary.json last."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in settings.base.__dict__.items() if k not in ("stage_seconds",)}
+    summary = {"experiment": name, "ranks": list(settings.ranks), "runs": settings.runs,
+               "cache": settings.cache, "base": base, **summary}
+    for file, write in ((f"{name}.csv", lambda p: table.to_csv(p, index=False)),
+                        ("report.html", lambda p: Path(p).write_text(html, encoding="utf-8")),
+                        ("summary.json",
+                         lambda p: Path(p).write_text(json.dumps(summary, indent=2)))):
+        tmp = out / f"{file}.tmp"
+        write(tmp)
+        os.replace(tmp, out / file)
+
+
+def page(title: str, intro: str, body: str) -> str:
+    """A self-contained HTML page in the style of the detect-mislabeled report."""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>datainf: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }}
+th {{ background: #f3f3f3; }}
+.note {{ color: #555; font-size: 0.9em; }}
+</style></head><body>
+<h1>{title}</h1>
+<p>{intro}</p>
+{body}
+</body></html>
+"""
+
+
+def figure(draw) -> str:
+    """An <img> of the matplotlib figure that ``draw(ax)`` fills."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..report import _png
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    draw(ax)
+    data = _png(fig)
+    plt.close(fig)
+    return f"<img alt='figure' src='data:image/png;base64,{data}'>"
+
+
+def interval_bars(ax, groups: list, series: dict, ylabel: str) -> None:
+    """Grouped bars with 95% intervals: ``series[name][group] = interval dict``."""
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        x = np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width
+        means = [values[g]["mean"] if values[g]["mean"] is not None else np.nan for g in groups]
+        low = [m - (values[g]["low"] if values[g]["low"] is not None else m)
+               for m, g in zip(means, groups, strict=True)]
+        high = [(values[g]["high"] if values[g]["high"] is not None else m) - m
+                for m, g in zip(means, groups, strict=True)]
+        ax.bar(x, means, width, yerr=[low, high], capsize=3, label=name,
+               hatch=["", "//", "..", "xx", "\\\\", "++", "oo"][i % 7], edgecolor="black",
+               linewidth=0.5)
+    ax.set_xticks(np.arange(len(groups)), [str(g) for g in groups])
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _say(settings: Settings, message: str) -> None:
+    if settings.base.progress is not False:
+        print(f"[datainf experiment] {message}", flush=True)

@@ -1,0 +1,109 @@
+"""The paper's experiments as commands: --quick runs end to end on the shipped MiniLM and BBC
+News, numbers that follow from the cached stores, the cache shared between experiments, an
+interrupted experiment going on, and bad settings refused in one line."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from cli_helpers import common
+
+from datainf import DataInf, Exact
+from datainf.cli import main
+from datainf.metrics import pearson
+from datainf.store import GradientStore
+
+
+def experiment(name, tmp_path, *args):
+    return main(["experiment", name, "--quiet", "--out", str(tmp_path / name), "--cache",
+                 str(tmp_path / "cache"), *map(str, args)])
+
+
+def adapters(cache):
+    """Every cached adapter file with its modification time."""
+    return {p: p.stat().st_mtime_ns for p in cache.glob("*/adapter/adapter_model.safetensors")}
+
+
+@pytest.mark.slow
+def test_quick_runs_share_the_cache(tmp_path):
+    """approximation --quick at rank 4, then mislabeled --quick (rank 4): the second trains
+    nothing; the numbers follow from the cached gradient stores."""
+    assert experiment("approximation", tmp_path, "--quick", "--ranks", "4") == 0
+    summary = json.loads((tmp_path / "approximation" / "summary.json").read_text())
+    table = pd.read_csv(tmp_path / "approximation" / "approximation.csv")
+    assert summary["ranks"] == [4] and summary["runs"] == 2
+    assert len(table) == 2 * 3 and set(table["method"]) == {"datainf", "lissa", "hessian_free"}
+    assert table[["pearson", "spearman"]].abs().le(1 + 1e-12).all().all()
+    assert table["top10_overlap"].between(0, 1).all()
+    # the Pearson correlation of a cell, recomputed from its cached stores
+    cache = tmp_path / "cache"
+    cell = sorted(cache.glob("r4-s0-*"))[0]
+    train, val = (GradientStore.open(cell / "gradients" / s) for s in ("train", "val"))
+    expected = pearson(DataInf().fit(train).score(val, aggregate=True),
+                       Exact().fit(train).score(val, aggregate=True))
+    got = table.query("seed == 0 and method == 'datainf'")["pearson"].item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    first = adapters(cache)
+    assert len(first) == 2
+    assert experiment("mislabeled", tmp_path, "--quick") == 0
+    assert adapters(cache) == first  # shared: nothing trained again
+    summary = json.loads((tmp_path / "mislabeled" / "summary.json").read_text())
+    assert set(summary["auc"]) == {"datainf", "exact", "lissa", "hessian_free", "datainf_self",
+                                   "loss", "grad_norm"}
+    assert summary["auc"]["datainf"]["n"] == 2
+    assert {"exact_over_datainf", "lissa_over_datainf"} <= set(summary["ratios"])
+    table = pd.read_csv(tmp_path / "mislabeled" / "mislabeled.csv")
+    assert table["auc"].between(0, 1).all() and len(table) == 2 * 7
+    for name in ("approximation", "mislabeled"):
+        page = (tmp_path / name / "report.html").read_text()
+        assert page.count("data:image/png;base64,") >= 2
+
+
+def test_interrupted_experiment_goes_on(tiny_model, csv_file, tmp_path, monkeypatch, capsys):
+    import datainf.experiments.approximation as approximation
+
+    args = ["--data", csv_file, *common(tiny_model, "unused")[:2], "--epochs", "1",
+            "--max-epochs", "1", "--max-length", "16", "--runs", "2", "--ranks", "1"]
+    calls = []
+    original = approximation.scores_of
+
+    def interrupted(config, p):
+        calls.append(config.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(config, p)
+
+    monkeypatch.setattr(approximation, "scores_of", interrupted)
+    assert experiment("approximation", tmp_path, *args) == 130
+    assert not (tmp_path / "approximation" / "summary.json").exists()
+    done = adapters(tmp_path / "cache")
+    assert len(done) == 2  # both cells were prepared; the second was interrupted in scoring
+    monkeypatch.setattr(approximation, "scores_of", original)
+    assert experiment("approximation", tmp_path, *args) == 0
+    assert adapters(tmp_path / "cache") == done
+    assert len(pd.read_csv(tmp_path / "approximation" / "approximation.csv")) == 2 * 3
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--ranks", "0", "--ranks must be positive integers"),
+    ("--ranks", "one,two", "--ranks takes comma-separated integers"),
+    ("--runs", "0", "--runs must be at least 1"),
+])
+def test_bad_settings(tmp_path, capsys, option, value, message):
+    assert experiment("mislabeled", tmp_path, "--quick", option, value) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "cache").exists()
+
+
+def test_intervals_in_the_summary_follow_mean_interval():
+    from datainf.experiments.common import interval
+    from datainf.metrics import mean_interval
+
+    values = [0.61, 0.72, 0.55, 0.68]
+    mean, low, high = mean_interval(np.array(values))
+    assert interval(values) == {"mean": round(mean, 4), "low": round(low, 4),
+                                "high": round(high, 4), "n": 4}
+    assert interval([0.5]) == {"mean": 0.5, "low": None, "high": None, "n": 1}
+    assert interval([]) == {"mean": None, "low": None, "high": None, "n": 0}
