@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 from cli_helpers import bad, cli, common, make_texts
 
 
@@ -114,3 +115,30 @@ def test_rows_and_ids_in_scores(tiny_model, tmp_path, capsys):
     err = bad(capsys, "--data", tmp_path / "train.csv", "--id-column", "name",
               *common(tiny_model, tmp_path / "o"))
     assert "no column 'name'" in err and "--id-column" in err
+
+
+def test_builtin_corpus_by_name(tiny_model, tmp_path, capsys):
+    summary, table, _ = run_ok(capsys, tiny_model, tmp_path / "run", "--data", "rotten-tomatoes",
+                               "--train-size", 30, "--val-size", 12)
+    assert summary["classes"] == ["fresh", "rotten"]
+    assert (summary["n_train"], summary["n_val"]) == (30, 12) and len(table) == 30
+    assert table["id"].str.fullmatch(r"[a-z0-9_]+/\d+").all()
+
+
+@pytest.mark.parametrize("data, defaults", [(None, (900, 100, 3e-4)),
+                                            ("bbc-news", (900, 100, 3e-4)),
+                                            ("rotten-tomatoes", (2000, 400, 1e-3)),
+                                            ("train.csv", (None, None, 3e-4))])
+def test_defaults_of_builtin_corpora(data, defaults, monkeypatch):
+    """Without --train-size / --val-size / --learning-rate: the built-in corpus's, else all of
+    a file at Config's rate; given ones win."""
+    from datainf import mislabeled
+
+    seen = []
+    monkeypatch.setattr(mislabeled, "run", lambda config: seen.append(config) or
+                        {"methods": {}, "n_train": 0})
+    given = [] if data is None else ["--data", data]
+    assert cli(*given) == 0
+    assert (seen[0].train_size, seen[0].val_size, seen[0].learning_rate) == defaults
+    assert cli(*given, "--train-size", 50, "--val-size", 9, "--learning-rate", 2e-3) == 0
+    assert (seen[1].train_size, seen[1].val_size, seen[1].learning_rate) == (50, 9, 2e-3)

