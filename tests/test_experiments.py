@@ -107,3 +107,28 @@ def test_intervals_in_the_summary_follow_mean_interval():
                                 "high": round(high, 4), "n": 4}
     assert interval([0.5]) == {"mean": 0.5, "low": None, "high": None, "n": 1}
     assert interval([]) == {"mean": None, "low": None, "high": None, "n": 0}
+
+
+def test_removal_retrains_without_each_methods_top(tiny_model, csv_file, tmp_path):
+    args = ["--data", csv_file, "--model", tiny_model, "--epochs", "1", "--max-epochs", "1",
+            "--max-length", "16", "--runs", "1", "--shares", "10,20"]
+    assert experiment("removal", tmp_path, *args) == 0
+    table = pd.read_csv(tmp_path / "removal" / "removal.csv")
+    n = table.query("method == 'none'")["n_train"].item()
+    assert len(table) == 1 + 4 * 2
+    for _, row in table[table["method"] != "none"].iterrows():
+        assert row["removed"] == int(np.ceil(row["share"] * n))
+        assert row["n_train"] == n - row["removed"]
+        assert 0 <= row["flipped_removed"] <= row["removed"]
+    # the examples removed by the training loss are its top 10%, read back from the cache
+    cache = tmp_path / "cache"
+    base = next(p for p in cache.iterdir() if not json.loads(
+        (p / "run.json").read_text())["exclude"])
+    loss = np.load(base / "predictions.npz")["train_loss"]
+    top = sorted(np.argsort(-loss, kind="stable")[: int(np.ceil(0.1 * n))].tolist())
+    excluded = [json.loads((p / "run.json").read_text())["exclude"] for p in cache.iterdir()]
+    assert top in excluded
+    summary = json.loads((tmp_path / "removal" / "summary.json").read_text())
+    assert set(summary["accuracy"]) == {"none@0", *(f"{m}@{s}" for m in
+                                        ("datainf", "hessian_free", "loss", "random")
+                                        for s in ("0.1", "0.2"))}

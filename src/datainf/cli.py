@@ -79,8 +79,10 @@ def _detect_mislabeled(args: argparse.Namespace) -> None:
 EXPERIMENT_DEFAULTS = {
     # ranks, and the built-in data's size: 25 fine-tunes of the approximation study fit in
     # 30 minutes on a 2-core CPU at 400 training and 100 validation articles of 64 tokens
-    "approximation": {"ranks": "1,2,4,8,16"},
-    "mislabeled": {"ranks": "4"},
+    "approximation": {"ranks": "1,2,4,8,16", "runs": 5},
+    "mislabeled": {"ranks": "4", "runs": 5},
+    # 13 fine-tunes a run (the run's own, 4 rankings x 3 shares)
+    "removal": {"ranks": "4", "runs": 3},
 }
 EXPERIMENT_DATA = {"train_size": 400, "val_size": 100}
 QUICK = {"train_size": 40, "val_size": 20, "max_length": 16, "epochs": 1, "max_epochs": 1,
@@ -90,14 +92,15 @@ QUICK = {"train_size": 40, "val_size": 20, "max_length": 16, "epochs": 1, "max_e
 def _experiment(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
+    from .data import builtin_dataset
     from .experiments import EXPERIMENTS, Settings
 
     _quiet_libraries()
     config = _run_config(args)
-    if args.data is None:  # the built-in data at the experiments' size
+    if builtin_dataset(args.data) is not None:  # built-in data at the experiments' size
         config = replace(config, **{k: getattr(args, k) or v for k, v in
                                     EXPERIMENT_DATA.items()})
-    runs = args.runs if args.runs is not None else 5
+    runs = args.runs if args.runs is not None else EXPERIMENT_DEFAULTS[args.experiment]["runs"]
     ranks = args.ranks or EXPERIMENT_DEFAULTS[args.experiment]["ranks"]
     if args.quick:
         config = replace(config, **{k: v for k, v in QUICK.items() if k != "runs"})
@@ -108,7 +111,18 @@ def _experiment(args: argparse.Namespace) -> None:
     except ValueError:
         raise DataInfError(f"--ranks takes comma-separated integers, not {ranks!r}") from None
     out = args.out or f"runs/experiment-{args.experiment}"
-    settings = Settings(base=config, ranks=ranks, runs=runs, out=out, cache=args.cache)
+    extra = {}
+    if args.experiment == "removal":
+        try:
+            extra["shares"] = tuple(float(x) / 100 for x in args.shares.split(","))
+        except ValueError:
+            raise DataInfError(f"--shares takes comma-separated percentages, not "
+                               f"{args.shares!r}") from None
+        if not all(0 < x < 1 for x in extra["shares"]):
+            raise DataInfError(f"--shares must be percentages between 0 and 100, not "
+                               f"{args.shares!r}")
+    settings = Settings(base=config, ranks=ranks, runs=runs, out=out, cache=args.cache,
+                        extra=extra)
     EXPERIMENTS[args.experiment](settings)
     print(f"datainf: experiment {args.experiment} done; report: {out}/report.html")
 
@@ -185,20 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bars or stage lines (warnings still show)")
     d.set_defaults(run=_detect_mislabeled)
 
-    x = sub.add_parser("experiment", help="the paper's studies: approximation, mislabeled",
+    x = sub.add_parser("experiment", help="the paper's studies: approximation, mislabeled; "
+                       "and removal",
                        description="The DataInf paper's experiments on the detect-mislabeled "
                        "pipeline, over LoRA ranks and runs (seeds).")
     xs = x.add_subparsers(dest="experiment", required=True)
     for name, text in (("approximation", "each method's correlation with Exact across LoRA "
                         "ranks (the paper's Figure 1)"),
                        ("mislabeled", "AUC of every score over runs and the influence step's "
-                        "runtime (Figure 2, the runtime comparison)")):
+                        "runtime (Figure 2, the runtime comparison)"),
+                       ("removal", "validation accuracy after removing each method's top k% "
+                        "and fine-tuning again, against removing as many at random")):
         e = xs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
                           formatter_class=Help)
         g = e.add_argument_group("experiment")
         g.add_argument("--ranks", help="comma-separated LoRA ranks (default: "
                        f"{EXPERIMENT_DEFAULTS[name]['ranks']})")
-        g.add_argument("--runs", type=int, help="runs per rank (seeds 0, 1, ...; default: 5)")
+        g.add_argument("--runs", type=int, help="runs per rank (seeds 0, 1, ...; default: "
+                       f"{EXPERIMENT_DEFAULTS[name]['runs']})")
         g.add_argument("--quick", action="store_true",
                        help="a tiny version in seconds: 40 training and 20 validation examples "
                        "of 16 tokens, 1 epoch, 2 runs, the first two ranks")
@@ -206,12 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--cache", default="runs/experiment-cache",
                        help="fine-tunes and gradient stores, shared by the experiments")
         g.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+        if name == "removal":
+            g.add_argument("--shares", default="5,10,20",
+                           help="percentages of the training data removed (comma-separated)")
         _add_run_options(e, single_run=False)
         e.set_defaults(run=_experiment, adapter=None, lora_r=4, lora_alpha=8, seed=0,
                        methods="datainf", rank_by="datainf", top=50, drop_top=None,
                        max_length=64)
-        e.description += (" Without --data: BBC News, 400 training and 100 validation "
-                          "articles of 64 tokens.")
+        e.description += (" Built-in data (default: BBC News) at 400 training and 100 "
+                          "validation examples of 64 tokens.")
     return parser
 
 

@@ -86,6 +86,9 @@ class Config:
     rank_by: str = "datainf"            # the score that orders suspects.csv and the report
     top: int = 50                       # suspects listed in the report and suspects.csv
     drop_top: int | None = None         # write cleaned.csv without the top K suspects
+    # training examples (positions in the training split, after noise) left out of the run:
+    # the removal experiment's retraining
+    exclude: tuple[int, ...] = ()
     out: str = "runs/detect-mislabeled"
     progress: bool | None = None
     stage_seconds: dict = field(default_factory=dict)
@@ -93,7 +96,7 @@ class Config:
     EXPENSIVE = ("data", "text_columns", "label_column", "id_column", "val_data", "val_fraction",
                  "train_size", "val_size", "noise", "model", "adapter", "lora_r", "lora_alpha",
                  "lora_targets", "epochs", "max_epochs", "patience", "batch_size", "learning_rate",
-                 "max_length", "seed")
+                 "max_length", "seed", "exclude")
 
     def expensive(self) -> dict:
         return {k: _jsonable(getattr(self, k)) for k in self.EXPENSIVE}
@@ -108,6 +111,12 @@ def load_data(config: Config) -> tuple[TextData, TextData, dict]:
     """Training and validation data, with label noise injected into training when asked, and
     what reading them found (see :func:`datainf.data.load_splits`)."""
     train, val, info = load_splits(config)
+    if config.exclude:
+        if max(config.exclude) >= len(train) or min(config.exclude) < 0:
+            raise DataInfError(f"exclude holds positions outside the {len(train)} training "
+                               "examples")
+        keep = np.setdiff1d(np.arange(len(train)), np.asarray(config.exclude))
+        train = train.subset(keep)
     return train, val, info
 
 
@@ -588,11 +597,12 @@ class Prepared:
 
 
 @contextmanager
-def prepared(config: Config) -> Iterator[Prepared]:
+def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepared]:
     """Runs (or reuses) every expensive stage for ``config`` and yields their results while
     ``config.out`` stays locked. Every setting is checked before anything expensive happens,
     and ``out`` is claimed (its run.json written) only once the data, the model and the
-    adapter have loaded."""
+    adapter have loaded. ``with_gradients=False`` stops after the predictions (the stores are
+    then None)."""
     check_settings(config)
     stages = Stages(config)
     train, val, data_info = stages.timed("data", load_data, config)
@@ -615,11 +625,13 @@ def prepared(config: Config) -> Iterator[Prepared]:
                                     train, val, out)
         if again:
             stages.reuse("predictions")
-        train_store, val_store, again = stages.timed("gradients", gradients, config, model,
-                                                     tokenizer, train, val, out,
-                                                     config.progress)
-        if again:
-            stages.reuse("gradients")
+        train_store = val_store = None
+        if with_gradients:
+            train_store, val_store, again = stages.timed("gradients", gradients, config, model,
+                                                         tokenizer, train, val, out,
+                                                         config.progress)
+            if again:
+                stages.reuse("gradients")
         yield Prepared(out, train, val, data_info, model, tokenizer, source, history, preds,
                        train_store, val_store, stages)
 

@@ -44,11 +44,14 @@ class Settings:
     def cell(self, rank: int, seed: int) -> Config:
         """The run of one cell: LoRA rank ``rank`` (alpha = 2 rank, as the default 8 at rank 4)
         and ``seed`` (split, noise draw, LoRA initialisation, data order)."""
-        config = replace(self.base, lora_r=rank, lora_alpha=2 * rank, seed=seed,
-                         stage_seconds={})
+        return self.cell_of(replace(self.base, lora_r=rank, lora_alpha=2 * rank, seed=seed))
+
+    def cell_of(self, config: Config) -> Config:
+        """``config`` with its folder in the cache: named by its rank and seed and a hash of
+        the settings that decide its fine-tune and gradients."""
         key = hashlib.sha256(json.dumps(config.expensive(), sort_keys=True).encode())
-        folder = Path(self.cache) / f"r{rank}-s{seed}-{key.hexdigest()[:10]}"
-        return replace(config, out=str(folder))
+        folder = Path(self.cache) / f"r{config.lora_r}-s{config.seed}-{key.hexdigest()[:10]}"
+        return replace(config, out=str(folder), stage_seconds={})
 
     def check(self) -> None:
         if not self.ranks or min(self.ranks) < 1:
