@@ -265,6 +265,8 @@ def test_a_weak_model_gets_more_rounds(tiny_model, csv_file, tmp_path):
                "--patience", "0") == 0
     history = json.loads((out / "summary.json").read_text())["training"]
     assert history["rounds"] == 3 and history["epochs_run"] == 3
+    # each round after a weak one at 3x the learning rate
+    assert history["learning_rates"] == pytest.approx([1e-6, 3e-6, 9e-6])
     # with patience, the flat validation loss ends training after the second epoch
     assert cli("--data", csv_file, "--methods", "datainf", *common(tiny_model, tmp_path / "p"),
                "--epochs", "1", "--max-epochs", "3", "--learning-rate", "1e-6") == 0

@@ -280,7 +280,8 @@ def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
                    help="fine-tuning epochs (one round, linear learning-rate decay)")
     m.add_argument("--max-epochs", type=int, default=C.max_epochs,
                    help="while the model is still weak on the validation set after a round, "
-                   "another round follows, up to this many epochs in all")
+                   "another round follows at 3x the learning rate, up to this many epochs in "
+                   "all")
     m.add_argument("--patience", type=int, default=C.patience,
                    help="stop fine-tuning once the validation loss has not improved for this "
                    "many epochs and keep the best epoch's adapter (0: run every epoch)")

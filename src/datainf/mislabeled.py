@@ -47,7 +47,8 @@ METHODS = {
 }
 REFERENCES = {"loss": "Training loss", "grad_norm": "Gradient norm"}
 OUTPUTS = ("summary.json", "report.html", "scores.csv", "suspects.csv", "cleaned.csv")
-WEAK_GAP = 0.25  # see model_quality
+WEAK_GAP = 0.25  # see is_weak
+ESCALATION = 3   # a round after a weak one runs at this times the learning rate
 DEFAULT_METHODS = tuple(METHODS)
 
 
@@ -300,12 +301,13 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
 
     Training runs in rounds of ``epochs`` epochs, each with its own linear learning-rate decay.
     After a round, a model that is still weak on the validation set (:func:`is_weak`) gets
-    another round, up to ``max_epochs`` in all: short or hard texts that the first round
-    under-fits get the training they need, while data the first round fits is not trained
-    further (influence scores tell less once the model has fit the validation set: see the
-    README). After every epoch the mean validation loss is measured; with ``patience`` p > 0,
-    training stops once it has not improved for p epochs, and the adapter of the epoch with
-    the lowest validation loss is kept (p = 0: the last epoch's is kept).
+    another round at ``ESCALATION`` (3) times the previous peak learning rate, up to
+    ``max_epochs`` in all: short or hard texts that the first round under-fits get the training
+    they need, while data the first round fits is not trained further (influence scores tell
+    less once the model has fit the validation set: see the README). After every epoch the mean
+    validation loss is measured; with ``patience`` p > 0, training stops once it has not
+    improved for p epochs, and the adapter of the epoch with the lowest validation loss is kept
+    (p = 0: the last epoch's is kept).
     """
     from .finetune import finetune, predict
 
@@ -327,9 +329,12 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
         return history["stopped_on_val_loss"]
 
     rounds = max(1, config.max_epochs // config.epochs)
+    history["learning_rates"] = []
     for round_ in range(rounds):
+        rate = config.learning_rate * ESCALATION**round_
+        history["learning_rates"].append(rate)
         finetune(model, tokenizer, train, epochs=config.epochs,
-                 batch_size=config.batch_size, learning_rate=config.learning_rate,
+                 batch_size=config.batch_size, learning_rate=rate,
                  max_length=config.max_length, seed=config.seed + round_, progress=progress,
                  on_epoch=after_epoch)
         history["rounds"] += 1
@@ -337,7 +342,8 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
             break
         if round_ + 1 < rounds:
             _say(config, f"the model is still weak after {len(history['val_losses'])} epochs "
-                 f"(validation accuracy {history['val_accuracy'][-1]:.3f}): training goes on")
+                 f"(validation accuracy {history['val_accuracy'][-1]:.3f}): training goes on "
+                 f"at learning rate {rate * ESCALATION:g}")
     history["epochs_run"] = len(history["val_losses"])
     history["kept_epoch"] = history["epochs_run"]
     if config.patience > 0 and best["epoch"] < history["epochs_run"]:
