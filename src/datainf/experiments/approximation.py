@@ -25,6 +25,7 @@ from .common import (
     interval_bars,
     page,
     scores_of,
+    shown,
     write_outputs,
 )
 
@@ -83,15 +84,12 @@ def _report(settings: Settings, summary: dict) -> str:
             lambda ax, series=series, label=label, low=low: (
                 interval_bars(ax, ranks, series, label), ax.set_xlabel("LoRA rank"),
                 ax.set_ylim(low, 1.05))))
-    cell = lambda i: "–" if i["mean"] is None else (  # noqa: E731
-        f"{i['mean']:.3f}" + (f" [{i['low']:.3f}, {i['high']:.3f}]" if i["low"] is not None
-                              else ""))
     rows = "".join(
-        f"<tr><td>{r}</td><td>{e(LABELS[m])}</td><td>{cell(per[r][m]['pearson'])}</td>"
-        f"<td>{cell(per[r][m]['spearman'])}</td><td>{cell(per[r][m]['top10_overlap'])}</td>"
+        f"<tr><td>{r}</td><td>{e(LABELS[m])}</td><td>{shown(per[r][m]['pearson'])}</td>"
+        f"<td>{shown(per[r][m]['spearman'])}</td><td>{shown(per[r][m]['top10_overlap'])}</td>"
         f"<td>{PAPER_MRPC_RANK1[m] if r == '1' else ''}</td></tr>"
         for r in ranks for m in COMPARED)
-    exact = "".join(f"<tr><td>{r}</td><td>{cell(summary['exact_seconds'][r])}</td></tr>"
+    exact = "".join(f"<tr><td>{r}</td><td>{shown(summary['exact_seconds'][r])}</td></tr>"
                     for r in ranks)
     base = settings.base
     intro = (f"Model <code>{e(str(base.model))}</code> on <code>"

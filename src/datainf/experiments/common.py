@@ -91,6 +91,15 @@ def interval(values) -> dict:
     return {"mean": clean(mean), "low": clean(low), "high": clean(high), "n": len(values)}
 
 
+def shown(value: dict | None, digits: str = ".3f") -> str:
+    """An interval dict as "mean [low, high]" ("–" when there is no value)."""
+    if value is None or value["mean"] is None:
+        return "–"
+    if value["low"] is None:
+        return f"{value['mean']:{digits}}"
+    return f"{value['mean']:{digits}} [{value['low']:{digits}}, {value['high']:{digits}}]"
+
+
 def write_outputs(settings: Settings, name: str, summary: dict, table, html: str) -> None:
     """summary.json, NAME.csv and report.html in ``settings.out``; summary.json last."""
     out = Path(settings.out)

@@ -27,6 +27,7 @@ from .common import (
     interval_bars,
     page,
     scores_of,
+    shown,
     write_outputs,
 )
 
@@ -89,16 +90,13 @@ def _report(settings: Settings, summary: dict, methods: list[str]) -> str:
         ax.set_ylabel("seconds of the influence step (log scale)")
         ax.grid(axis="y", alpha=0.3)
 
-    cell = lambda i: "–" if i is None or i["mean"] is None else (  # noqa: E731
-        f"{i['mean']:.3g}" + (f" [{i['low']:.3g}, {i['high']:.3g}]" if i["low"] is not None
-                              else ""))
     rows = "".join(
-        f"<tr><td>{e(LABELS[m])}</td><td>{cell(summary['auc'][m])}</td>"
-        f"<td>{cell(summary['seconds'].get(m))}</td>"
+        f"<tr><td>{e(LABELS[m])}</td><td>{shown(summary['auc'][m], '.3g')}</td>"
+        f"<td>{shown(summary['seconds'].get(m), '.3g')}</td>"
         f"<td>{PAPER_SECONDS_QQP.get(m, '')}</td></tr>" for m in methods)
     ratios = "".join(
         f"<tr><td>{e(name.replace('_over_', ' / ').replace('_', ' '))}</td>"
-        f"<td>{cell(value)}</td><td>{summary['paper_seconds_qqp'][name]}</td></tr>"
+        f"<td>{shown(value, '.3g')}</td><td>{summary['paper_seconds_qqp'][name]}</td></tr>"
         for name, value in summary["ratios"].items())
     base = settings.base
     intro = (f"Model <code>{e(str(base.model))}</code> on <code>"

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..mislabeled import prepared
-from .common import LABELS, Settings, cells, figure, interval, page, scores_of, write_outputs
+from .common import LABELS, Settings, cells, figure, interval, page, scores_of, shown, write_outputs
 
 RANKED_BY = ("datainf", "hessian_free", "loss", "random")
 SHARES = (0.05, 0.10, 0.20)
@@ -82,14 +82,11 @@ def _report(settings: Settings, summary: dict, shares: tuple[float, ...]) -> str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
-    cell = lambda i: "–" if i["mean"] is None else (  # noqa: E731
-        f"{i['mean']:.3f}" + (f" [{i['low']:.3f}, {i['high']:.3f}]" if i["low"] is not None
-                              else ""))
     head = "".join(f"<th>{s:.0%} removed</th>" for s in shares)
     rows = "".join(
         f"<tr><td>{e(NAMES[m])}</td>"
-        + "".join(f"<td>{cell(summary['accuracy'][f'{m}@{s:g}'])}<br><span class='note'>"
-                  f"flipped removed {cell(summary['flipped_removed'][f'{m}@{s:g}'])}</span>"
+        + "".join(f"<td>{shown(summary['accuracy'][f'{m}@{s:g}'])}<br><span class='note'>"
+                  f"flipped removed {shown(summary['flipped_removed'][f'{m}@{s:g}'])}</span>"
                   "</td>" for s in shares) + "</tr>" for m in RANKED_BY)
     base = settings.base
     intro = (f"Model <code>{e(str(base.model))}</code> on <code>"
@@ -97,7 +94,7 @@ def _report(settings: Settings, summary: dict, shares: tuple[float, ...]) -> str
              f"{', '.join(map(str, settings.ranks))}, {settings.runs} runs, {base.noise:.0%} "
              "of the training labels flipped. Each method's most suspicious examples are "
              "removed and the model is fine-tuned again from the same initialisation. With "
-             f"everything kept: validation accuracy {cell(summary['accuracy']['none@0'])}.")
+             f"everything kept: validation accuracy {shown(summary['accuracy']['none@0'])}.")
     body = (f"<h2>Validation accuracy against the share removed</h2>{figure(curves)}"
             f"<h2>Numbers (mean [95% interval] over runs)</h2><table><tr><th>ranked by</th>"
             f"{head}</tr>{rows}</table>")
