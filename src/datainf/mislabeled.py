@@ -319,7 +319,7 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
                                 max_length=config.max_length)
         history["epoch_losses"].append(train_loss)
         history["val_losses"].append(round(float(losses.mean()), 5))
-        history["val_accuracy"].append(round(float((probs.argmax(1) == val.labels).mean()), 4))
+        history["val_accuracy"].append(round(accuracy(probs, val.labels), 4))
         epoch = len(history["val_losses"])
         if history["val_losses"][-1] < best["loss"]:
             best.update(loss=history["val_losses"][-1], epoch=epoch,
@@ -372,7 +372,12 @@ class Predictions:
     val_probs: np.ndarray
 
     def val_accuracy(self, val: TextData) -> float:
-        return float((self.val_probs.argmax(1) == val.labels).mean())
+        return accuracy(self.val_probs, val.labels)
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of examples whose most probable class is their label; probs (n, classes)."""
+    return float((probs.argmax(1) == labels).mean())
 
 
 def predictions(config: Config, model, tokenizer, train: TextData, val: TextData,

@@ -12,6 +12,7 @@ seconds are reported per rank.
 from __future__ import annotations
 
 import html
+from dataclasses import replace
 
 import pandas as pd
 
@@ -65,8 +66,6 @@ def run(settings: Settings) -> dict:
 
 
 def _with_methods(settings: Settings) -> Settings:
-    from dataclasses import replace
-
     return replace(settings, base=replace(settings.base, methods=(*COMPARED, "exact")))
 
 

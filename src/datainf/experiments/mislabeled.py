@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
+from ..errors import DataInfError
 from ..metrics import detection_auc
 from ..mislabeled import DEFAULT_METHODS
 from .common import (
@@ -39,13 +40,11 @@ RATIOS = {"exact_over_datainf": ("exact", "datainf"), "lissa_over_datainf": ("li
 def run(settings: Settings) -> dict:
     """AUC and seconds of every method per run; writes summary.json, mislabeled.csv and
     report.html into ``settings.out`` and returns the summary."""
+    if not settings.base.noise > 0:
+        raise DataInfError("the mislabeled experiment needs flipped labels: --noise > 0")
     settings = replace(settings, base=replace(settings.base, methods=DEFAULT_METHODS))
     rows = []
     for rank, seed, p, config in cells(settings):
-        if p.train.flipped is None:
-            from ..errors import DataInfError
-
-            raise DataInfError("the mislabeled experiment needs flipped labels: --noise > 0")
         scores, seconds, notes = scores_of(config, p)
         for key, values in scores.items():
             rows.append({"rank": rank, "seed": seed, "method": key,
