@@ -132,3 +132,46 @@ def test_removal_retrains_without_each_methods_top(tiny_model, csv_file, tmp_pat
     assert set(summary["accuracy"]) == {"none@0", *(f"{m}@{s}" for m in
                                         ("datainf", "hessian_free", "loss", "random")
                                         for s in ("0.1", "0.2"))}
+    # the gain over random is paired by run, and every ranking has one
+    assert set(summary["gain_over_random"]) == {f"{m}@{s}" for m in
+                                                ("datainf", "hessian_free", "loss")
+                                                for s in ("0.1", "0.2")}
+    row = table.set_index(["method", "share"])["val_accuracy"]
+    assert summary["gain_over_random"]["loss@0.2"]["mean"] == pytest.approx(
+        row["loss", 0.2] - row["random", 0.2], abs=1e-4)
+    assert summary["verdict"] in (tmp_path / "removal" / "report.html").read_text()
+    # every cell was trained on the same budget: one round of --epochs, no early stop
+    for p in cache.iterdir():
+        history = json.loads((p / "adapter" / "training.json").read_text())
+        assert history["rounds"] == 1 and history["epochs_run"] == 1
+
+
+def test_gain_over_random_and_verdict_by_hand():
+    """Two runs: loss-ranked removal gains 0.10 and 0.12 over random at 20%, DataInf -0.02 and
+    +0.04; the interval of the loss's gain lies above zero (t interval by hand), DataInf's
+    does not, so the verdict names the training loss."""
+    from datainf.experiments.removal import gains_over_random, verdict
+
+    rows = []
+    accuracy = {("random", 0): 0.70, ("random", 1): 0.60, ("loss", 0): 0.80, ("loss", 1): 0.72,
+                ("datainf", 0): 0.68, ("datainf", 1): 0.64, ("hessian_free", 0): 0.70,
+                ("hessian_free", 1): 0.60}
+    for (method, seed), acc in accuracy.items():
+        rows.append({"rank": 4, "seed": seed, "method": method, "share": 0.2,
+                     "val_accuracy": acc})
+    gains = gains_over_random(pd.DataFrame(rows))
+    # loss: gains 0.10, 0.12 -> mean 0.11, sd 0.01414, t(0.975, 1) = 12.706: 0.11 +- 0.127
+    assert gains["loss@0.2"]["mean"] == pytest.approx(0.11)
+    assert gains["loss@0.2"]["low"] == pytest.approx(0.11 - 12.7062 * 0.01414 / np.sqrt(2),
+                                                     abs=2e-4)
+    assert gains["loss@0.2"]["low"] < 0  # two runs: too wide to call
+    assert gains["datainf@0.2"]["mean"] == pytest.approx(0.01)
+    assert "No ranking beat random removal clearly" in verdict(
+        {"gain_over_random": gains}, (0.2,))
+    # three runs, the loss always +0.10 or +0.12: a clear gain
+    rows += [{"rank": 4, "seed": 2, "method": m, "share": 0.2, "val_accuracy": a}
+             for m, a in (("random", 0.5), ("loss", 0.61), ("datainf", 0.5),
+                          ("hessian_free", 0.5))]
+    gains = gains_over_random(pd.DataFrame(rows))
+    said = verdict({"gain_over_random": gains}, (0.2,))
+    assert said.startswith("Act on Training loss") and "+0.110" in said
