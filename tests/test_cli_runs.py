@@ -210,3 +210,26 @@ def test_help_names_outputs_and_the_deliberate_noise(capsys):
         main(["demo", "--help"])
     demo = capsys.readouterr().out
     assert "training examples generated" in demo and "(default: 2000)" in demo
+
+
+def test_unit_gradient_variants(tiny_model, csv_file, tmp_path):
+    """--methods takes the normalized variants; their scores are the engine's on the run's own
+    stores (cosine = minus the cosine similarity with the mean validation gradient)."""
+    import json
+
+    import pandas as pd
+    import torch
+
+    from datainf import HessianFree
+    from datainf.store import GradientStore
+
+    out = tmp_path / "run"
+    assert cli("--data", csv_file, "--methods", "datainf,datainf_normalized,cosine",
+               *common(tiny_model, str(out))) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"datainf_normalized", "cosine"} <= set(summary["methods"])
+    table = pd.read_csv(out / "scores.csv")
+    train, val = (GradientStore.open(out / "gradients" / s) for s in ("train", "val"))
+    expected = HessianFree(normalize=True).fit(train).score(val, aggregate=True)
+    assert torch.allclose(torch.tensor(table["cosine_score"].to_numpy()), expected, rtol=1e-6)
+    assert "Cosine" in (out / "report.html").read_text()

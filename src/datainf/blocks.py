@@ -190,6 +190,46 @@ class BlockSubset:
         return self.source.iter_block(name, rows)
 
 
+class UnitNormRows:
+    """``source`` with every row scaled to unit Euclidean norm over all its blocks (a view):
+
+        g_i -> g_i / ||g_i||,    ||g_i||^2 = sum_l ||g_il||^2
+
+    so that inner products become cosines. A row of norm 0 stays 0. The norms come from the
+    source's ``row_sq_norms`` when it keeps them (a store), otherwise from one pass over it.
+    """
+
+    def __init__(self, source: GradientSource, where: str = "gradients") -> None:
+        self.source = source
+        self.block_names = source.block_names
+        self.block_widths = dict(source.block_widths)
+        self.num_rows = source.num_rows
+        per_block = {name: self._sq_norms(name, where) for name in source.block_names}
+        total = sum(per_block.values())
+        self.scale = torch.where(total > 0, total.rsqrt(), torch.zeros_like(total))
+        self._sq = {name: sq * self.scale**2 for name, sq in per_block.items()}
+
+    def _sq_norms(self, name: str, where: str) -> torch.Tensor:
+        if hasattr(self.source, "row_sq_norms"):
+            return self.source.row_sq_norms(name).to(torch.float64)
+        parts = []
+        for start, chunk in self.source.iter_block(name, 4096):
+            sq = torch.linalg.vector_norm(chunk.double(), dim=1) ** 2
+            if not torch.isfinite(sq).all():
+                check_finite(name, chunk, start, where)
+            parts.append(sq.cpu())
+        return torch.cat(parts)
+
+    def row_sq_norms(self, name: str) -> torch.Tensor:
+        """||g_il||^2 / ||g_i||^2 for every row i (float64, shape (n,))."""
+        return self._sq[name]
+
+    def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, chunk in self.source.iter_block(name, rows):
+            scale = self.scale[start : start + len(chunk)].to(chunk.device, chunk.dtype)
+            yield start, chunk * scale[:, None]
+
+
 def blocks_pattern(pattern: str) -> re.Pattern:
     """The compiled ``--blocks`` regular expression."""
     try:

@@ -306,7 +306,8 @@ def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
     if single_run:
         s.add_argument("--methods", default=",".join(C.methods),
                        help="comma-separated; the training loss and gradient norm are always "
-                       "shown")
+                       "shown; also datainf_normalized and cosine (variants of ours: gradients "
+                       "scaled to unit norm first)")
     s.add_argument("--blocks", help="regular expression: only the matching gradient blocks "
                    "count (e.g. 'classifier' or 'layer\\.5\\.')")
     s.add_argument("--grouping", choices=("tensor", "module"), default=C.grouping,

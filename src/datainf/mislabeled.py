@@ -44,12 +44,14 @@ METHODS = {
     "lissa": "LiSSA",
     "hessian_free": "Hessian-free",
     "datainf_self": "DataInf self-influence",
+    "datainf_normalized": "DataInf, unit gradients",
+    "cosine": "Cosine (Hessian-free, unit gradients)",
 }
 REFERENCES = {"loss": "Training loss", "grad_norm": "Gradient norm"}
 OUTPUTS = ("summary.json", "report.html", "scores.csv", "suspects.csv", "cleaned.csv")
 WEAK_GAP = 0.25  # see is_weak
 ESCALATION = 3   # a round after a weak one runs at this times the learning rate
-DEFAULT_METHODS = tuple(METHODS)
+DEFAULT_METHODS = ("datainf", "exact", "lissa", "hessian_free", "datainf_self")
 
 
 @dataclass
@@ -425,21 +427,20 @@ def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, 
 # ---------------------------------------------------------------- stage 5: scores
 def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     """Every chosen method's scores (higher = more suspicious) and its seconds."""
-    from .methods import DataInf, Exact, HessianFree, LiSSA
+    from .methods import DataInf, estimator
 
     train = blocks_matching(train_store, config.blocks)
     val = blocks_matching(val_store, config.blocks)
     if config.grouping == "module":
         train, val = group_by_module(train), group_by_module(val)
     kwargs = {"damping": config.damping, "progress": False, "device": config.device}
-    make = {"datainf": DataInf, "exact": Exact, "lissa": LiSSA, "hessian_free": HessianFree}
     scores, seconds, notes = {}, {}, {}
     for method in config.methods:
         start = time.perf_counter()
         if method == "datainf_self":
             values = DataInf(**kwargs).fit(train).self_influence()
         else:
-            est = make[method](**kwargs)
+            est = estimator(method, **kwargs)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 values = est.fit(train).score(val, aggregate=True)

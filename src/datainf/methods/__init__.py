@@ -1,9 +1,31 @@
 """Influence estimators: fit(train gradients) / score(test gradients). Positive = harmful."""
 
+from ..errors import DataInfError
 from .base import InfluenceEstimator
 from .datainf import DataInf
 from .exact import Exact
 from .hessian_free import HessianFree
 from .lissa import Convergence, LiSSA
 
-__all__ = ["Convergence", "DataInf", "Exact", "HessianFree", "InfluenceEstimator", "LiSSA"]
+# method name -> (estimator class, its settings); the last two are variants of ours, not the
+# paper's: gradients scaled to unit norm first (cosine = normalized Hessian-free)
+NAMED = {
+    "datainf": (DataInf, {}),
+    "exact": (Exact, {}),
+    "lissa": (LiSSA, {}),
+    "hessian_free": (HessianFree, {}),
+    "datainf_normalized": (DataInf, {"normalize": True}),
+    "cosine": (HessianFree, {"normalize": True}),
+}
+
+
+def estimator(name: str, **kwargs) -> InfluenceEstimator:
+    """The estimator called ``name`` in :data:`NAMED`, built with ``kwargs`` (damping, ...)."""
+    if name not in NAMED:
+        raise DataInfError(f"unknown method {name!r}; choose from {', '.join(NAMED)}")
+    cls, settings = NAMED[name]
+    return cls(**settings, **kwargs)
+
+
+__all__ = ["NAMED", "Convergence", "DataInf", "Exact", "HessianFree", "InfluenceEstimator",
+           "LiSSA", "estimator"]
