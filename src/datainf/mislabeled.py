@@ -18,11 +18,9 @@ the gradient norm.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -37,6 +35,7 @@ from .blocks import blocks_matching, blocks_pattern, group_by_module, names_matc
 from .data import TextData, load_splits
 from .errors import DataInfError
 from .metrics import detection_auc
+from .runs import Stages, record_run, run_folder, say, warn, write_atomic
 
 METHODS = {
     "datainf": "DataInf",
@@ -194,79 +193,13 @@ def check_data(config: Config, train: TextData, val: TextData) -> None:
 
 
 # ---------------------------------------------------------------- run folder
-LOCK = ".lock"
 
 
-@contextmanager
-def run_folder(config: Config, record: dict) -> Iterator[Path]:
-    """``out``, locked for this run, after checking that it is new, empty or holds a run made
-    with the same expensive settings. Nothing is written but the lock file; a folder this run
-    created is removed again when the run fails before :func:`record_run`."""
-    out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise DataInfError(f"--out {out} is a file; choose a folder")
-    created = not out.exists()
-    if not created and (out / "run.json").exists():
-        _check_same_run(out, record)
-    elif not created and any(p.name != LOCK for p in out.iterdir()):
-        raise DataInfError(f"--out {out} is not empty and holds no datainf run; choose another "
-                           "--out or empty it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK, "a")  # noqa: SIM115 (held for the whole run)
-    except OSError as error:
-        raise DataInfError(f"cannot write to --out {out} ({error.strerror}); choose a folder "
-                           "you can write to") from None
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataInfError(f"--out {out} is in use by another datainf run; wait for it to "
-                               "finish or choose another --out") from None
-    except BaseException:
-        handle.close()
-        raise
-    try:
-        if (out / "run.json").exists():  # another run may have started it meanwhile
-            _check_same_run(out, record)
-        yield out
-    except BaseException:
-        if created and not (out / "run.json").exists():  # leave nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        handle.close()
-
-
-def _check_same_run(out: Path, record: dict) -> None:
-    path = out / "run.json"
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        raise DataInfError(f"{path} is damaged; delete {out} or choose another --out") from None
-    differ = [f"{k} ({old.get(k)!r} there, {record[k]!r} now)"
-              for k in record if old.get(k) != record[k]]
-    if differ:
-        raise DataInfError(
-            f"--out {out} holds a run made with other settings: " + "; ".join(differ[:4])
-            + ". Use another --out, or delete that folder"
-        )
 
 
 def run_record(config: Config, train: TextData) -> dict:
     """What run.json holds: the settings that decide the adapter and gradients."""
     return {**config.expensive(), "data_fingerprint": train.fingerprint()}
-
-
-def record_run(out: Path, record: dict) -> None:
-    """Write run.json: from here on ``out`` belongs to this run's settings."""
-    _write_atomic(out / "run.json", json.dumps(record, indent=2))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- stage 2: adapter
@@ -563,30 +496,10 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData,
         tmp = out / f"{name}.tmp"
         frame.to_csv(tmp, index=False)
         os.replace(tmp, out / name)
-    _write_atomic(out / "report.html", write_report(summary, table, suspects, scores,
+    write_atomic(out / "report.html", write_report(summary, table, suspects, scores,
                                                     train.flipped))
-    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-
-class Stages:
-    """Times the stages of a run into ``config.stage_seconds`` and says what each did."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.reused: list[str] = []
-
-    def timed(self, name: str, fn, *args):
-        start = time.perf_counter()
-        result = fn(*args)
-        seconds = self.config.stage_seconds
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-        _say(self.config, f"{name}: {seconds[name]:.1f} s")
-        return result
-
-    def reuse(self, name: str) -> None:
-        self.reused.append(name)
-        _say(self.config, f"{name}: reused from an earlier run in {self.config.out}")
 
 
 @dataclass
@@ -616,13 +529,13 @@ def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepare
     adapter have loaded. ``with_gradients=False`` stops after the predictions (the stores are
     then None)."""
     check_settings(config)
-    stages = Stages(config)
+    stages = Stages(config.stage_seconds, lambda message: _say(config, message), config.out)
     train, val, data_info = stages.timed("data", load_data, config)
     check_data(config, train, val)
     for note in data_info.get("notes", []):
         warn(note)
     record = run_record(config, train)
-    with run_folder(config, record) as out:
+    with run_folder(Path(config.out), record) as out:
         model, tokenizer, source, history = stages.timed("model", load_model, config, train,
                                                          out)
         record_run(out, record)
@@ -693,11 +606,5 @@ def model_quality(preds: Predictions, val: TextData) -> dict:
     return quality
 
 
-def warn(message: str) -> None:
-    """A warning the user must see, on stderr even with --quiet."""
-    print(f"datainf: warning: {message}", file=sys.stderr, flush=True)
-
-
 def _say(config: Config, message: str) -> None:
-    if config.progress is not False:
-        print(f"[datainf] {message}", flush=True)
+    say(message, config.progress)

@@ -1,0 +1,123 @@
+"""A job's run folder (``--out``): locked while a run works in it, refused when it holds a run
+of other expensive settings, claimed by ``run.json`` only once the run has loaded what it
+needs; and the stage lines and warnings every job prints.
+
+A job's expensive stages (fine-tuning, gradients) are written into the folder once and reused
+when the job is repeated with the same settings (``record``: what decides them)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import DataInfError
+
+LOCK = ".lock"
+
+
+@contextmanager
+def run_folder(out: Path, record: dict) -> Iterator[Path]:
+    """``out``, locked for this run, after checking that it is new, empty or holds a run made
+    with the same expensive settings (``record``). Nothing is written but the lock file; a
+    folder this run created is removed again when the run fails before :func:`record_run`."""
+    if out.exists() and not out.is_dir():
+        raise DataInfError(f"--out {out} is a file; choose a folder")
+    created = not out.exists()
+    if not created and (out / "run.json").exists():
+        check_same_run(out, record)
+    elif not created and any(p.name != LOCK for p in out.iterdir()):
+        raise DataInfError(f"--out {out} is not empty and holds no datainf run; choose another "
+                           "--out or empty it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a")  # noqa: SIM115 (held for the whole run)
+    except OSError as error:
+        raise DataInfError(f"cannot write to --out {out} ({error.strerror}); choose a folder "
+                           "you can write to") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataInfError(f"--out {out} is in use by another datainf run; wait for it to "
+                               "finish or choose another --out") from None
+    except BaseException:
+        handle.close()
+        raise
+    try:
+        if (out / "run.json").exists():  # another run may have started it meanwhile
+            check_same_run(out, record)
+        yield out
+    except BaseException:
+        if created and not (out / "run.json").exists():  # leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        handle.close()
+
+
+def check_same_run(out: Path, record: dict) -> None:
+    """Refuses ``out`` when its run.json differs from ``record``, naming what differs."""
+    path = out / "run.json"
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        raise DataInfError(f"{path} is damaged; delete {out} or choose another --out") from None
+    differ = [f"{k} ({old.get(k)!r} there, {record[k]!r} now)"
+              for k in record if old.get(k) != record[k]]
+    if differ:
+        raise DataInfError(
+            f"--out {out} holds a run made with other settings: " + "; ".join(differ[:4])
+            + ". Use another --out, or delete that folder"
+        )
+
+
+def record_run(out: Path, record: dict) -> None:
+    """Write run.json: from here on ``out`` belongs to this run's settings."""
+    write_atomic(out / "run.json", json.dumps(record, indent=2))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Stages:
+    """Times a run's stages into ``seconds`` (name -> s) and says what each did; ``out``: the
+    run folder that reused stages come from."""
+
+    def __init__(self, seconds: dict, say: Callable[[str], None], out: str) -> None:
+        self.seconds = seconds
+        self.say = say
+        self.out = out
+        self.reused: list[str] = []
+
+    def timed(self, name: str, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.say(f"{name}: {self.seconds[name]:.1f} s")
+        return result
+
+    def reuse(self, name: str) -> None:
+        self.reused.append(name)
+        self.say(f"{name}: reused from an earlier run in {self.out}")
+
+
+def warn(message: str) -> None:
+    """A warning the user must see, on stderr even with --quiet."""
+    print(f"datainf: warning: {message}", file=sys.stderr, flush=True)
+
+
+def say(message: str, progress: bool | None) -> None:
+    """A stage line on stdout, unless progress is silenced (``progress=False``)."""
+    if progress is not False:
+        print(f"[datainf] {message}", flush=True)
