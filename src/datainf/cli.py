@@ -165,6 +165,94 @@ examples:
 """
 
 
+EXPLAIN_GENERATION_EPILOG = """\
+data: JSON lines, one example a line: {"prompt": ..., "response": ...} or {"messages": [{"role":
+..., "content": ...}, ...]} (TRL's chat format: the last assistant turn is the response, the
+turns before it the prompt); other keys are kept and shown. A query without a response is
+answered by the model (greedy) and that answer is explained. Examples longer than --max-length
+tokens are refused, never cut.
+
+outputs (in --out): scores.npz (one queries x training-examples float64 array per method, the
+paper's sign: negative = helpful), top.jsonl (per query, the --top most helpful and most harmful
+training examples), report.html, summary.json, the adapter and the gradient stores.
+
+examples:
+  datainf explain-generation --train train.jsonl --queries queries.jsonl --out runs/explain
+  datainf explain-generation --model DIR --adapter ADAPTER_DIR --train train.jsonl \\
+      --queries queries.jsonl --methods datainf,cosine --out runs/explain
+"""
+
+
+def _add_explain_generation(sub) -> None:
+    from .generation import Config as G
+
+    g = sub.add_parser(
+        "explain-generation",
+        help="which fine-tuning examples made the LLM answer like that",
+        formatter_class=Help,
+        description="Influence of every fine-tuning example on the model's answers to your "
+        "queries: LoRA fine-tunes the causal LM on --train (or takes --adapter), answers the "
+        "queries that have no response, and scores every training example against every query.",
+        epilog=EXPLAIN_GENERATION_EPILOG,
+    )
+    d = g.add_argument_group("data")
+    d.add_argument("--train", required=True, help="fine-tuning examples (.jsonl)")
+    d.add_argument("--queries", required=True, help="queries to explain (.jsonl)")
+    m = g.add_argument_group("model")
+    m.add_argument("--model", default=G.model,
+                   help="'smollm2' (shipped SmolLM2-135M-Instruct), a HF causal LM folder or "
+                   "hub name")
+    m.add_argument("--adapter", help="an existing PEFT adapter folder (skips fine-tuning)")
+    m.add_argument("--lora-r", type=int, default=G.lora_r, help="LoRA rank")
+    m.add_argument("--lora-alpha", type=int, default=G.lora_alpha, help="LoRA alpha")
+    m.add_argument("--lora-targets", default=",".join(G.lora_targets),
+                   help="modules that get LoRA (comma-separated)")
+    m.add_argument("--epochs", type=int, default=G.epochs, help="fine-tuning epochs")
+    m.add_argument("--batch-size", type=int, default=G.batch_size, help="examples per batch")
+    m.add_argument("--learning-rate", type=float, default=G.learning_rate, help="AdamW")
+    m.add_argument("--max-length", type=int, default=G.max_length,
+                   help="tokens of prompt and response (chat template included)")
+    m.add_argument("--max-new-tokens", type=int, default=G.max_new_tokens,
+                   help="tokens the model may generate to answer a query")
+    m.add_argument("--seed", type=int, default=G.seed, help="seed of LoRA and the data order")
+    m.add_argument("--device", default=G.device, help="cpu, cuda, cuda:1, ...")
+    s = g.add_argument_group("scoring")
+    s.add_argument("--methods", default=",".join(G.methods),
+                   help="comma-separated: datainf, hessian_free, exact, lissa, and variants "
+                   "of ours with gradients scaled to unit norm: datainf_normalized, cosine")
+    s.add_argument("--blocks", help="regular expression: only the matching gradient blocks "
+                   "count (e.g. 'layers\\.2[0-9]\\.')")
+    s.add_argument("--damping", type=float, default=G.damping,
+                   help="lambda_l = DAMPING x mean squared gradient entry of block l")
+    o = g.add_argument_group("outputs")
+    o.add_argument("--top", type=int, default=G.top,
+                   help="most helpful and most harmful training examples listed per query")
+    o.add_argument("--no-matrix", action="store_true",
+                   help="skip scores.npz (8 x queries x training examples bytes per method)")
+    o.add_argument("--out", default=G.out, help="run folder (reused when repeated)")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress bars or stage lines (warnings still show)")
+    g.set_defaults(run=_explain_generation)
+
+
+def _explain_generation(args: argparse.Namespace) -> None:
+    from .generation import Config, run
+
+    _quiet_libraries()
+    config = Config(
+        train=args.train, queries=args.queries, model=args.model, adapter=args.adapter,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(args.lora_targets.split(",")), epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate,
+        max_length=args.max_length, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        device=args.device, methods=tuple(args.methods.split(",")), blocks=args.blocks,
+        damping=args.damping, top=args.top, matrix=not args.no_matrix, out=args.out,
+        progress=False if args.quiet else None)
+    summary = run(config)
+    print(f"datainf: {summary['n_train']} training examples scored against "
+          f"{summary['n_queries']} queries; report: {config.out}/report.html")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="datainf",
@@ -203,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true",
                    help="no progress bars or stage lines (warnings still show)")
     d.set_defaults(run=_detect_mislabeled)
+
+    _add_explain_generation(sub)
 
     x = sub.add_parser("experiment", help="the paper's studies: approximation, mislabeled; "
                        "and removal",

@@ -1,12 +1,12 @@
-"""LoRA fine-tuning of a sequence classifier, and its predictions.
+"""LoRA fine-tuning (one loop for classifiers and causal LMs), and a classifier's predictions.
 
-Plain AdamW on the trainable (LoRA and head) parameters, mean cross entropy per batch,
-a fixed seed for the shuffling; no learning-rate schedule beyond a linear decay.
+Plain AdamW on the trainable (LoRA and head) parameters, the mean loss per batch, a fixed seed
+for the shuffling; no learning-rate schedule beyond a linear decay.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -30,15 +30,46 @@ def finetune(
     progress: bool | None = None,
     on_epoch: Callable[[int, float], bool | None] | None = None,
 ) -> list[float]:
-    """Train the model's trainable parameters in place; returns the mean loss of each epoch.
+    """Train a classifier's trainable parameters in place on the mean cross entropy of each
+    batch; returns the mean loss of each epoch. See :func:`train_loop` for ``on_epoch``."""
 
-    ``on_epoch(epoch, mean_loss)`` is called after each epoch (1-based) with the model in eval
-    mode; when it returns True, training stops there.
+    def batches(order: np.ndarray) -> list[dict]:
+        return text_batches(tokenizer, data, batch_size, max_length, order=order)
+
+    def loss(batch: dict) -> torch.Tensor:
+        logits = model(**text_model_inputs(model, batch)).logits
+        return F.cross_entropy(logits, batch["labels"])
+
+    return train_loop(model, len(data), batches, loss, epochs=epochs, batch_size=batch_size,
+                      learning_rate=learning_rate, seed=seed, progress=progress,
+                      on_epoch=on_epoch)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    num_examples: int,
+    batches: Callable[[np.ndarray], Iterable[dict]],
+    loss: Callable[[dict], torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    progress: bool | None = None,
+    on_epoch: Callable[[int, float], bool | None] | None = None,
+) -> list[float]:
+    """AdamW on the trainable parameters, the learning rate decayed linearly to 0, the data
+    shuffled with ``seed`` every epoch; returns the mean loss of each epoch.
+
+    ``batches(order)``: the batches of the examples in ``order`` (a permutation of
+    range(num_examples)), ``batch_size`` a batch; ``loss(batch)``: the batch's mean loss (a
+    scalar). ``on_epoch(epoch, mean_loss)`` is called after each epoch (1-based) with the model
+    in eval mode; when it returns True, training stops there.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    steps = epochs * -(-len(data) // batch_size)
+    steps = epochs * -(-num_examples // batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / max(1, steps))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -48,17 +79,16 @@ def finetune(
                disable=None if progress is None else not progress)
     for _ in range(epochs):
         total, count = 0.0, 0
-        for batch in text_batches(tokenizer, data, batch_size, max_length,
-                                  order=rng.permutation(len(data))):
+        for batch in batches(rng.permutation(num_examples)):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(**text_model_inputs(model, batch)).logits
-            loss = F.cross_entropy(logits, batch["labels"])
+            value = loss(batch)
             optimizer.zero_grad()
-            loss.backward()
+            value.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss.detach()) * len(batch["labels"])
-            count += len(batch["labels"])
+            size = len(batch["labels"])
+            total += float(value.detach()) * size
+            count += size
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.3f}")
         history.append(total / count)

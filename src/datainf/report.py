@@ -183,3 +183,64 @@ scores): edit the labels you agree with in your own file, by row.</li>
 <table>{stages}</table>
 </body></html>
 """
+
+
+def explain_generation_page(summary: dict, rows: list[dict], methods: list[str]) -> str:
+    """The explain-generation report: per query, its prompt and response, and for each method
+    the most helpful and most harmful training examples side by side."""
+    e = html.escape
+    config = summary["config"]
+
+    def turns(messages: list[dict]) -> str:
+        return "<br>".join(f"<b>{e(m['role'])}:</b> {e(m['content'])}" for m in messages)
+
+    def examples(items: list[dict]) -> str:
+        return "".join(
+            f"<li><span class='score'>{x['score']:+.4g}</span> <span class='note'>line "
+            f"{x['line']}</span>{_keys(x)}<br>{e(x['prompt'])}<br><i>→ {e(x['response'])}"
+            "</i></li>" for x in items)
+
+    sections = []
+    for row in rows:
+        said = "the model's own greedy answer" if row["generated"] else "the given response"
+        blocks = "".join(
+            f"<tr><th colspan='2'>{e(summary['methods'][m]['label'])}</th></tr>"
+            f"<tr><td><b>most helpful</b> (most negative)<ol>{examples(row[m]['helpful'])}"
+            f"</ol></td><td><b>most harmful</b> (most positive)<ol>"
+            f"{examples(row[m]['harmful'])}</ol></td></tr>" for m in methods)
+        sections.append(
+            f"<h3>Query {row['query'] + 1} <span class='note'>(line {row['line']})"
+            f"{_keys(row)}</span></h3><p>{turns(row['prompt'])}<br><b>response</b> ({said}): "
+            f"<i>{e(row['response'])}</i></p><table class='pairs'>{blocks}</table>")
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in summary["stage_seconds"].items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>datainf: explain generation</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; width: 100%; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top;
+         overflow-wrap: anywhere; width: 50%; }}
+th {{ background: #f3f3f3; }}
+li {{ margin-bottom: 0.4em; }}
+.score {{ font-family: monospace; }}
+.note {{ color: #555; font-size: 0.9em; }}
+</style></head><body>
+<h1>Which training examples made the model answer like that</h1>
+<p>Model <code>{e(str(config['model']))}</code> with adapter {e(summary['adapter'])}
+(LoRA rank {config['lora_r']} on {e(', '.join(config['lora_targets']))}):
+{summary['n_train']} training examples, {summary['n_queries']} queries
+({summary['generated_answers']} answered by the model). Stages: {e(timing)}.</p>
+<p class="note">Influence of up-weighting each training example on the query's loss (mean
+negative log-likelihood of the response tokens given the prompt): negative = the example helps
+the model give this response, positive = it works against it (the paper's sign).</p>
+{''.join(sections)}
+</body></html>
+"""
+
+
+def _keys(item: dict) -> str:
+    keys = item.get("keys")
+    if not keys:
+        return ""
+    return " <span class='note'>" + html.escape(", ".join(f"{k}: {v}" for k, v in
+                                                           keys.items())) + "</span>"

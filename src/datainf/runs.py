@@ -100,9 +100,9 @@ class Stages:
         self.out = out
         self.reused: list[str] = []
 
-    def timed(self, name: str, fn, *args):
+    def timed(self, name: str, fn, *args, **kwargs):
         start = time.perf_counter()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         self.say(f"{name}: {self.seconds[name]:.1f} s")
         return result

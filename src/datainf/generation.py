@@ -1,0 +1,452 @@
+"""The ``explain-generation`` job: which fine-tuning examples made the LLM answer like that?
+
+Stages (the expensive ones are written to ``out`` once and reused when the job is repeated with
+the same settings; new queries reuse the adapter and the training gradients):
+
+1. data      --train and --queries JSON lines (see :mod:`datainf.chat`)        -> recomputed
+2. adapter   LoRA fine-tuning of the causal LM on --train (or --adapter)       -> out/adapter/
+3. answers   greedy answers to the queries that have no response              -> out/query/
+4. gradients per-example gradients of the response-only loss                  -> out/gradients/,
+                                                                                  out/query/
+5. scores    every method's pairwise influence of every training example on every query
+             -> scores.npz, top.jsonl, summary.json, report.html (always recomputed)
+
+Scores have the paper's sign: NEGATIVE = the training example helps (up-weighting it lowers
+the query's loss), positive = harmful. Scores are computed a batch of queries at a time, so
+that memory holds (queries per batch) x n scores, never the whole matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .blocks import BlockSubset, blocks_matching, blocks_pattern, names_matching
+from .chat import ChatExample, Encoded, encode_all, lm_batches, read_chat_jsonl
+from .errors import DataInfError
+from .methods import NAMED, estimator
+from .runs import Stages, record_run, run_folder, say, warn, write_atomic
+
+DEFAULT_METHODS = ("datainf", "hessian_free")
+LABELS = {"datainf": "DataInf", "exact": "Exact", "lissa": "LiSSA",
+          "hessian_free": "Hessian-free", "datainf_normalized": "DataInf, unit gradients",
+          "cosine": "Cosine (Hessian-free, unit gradients)"}
+OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
+
+
+@dataclass
+class Config:
+    """Settings of one explain-generation run. Those in ``EXPENSIVE`` decide the adapter and
+    the training gradients."""
+
+    train: str = ""
+    queries: str = ""
+    model: str = "smollm2"
+    adapter: str | None = None
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    epochs: int = 3
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    max_length: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    # cheap: may change between runs on the same --out
+    max_new_tokens: int = 64
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    blocks: str | None = None
+    damping: float = 0.1
+    top: int = 5
+    matrix: bool = True                 # write scores.npz (m x n per method)
+    query_batch: int = 64               # queries scored together (memory: query_batch x n)
+    out: str = "runs/explain-generation"
+    progress: bool | None = None
+    stage_seconds: dict = field(default_factory=dict)
+
+    EXPENSIVE = ("model", "adapter", "lora_r", "lora_alpha", "lora_targets", "epochs",
+                 "batch_size", "learning_rate", "max_length", "seed")
+
+    def expensive(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in ((k, getattr(self, k)) for k in self.EXPENSIVE)}
+
+
+def check_settings(config: Config) -> None:
+    """Every setting, before anything is loaded."""
+    unknown = [m for m in config.methods if m not in NAMED]
+    if unknown or not config.methods:
+        raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(NAMED)}")
+    at_least = {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2, "top": 1,
+                "max_new_tokens": 1, "query_batch": 1}
+    for name, low in at_least.items():
+        if getattr(config, name) < low:
+            raise DataInfError(f"--{name.replace('_', '-')} must be at least {low}, not "
+                               f"{getattr(config, name)}")
+    if not config.learning_rate > 0:
+        raise DataInfError(f"--learning-rate must be positive, not {config.learning_rate}")
+    if config.blocks is not None:
+        blocks_pattern(config.blocks)
+    if config.adapter is not None:
+        from .models import check_adapter_folder
+
+        check_adapter_folder(config.adapter)
+    from .mislabeled import check_device
+
+    check_device(config.device)
+
+
+def fingerprint(path: str) -> str:
+    """sha256 of a file's bytes (first 16 hex digits)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- stage 2: adapter
+def load_model(config: Config, out: Path):
+    """(model with its LoRA adapter, tokenizer, source): ``source`` is "given", "reused" or
+    "new" (fresh LoRA, to be fine-tuned)."""
+    from .models import add_lora, check_model_name, load_adapter, load_causal_lm
+
+    check_model_name(config.model)
+    base, tokenizer = load_causal_lm(config.model)
+    saved = out / "adapter"
+    if config.adapter is not None:
+        model, source = load_adapter(base, config.adapter), "given"
+    elif (saved / "adapter_config.json").exists():
+        model, source = load_adapter(base, saved), "reused"
+    else:
+        torch.manual_seed(config.seed)
+        model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
+                         target_modules=config.lora_targets)
+        source = "new"
+    if config.blocks is not None:
+        names_matching([n for n, p in model.named_parameters() if p.requires_grad],
+                       config.blocks)
+    return model.to(config.device), tokenizer, source
+
+
+def response_loss(model, batch: dict) -> torch.Tensor:
+    """Per-example mean NLL of the response tokens, shape (B,) (see datainf.tasks.CausalLM)."""
+    from .tasks import CausalLM
+
+    return CausalLM().losses(model, batch, torch.arange(len(batch["input_ids"])), 0)
+
+
+def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -> dict:
+    """LoRA fine-tuning on the mean response loss; the adapter is saved to out/adapter whole
+    or not at all, with training.json (loss per epoch)."""
+    from .finetune import train_loop
+
+    def batches(order):
+        return lm_batches(train, config.batch_size, tokenizer.pad_token_id, order)
+
+    losses = train_loop(model, len(train), batches, lambda b: response_loss(model, b).mean(),
+                        epochs=config.epochs, batch_size=config.batch_size,
+                        learning_rate=config.learning_rate, seed=config.seed,
+                        progress=config.progress)
+    history = {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
+    tmp = Path(tempfile.mkdtemp(prefix="adapter.", dir=out))
+    model.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(history, indent=2))
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    os.replace(tmp, out / "adapter")
+    return history
+
+
+# ---------------------------------------------------------------- stage 3: answers
+@torch.no_grad()
+def greedy_answers(model, tokenizer, examples: list[ChatExample], *, max_new_tokens: int,
+                   batch_size: int, progress: bool | None = None) -> list[str]:
+    """The model's greedy answer to each prompt (special tokens removed, stripped)."""
+    from tqdm.auto import tqdm
+
+    from .chat import prompt_and_response_text
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # batched generation continues every row at the end
+    answers = []
+    try:
+        for start in tqdm(range(0, len(examples), batch_size), desc="answering", unit="batch",
+                          disable=None if progress is None else not progress):
+            prompts = [prompt_and_response_text(tokenizer, e, None)[0]
+                       for e in examples[start : start + batch_size]]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(next(model.parameters()).device)
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            new = ids[:, batch["input_ids"].shape[1]:]
+            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def query_answers(config: Config, model, tokenizer, queries: list[ChatExample],
+                  folder: Path) -> tuple[list[str], list[bool]]:
+    """(the response explained for each query, whether the model generated it). Generated
+    answers are kept in folder/answers.json and reused while queries and adapter stay."""
+    path = folder / "answers.json"
+    missing = [i for i, q in enumerate(queries) if q.response is None]
+    generated: dict[str, str] = {}
+    if path.exists():
+        generated = json.loads(path.read_text())
+    todo = [i for i in missing if str(i) not in generated]
+    if todo:
+        answers = greedy_answers(model, tokenizer, [queries[i] for i in todo],
+                                 max_new_tokens=config.max_new_tokens,
+                                 batch_size=config.batch_size, progress=config.progress)
+        empty = [queries[i].line for i, a in zip(todo, answers, strict=True) if not a]
+        if empty:
+            warn(f"the model answered --queries lines {empty[:5]} with an empty text: what is "
+                 "explained there is its ending the turn at once")
+        generated.update({str(i): a for i, a in zip(todo, answers, strict=True)})
+        write_atomic(path, json.dumps(generated, indent=2))
+    responses = [q.response if q.response is not None else generated[str(i)]
+                 for i, q in enumerate(queries)]
+    return responses, [q.response is None for q in queries]
+
+
+# ---------------------------------------------------------------- stage 4: gradients
+def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path):
+    """(store, reused): per-example gradients of the response-only loss at ``path``."""
+    from .gradients import collect_gradients
+    from .store import GradientStore
+
+    reused = (path / "manifest.json").exists() and GradientStore.open(path).complete
+    batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id)
+    store = collect_gradients(model, batches, "causal_lm", out=str(path),
+                              progress=config.progress)
+    return store, reused
+
+
+# ---------------------------------------------------------------- stage 5: scores
+class RowRange:
+    """Rows ``start:stop`` of a gradient source (a view)."""
+
+    def __init__(self, source, start: int, stop: int) -> None:
+        self.source, self.start, self.stop = source, start, stop
+        self.block_names = source.block_names
+        self.block_widths = source.block_widths
+        self.num_rows = stop - start
+
+    def iter_block(self, name: str, rows: int):
+        for first, chunk in self.source.iter_block(name, rows):
+            lo, hi = max(first, self.start), min(first + len(chunk), self.stop)
+            if lo < hi:
+                yield lo - self.start, chunk[lo - first : hi - first]
+
+
+def score_queries(config: Config, train_store, query_store, folder: Path | None):
+    """Per method: the top ``config.top`` most helpful and most harmful training examples of
+    every query ({"helpful": [(i, score)], "harmful": [...]} a query) and its seconds; with
+    ``folder``, the (m, n) float64 score matrix too, written as folder/METHOD.npy a batch of
+    queries at a time."""
+    import time
+
+    train = blocks_matching(train_store, config.blocks)
+    queries = blocks_matching(query_store, config.blocks)
+    if isinstance(train, BlockSubset):  # the same blocks, without re-reading the pattern
+        queries = BlockSubset(query_store, train.block_names)
+    n, m = train.num_rows, queries.num_rows
+    k = min(config.top, n)
+    tops: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+    for method in config.methods:
+        start = time.perf_counter()
+        est = estimator(method, damping=config.damping, progress=False, device=config.device)
+        est.fit(train)
+        matrix = None
+        if folder is not None:
+            matrix = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
+                                               dtype=np.float64, shape=(m, n))
+        tops[method] = []
+        for first in range(0, m, config.query_batch):
+            last = min(m, first + config.query_batch)
+            scores = est.score(RowRange(queries, first, last)).cpu().numpy()  # (q, n)
+            if matrix is not None:
+                matrix[first:last] = scores
+            tops[method] += [_top(row, k) for row in scores]
+        if matrix is not None:
+            matrix.flush()
+            del matrix
+        seconds[method] = time.perf_counter() - start
+    return tops, seconds
+
+
+def _top(row: np.ndarray, k: int) -> dict:
+    """The k most negative (helpful) and k most positive (harmful) entries of a score row, in
+    order, ties broken by the lower training index."""
+    order = np.lexsort((np.arange(len(row)), row))  # ascending score, then index
+    helpful = order[:k]
+    harmful = np.lexsort((np.arange(len(row)), -row))[:k]
+    return {"helpful": [(int(i), float(row[i])) for i in helpful],
+            "harmful": [(int(i), float(row[i])) for i in harmful]}
+
+
+# ---------------------------------------------------------------- outputs
+def write_outputs(config: Config, out: Path, train: list[ChatExample],
+                  queries: list[ChatExample], responses: list[str], generated: list[bool],
+                  tops: dict, seconds: dict, matrix_folder: Path | None, extra: dict) -> dict:
+    """scores.npz, top.jsonl, report.html, then summary.json (last: its presence says the run
+    is complete). Returns the summary."""
+    from .report import explain_generation_page
+
+    if matrix_folder is not None:
+        arrays = {m: np.load(matrix_folder / f"{m}.npy", mmap_mode="r") for m in tops}
+        tmp = out / "scores.npz.tmp.npz"
+        np.savez(tmp, **arrays)
+        del arrays
+        os.replace(tmp, out / "scores.npz")
+    rows = []
+    for j, query in enumerate(queries):
+        row = {"query": j, "line": query.line, "prompt": query.messages,
+               "response": responses[j], "generated": generated[j], **_kept(query)}
+        for method, per_query in tops.items():
+            row[method] = {side: [{"train": i, "line": train[i].line, "score": s,
+                                   "rank": r + 1, "prompt": train[i].prompt_text,
+                                   "response": train[i].response, **_kept(train[i])}
+                                  for r, (i, s) in enumerate(per_query[j][side])]
+                           for side in ("helpful", "harmful")}
+        rows.append(row)
+    write_atomic(out / "top.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    summary = {
+        "command": "explain-generation",
+        "config": {k: (list(v) if isinstance(v, tuple) else v)
+                   for k, v in asdict(config).items() if k != "stage_seconds"},
+        "n_train": len(train), "n_queries": len(queries),
+        "generated_answers": int(sum(generated)),
+        "methods": {m: {"label": LABELS[m], "seconds": round(s, 4)} for m, s in seconds.items()},
+        "sign": "negative = helpful (up-weighting the training example lowers the query's "
+                "loss), positive = harmful",
+        "outputs": [name for name in OUTPUTS if name != "scores.npz" or matrix_folder],
+        **extra,
+    }
+    summary["stage_seconds"] = {k: round(v, 2) for k, v in config.stage_seconds.items()}
+    write_atomic(out / "report.html", explain_generation_page(summary, rows, list(tops)))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _kept(example: ChatExample) -> dict:
+    return {"keys": example.extra} if example.extra else {}
+
+
+# ---------------------------------------------------------------- the job
+@dataclass
+class Prepared:
+    """The expensive stages' results, in the locked run folder ``out``."""
+
+    out: Path
+    train: list[ChatExample]
+    queries: list[ChatExample]
+    responses: list[str]
+    generated: list[bool]
+    model: object
+    tokenizer: object
+    source: str
+    history: dict | None
+    train_store: object
+    query_store: object
+    stages: Stages
+
+
+@contextmanager
+def prepared(config: Config):
+    """Runs (or reuses) every expensive stage and yields their results while ``out`` stays
+    locked. Settings and data are checked before anything expensive; ``out`` is claimed (its
+    run.json written) only once the model and adapter have loaded."""
+    check_settings(config)
+    stages = Stages(config.stage_seconds, lambda m: say(m, config.progress), config.out)
+    train = stages.timed("data", read_chat_jsonl, config.train, need_response=True,
+                         what="--train")
+    queries = read_chat_jsonl(config.queries, need_response=False, what="--queries")
+    record = {**config.expensive(), "train_fingerprint": fingerprint(config.train)}
+    with run_folder(Path(config.out), record) as out:
+        model, tokenizer, source = stages.timed("model", load_model, config, out)
+        encoded_train = encode_all(tokenizer, train, [e.response for e in train],
+                                   max_length=config.max_length, what="--train")
+        # the prompts alone must fit too, with room for an answer
+        encode_all(tokenizer, queries, [q.response for q in queries],
+                   max_length=config.max_length, what="--queries")
+        record_run(out, record)
+        for name in OUTPUTS:  # never leave results of other settings next to this run's
+            (out / name).unlink(missing_ok=True)
+        history = None
+        if source == "new":
+            history = stages.timed("fine-tuning", train_adapter, config, model, tokenizer,
+                                   encoded_train, out)
+        elif source == "reused":
+            stages.reuse("fine-tuning")
+            history = json.loads((out / "adapter" / "training.json").read_text())
+        folder = _query_folder(out, config, source)
+        responses, generated = stages.timed("answers", query_answers, config, model,
+                                            tokenizer, queries, folder)
+        encoded_queries = encode_all(tokenizer, queries, responses,
+                                     max_length=config.max_length + config.max_new_tokens,
+                                     what="--queries")
+        train_store, again = stages.timed("gradients", gradients, config, model, tokenizer,
+                                          encoded_train, out / "gradients" / "train")
+        query_store, again_q = stages.timed("query gradients", gradients, config, model,
+                                            tokenizer, encoded_queries, folder / "gradients")
+        if again:
+            stages.reuse("gradients")
+        if again_q:
+            stages.reuse("query gradients")
+        yield Prepared(out, train, queries, responses, generated, model, tokenizer, source,
+                       history, train_store, query_store, stages)
+
+
+def _query_folder(out: Path, config: Config, source: str) -> Path:
+    """out/query: the queries' answers and gradients, kept while the queries file, the
+    adapter and the generation length stay the same (otherwise emptied)."""
+    folder = out / "query"
+    key = {"queries": fingerprint(config.queries), "max_new_tokens": config.max_new_tokens,
+           "adapter": source if source == "given" else "trained here",
+           "adapter_fingerprint": _adapter_digest(out, config)}
+    path = folder / "query.json"
+    if folder.exists() and (not path.exists() or json.loads(path.read_text()) != key):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(key))
+    return folder
+
+
+def _adapter_digest(out: Path, config: Config) -> str:
+    folder = Path(config.adapter) if config.adapter else out / "adapter"
+    weights = folder / "adapter_model.safetensors"
+    return fingerprint(str(weights)) if weights.exists() else ""
+
+
+def run(config: Config) -> dict:
+    """Every stage; returns the summary (also written to out/summary.json)."""
+    with prepared(config) as p:
+        matrix_folder = None
+        if config.matrix:
+            matrix_folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
+        try:
+            tops, seconds = p.stages.timed("scoring", score_queries, config, p.train_store,
+                                           p.query_store, matrix_folder)
+            extra = {"adapter": p.source, "training": p.history,
+                     "reused_stages": p.stages.reused}
+            return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
+                                  p.responses, p.generated, tops, seconds, matrix_folder,
+                                  extra)
+        finally:
+            if matrix_folder is not None:
+                shutil.rmtree(matrix_folder, ignore_errors=True)
+
+
+__all__ = ["Config", "prepared", "run"]

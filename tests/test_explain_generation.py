@@ -1,0 +1,210 @@
+"""explain-generation: chat JSON lines, the response-only loss, the pipeline end to end on a
+tiny Llama with SmolLM2's chat template, top.jsonl against scores.npz, and bad input refused in
+one line with nothing that looks complete left behind."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from datainf.chat import IGNORE, encode_all, lm_batches, read_chat_jsonl
+from datainf.cli import main
+from datainf.generation import response_loss
+
+TOPICS = {"colour": ["red", "blue", "green"], "animal": ["cat", "dog", "fox"]}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def train_records():
+    records = []
+    for topic, words in TOPICS.items():
+        for i, word in enumerate(words * 2):
+            if i % 2:
+                records.append({"messages": [{"role": "user", "content": f"Name a {topic}."},
+                                             {"role": "assistant", "content": word}],
+                                "topic": topic})
+            else:
+                records.append({"prompt": f"Give me one {topic}.", "response": word,
+                                "topic": topic})
+    return records
+
+
+@pytest.fixture
+def files(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", train_records())
+    queries = write_jsonl(tmp_path / "queries.jsonl", [
+        {"prompt": "Name a colour.", "response": "blue"},
+        {"messages": [{"role": "user", "content": "Name an animal."},
+                      {"role": "assistant", "content": "fox"}], "id": "q2"},
+        {"prompt": "Give me one animal."},  # answered by the model
+    ])
+    return train, queries
+
+
+def run(tiny_chat_model, train, queries, out, *extra):
+    return main(["explain-generation", "--train", train, "--queries", queries, "--model",
+               tiny_chat_model, "--out", str(out), "--epochs", "1", "--batch-size", "4",
+               "--max-new-tokens", "3", "--quiet", *map(str, extra)])
+
+
+def test_formats_are_read_with_their_keys(files):
+    train = read_chat_jsonl(files[0], need_response=True, what="--train")
+    assert len(train) == 12 and train[0].response == "red"
+    assert train[1].messages == [{"role": "user", "content": "Name a colour."}]
+    assert train[1].extra == {"topic": "colour"} and train[1].chat_format
+    queries = read_chat_jsonl(files[1], need_response=False, what="--queries")
+    assert [q.response for q in queries] == ["blue", "fox", None]
+    assert queries[1].extra == {"id": "q2"} and queries[2].line == 3
+
+
+def test_only_response_tokens_are_scored(tiny_chat_model, files):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float64).eval()
+    examples = read_chat_jsonl(files[0], need_response=True, what="--train")[:2]
+    encoded = encode_all(tokenizer, examples, [e.response for e in examples], max_length=128,
+                         what="--train")
+    # the prompt is the chat template up to the assistant's turn; the response follows it
+    text = tokenizer.decode(encoded.ids[0][encoded.prompt_lengths[0]:])
+    assert text.startswith("red") and "<|im_end|>" in text
+    assert tokenizer.decode(encoded.ids[0][: encoded.prompt_lengths[0]]).endswith(
+        "<|im_start|>assistant\n")
+    batch = lm_batches(encoded, 2, tokenizer.pad_token_id)[0]
+    for row, n_prompt in enumerate(encoded.prompt_lengths):
+        n = len(encoded.ids[row])
+        assert (batch["labels"][row, :n_prompt] == IGNORE).all()
+        assert (batch["labels"][row, n_prompt:n] == batch["input_ids"][row, n_prompt:n]).all()
+        assert (batch["labels"][row, n:] == IGNORE).all()
+    with torch.no_grad():
+        loss = response_loss(model, batch)
+        # by hand, each example alone and unpadded: mean -log p(token t | tokens < t), response
+        for row, n_prompt in enumerate(encoded.prompt_lengths):
+            ids = torch.tensor([encoded.ids[row]])
+            logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            targets = ids[0, 1:]
+            nll = -logp[torch.arange(len(targets)), targets][n_prompt - 1:]
+            assert loss[row].item() == pytest.approx(nll.mean().item(), rel=1e-9)
+        # a prompt token changed changes the condition, not what is scored: a response token
+        # changed changes the scored likelihood
+        changed = {k: v.clone() for k, v in batch.items()}
+        p = encoded.prompt_lengths[0]
+        changed["labels"][0, 2] = 17  # a prompt position given a label ...
+        changed["labels"][0, 2] = IGNORE  # ... is always -100 again in our batches
+        assert torch.equal(response_loss(model, changed), loss)
+        changed["input_ids"][0, p] = changed["labels"][0, p] = 17
+        assert response_loss(model, changed)[0] != loss[0]
+
+
+def test_end_to_end(tiny_chat_model, files, tmp_path):
+    out = tmp_path / "run"
+    assert run(tiny_chat_model, *files, out, "--methods", "datainf,hessian_free,cosine",
+               "--top", "3") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 12 and summary["n_queries"] == 3
+    assert summary["generated_answers"] == 1
+    scores = np.load(out / "scores.npz")
+    assert set(scores.files) == {"datainf", "hessian_free", "cosine"}
+    assert all(scores[m].shape == (3, 12) and np.isfinite(scores[m]).all() for m in scores)
+    assert np.abs(scores["cosine"]).max() <= 1 + 1e-6
+    rows = [json.loads(line) for line in (out / "top.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[2]["generated"] and isinstance(rows[2]["response"], str)
+    for j, row in enumerate(rows):
+        for method in scores.files:
+            s = scores[method][j]
+            helpful = [x["train"] for x in row[method]["helpful"]]
+            harmful = [x["train"] for x in row[method]["harmful"]]
+            assert helpful == list(np.argsort(s, kind="stable")[:3])
+            assert harmful == list(np.argsort(-s, kind="stable")[:3])
+            assert [x["score"] for x in row[method]["helpful"]] == [s[i] for i in helpful]
+            assert row[method]["helpful"][0]["keys"]["topic"] in TOPICS
+    assert rows[1]["keys"] == {"id": "q2"}
+    page = (out / "report.html").read_text()
+    assert "most helpful" in page and "Cosine" in page
+    # repeated with new queries: the adapter and the training gradients are reused
+    adapter = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    queries = write_jsonl(tmp_path / "q2.jsonl", [{"prompt": "Name a colour.",
+                                                   "response": "green"}])
+    assert run(tiny_chat_model, files[0], queries, out, "--no-matrix") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_queries"] == 1 and "gradients" in summary["reused_stages"]
+    assert "fine-tuning" in summary["reused_stages"] and not (out / "scores.npz").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter
+
+
+def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
+    """Queries scored one at a time (the streaming path) give the scores of one batch."""
+    from dataclasses import replace
+
+    from datainf.generation import Config, score_queries
+    from datainf.store import GradientStore
+
+    out = tmp_path / "run"
+    assert run(tiny_chat_model, *files, out, "--methods", "datainf") == 0
+    train = GradientStore.open(out / "gradients" / "train")
+    queries = GradientStore.open(out / "query" / "gradients")
+    config = Config(methods=("datainf",), top=2)
+    whole, _ = score_queries(config, train, queries, None)
+    (tmp_path / "m").mkdir()
+    single, _ = score_queries(replace(config, query_batch=1), train, queries, tmp_path / "m")
+    matrix = np.load(tmp_path / "m" / "datainf.npy")
+    assert np.allclose(matrix, np.load(out / "scores.npz")["datainf"], rtol=1e-6, atol=0)
+    assert [t["helpful"][0][0] for t in whole["datainf"]] == \
+        [t["helpful"][0][0] for t in single["datainf"]]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "line 2: not valid JSON"),
+    ('{"text": "x"}', 'line 2: no "prompt" or "messages" key'),
+    ('{"prompt": "  ", "response": "x"}', "line 2: the prompt is empty"),
+    ('{"prompt": "x", "response": ""}', "line 2: the response is empty"),
+    ('{"prompt": "x"}', "line 2: no response"),
+    ('{"messages": [{"role": "user"}]}', '"messages" must be a non-empty list'),
+])
+def test_bad_training_lines(tiny_chat_model, files, tmp_path, capsys, line, message):
+    good = (tmp_path / "train.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([good[0], line, *good[1:]]) + "\n")
+    out = tmp_path / "run"
+    assert run(tiny_chat_model, str(bad), files[1], out) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "--train" in err
+    assert not out.exists()
+
+
+def test_too_long_is_refused_not_cut(tiny_chat_model, files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny_chat_model, *files, out, "--max-length", "30") == 2
+    err = capsys.readouterr().err
+    assert "longer than --max-length 30 tokens" in err and "raise --max-length" in err
+    assert not (out / "summary.json").exists() and not (out / "run.json").exists()
+
+
+def test_messages_need_a_chat_template(tiny_chat_model, files, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_chat_model, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    assert run(str(model), *files, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert '"messages" need a model with a chat template' in err
+
+
+def test_adapter_of_another_model_is_refused(tiny_chat_model, tiny_model, files, tmp_path,
+                                             capsys):
+    out = tmp_path / "first"
+    assert run(tiny_chat_model, *files, out, "--methods", "datainf") == 0
+    capsys.readouterr()
+    assert run(tiny_model, *files, tmp_path / "second", "--adapter", str(out / "adapter")) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("datainf: error:")
+    assert not (tmp_path / "second" / "summary.json").exists()
