@@ -61,19 +61,6 @@ def csv_file(tmp_path):
 def tiny_chat_model(tmp_path_factory):
     """Folder of a 2-layer Llama causal LM with SmolLM2's tokenizer and chat template (read
     from the shipped GGUF file), saved like any HF checkpoint: explain-generation in seconds."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from datainf.models import tiny_chat_model
 
-    from datainf.models import smollm2_gguf
-
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    folder = tmp_path_factory.mktemp("tiny-llama-chat")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(tiny_chat_model(tmp_path_factory.mktemp("chat") / "tiny-llama-chat"))

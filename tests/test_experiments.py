@@ -175,3 +175,39 @@ def test_gain_over_random_and_verdict_by_hand():
     gains = gains_over_random(pd.DataFrame(rows))
     said = verdict({"gain_over_random": gains}, (0.2,))
     assert said.startswith("Act on Training loss") and "+0.110" in said
+
+
+@pytest.mark.slow
+def test_generation_quick(tmp_path):
+    """experiment generation --quick: the synthetic task written as JSON lines, every method's
+    class-detection AUC and recall recomputed from the run's own stores, accuracy before and
+    after fine-tuning, the report; a second run reuses every expensive stage."""
+    from datainf.experiments.generation import METHODS
+    from datainf.metrics import class_detection
+
+    out = tmp_path / "gen"
+    assert main(["experiment", "generation", "--quick", "--quiet", "--task", "math",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 30 and summary["n_test"] == 10
+    assert set(summary["methods"]) == set(METHODS)
+    assert {"before", "after"} <= set(summary["accuracy"])
+    assert "converged" in summary["methods"]["lissa"]
+    train = [json.loads(x) for x in (out / "data" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
+    assert sorted({r["class"] for r in train}) == list(range(10))
+    stores = [GradientStore.open(out / "run" / p) for p in ("gradients/train",
+                                                            "query/gradients")]
+    scores = DataInf().fit(stores[0]).score(stores[1]).numpy()
+    expected = class_detection(scores, np.array([r["class"] for r in train]),
+                               np.array([r["class"] for r in test]))
+    assert summary["methods"]["datainf"]["auc"] == pytest.approx(expected["auc"].mean(),
+                                                                 abs=1e-4)
+    assert summary["methods"]["datainf"]["recall"] == pytest.approx(
+        expected["recall"].mean(), abs=1e-4)
+    assert "paper AUC / recall" in (out / "report.html").read_text()
+    assert main(["experiment", "generation", "--quick", "--quiet", "--task", "math",
+                 "--out", str(out)]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["methods"]["datainf"]["auc"] == summary["methods"]["datainf"]["auc"]
+    assert "fine-tuning" not in again["stage_seconds"]

@@ -149,9 +149,10 @@ def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
     train = GradientStore.open(out / "gradients" / "train")
     queries = GradientStore.open(out / "query" / "gradients")
     config = Config(methods=("datainf",), top=2)
-    whole, _ = score_queries(config, train, queries, None)
+    whole, _, _ = score_queries(config, train, queries, None)
     (tmp_path / "m").mkdir()
-    single, _ = score_queries(replace(config, query_batch=1), train, queries, tmp_path / "m")
+    single, _, _ = score_queries(replace(config, query_batch=1), train, queries,
+                                 tmp_path / "m")
     matrix = np.load(tmp_path / "m" / "datainf.npy")
     assert np.allclose(matrix, np.load(out / "scores.npz")["datainf"], rtol=1e-6, atol=0)
     assert [t["helpful"][0][0] for t in whole["datainf"]] == \

@@ -159,3 +159,20 @@ def test_detection_auc_and_curve_by_hand():
     inspected, found = detection_curve(np.array(scores), np.array(flagged))
     assert inspected.tolist() == [0, 0.25, 0.5, 0.75, 1]
     assert found.tolist() == [0, 0.5, 0.5, 1, 1]
+
+
+def test_class_detection_by_hand():
+    from datainf.metrics import class_detection
+
+    train = np.array([0, 0, 1, 1, 1])
+    # test 0 (class 0): scores -3, -1 for its class; -2, 0, 1 for the others: of the 2 x 3 pairs
+    # (same, other) the same-class example is more helpful (more negative) in 5 of 6 -> 5/6;
+    # the 2 most helpful are examples 0 (-3) and 2 (-2): recall 1/2
+    # test 1 (class 1): every class-1 example below every class-0 one -> AUC 1, recall 1
+    scores = np.array([[-3.0, -1.0, -2.0, 0.0, 1.0],
+                       [5.0, 4.0, -1.0, -2.0, 0.5]])
+    got = class_detection(scores, train, np.array([0, 1]))
+    assert got["auc"] == pytest.approx([5 / 6, 1.0])
+    assert got["recall"] == pytest.approx([0.5, 1.0])
+    with pytest.raises(DataInfError, match="must be among the training classes"):
+        class_detection(scores[:1], train, np.array([2]))

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,7 +252,8 @@ class RowRange:
 
 def score_queries(config: Config, train_store, query_store, folder: Path | None):
     """Per method: the top ``config.top`` most helpful and most harmful training examples of
-    every query ({"helpful": [(i, score)], "harmful": [...]} a query) and its seconds; with
+    every query ({"helpful": [(i, score)], "harmful": [...]} a query), its seconds and notes
+    (LiSSA: whether it converged); with
     ``folder``, the (m, n) float64 score matrix too, written as folder/METHOD.npy a batch of
     queries at a time."""
     import time
@@ -264,6 +266,7 @@ def score_queries(config: Config, train_store, query_store, folder: Path | None)
     k = min(config.top, n)
     tops: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
+    notes: dict[str, dict] = {}
     for method in config.methods:
         start = time.perf_counter()
         est = estimator(method, damping=config.damping, progress=False, device=config.device)
@@ -273,17 +276,23 @@ def score_queries(config: Config, train_store, query_store, folder: Path | None)
             matrix = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
                                                dtype=np.float64, shape=(m, n))
         tops[method] = []
+        converged = True
         for first in range(0, m, config.query_batch):
             last = min(m, first + config.query_batch)
-            scores = est.score(RowRange(queries, first, last)).cpu().numpy()  # (q, n)
+            with warnings.catch_warnings():  # LiSSA's convergence is reported in the summary
+                warnings.simplefilter("ignore", RuntimeWarning)
+                scores = est.score(RowRange(queries, first, last)).cpu().numpy()  # (q, n)
+            converged = converged and getattr(est, "converged_", True)
             if matrix is not None:
                 matrix[first:last] = scores
             tops[method] += [_top(row, k) for row in scores]
+        if method == "lissa":
+            notes[method] = {"converged": bool(converged)}
         if matrix is not None:
             matrix.flush()
             del matrix
         seconds[method] = time.perf_counter() - start
-    return tops, seconds
+    return tops, seconds, notes
 
 
 def _top(row: np.ndarray, k: int) -> dict:
@@ -299,7 +308,8 @@ def _top(row: np.ndarray, k: int) -> dict:
 # ---------------------------------------------------------------- outputs
 def write_outputs(config: Config, out: Path, train: list[ChatExample],
                   queries: list[ChatExample], responses: list[str], generated: list[bool],
-                  tops: dict, seconds: dict, matrix_folder: Path | None, extra: dict) -> dict:
+                  tops: dict, seconds: dict, notes: dict, matrix_folder: Path | None,
+                  extra: dict) -> dict:
     """scores.npz, top.jsonl, report.html, then summary.json (last: its presence says the run
     is complete). Returns the summary."""
     from .report import explain_generation_page
@@ -328,7 +338,8 @@ def write_outputs(config: Config, out: Path, train: list[ChatExample],
                    for k, v in asdict(config).items() if k != "stage_seconds"},
         "n_train": len(train), "n_queries": len(queries),
         "generated_answers": int(sum(generated)),
-        "methods": {m: {"label": LABELS[m], "seconds": round(s, 4)} for m, s in seconds.items()},
+        "methods": {m: {"label": LABELS[m], "seconds": round(s, 4), **notes.get(m, {})}
+                    for m, s in seconds.items()},
         "sign": "negative = helpful (up-weighting the training example lowers the query's "
                 "loss), positive = harmful",
         "outputs": [name for name in OUTPUTS if name != "scores.npz" or matrix_folder],
@@ -437,13 +448,13 @@ def run(config: Config) -> dict:
         if config.matrix:
             matrix_folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
         try:
-            tops, seconds = p.stages.timed("scoring", score_queries, config, p.train_store,
-                                           p.query_store, matrix_folder)
+            tops, seconds, notes = p.stages.timed("scoring", score_queries, config,
+                                                  p.train_store, p.query_store, matrix_folder)
             extra = {"adapter": p.source, "training": p.history,
                      "reused_stages": p.stages.reused}
             return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
-                                  p.responses, p.generated, tops, seconds, matrix_folder,
-                                  extra)
+                                  p.responses, p.generated, tops, seconds, notes,
+                                  matrix_folder, extra)
         finally:
             if matrix_folder is not None:
                 shutil.rmtree(matrix_folder, ignore_errors=True)

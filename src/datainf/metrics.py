@@ -150,3 +150,32 @@ def mean_interval(
     t = float(stats.t.ppf((1 + level) / 2, v.size - 1))
     half = t * float(v.std(ddof=1)) / math.sqrt(v.size)
     return mean, mean - half, mean + half
+
+
+def class_detection(scores: np.ndarray, train_classes: np.ndarray,
+                    test_classes: np.ndarray) -> dict[str, np.ndarray]:
+    """The paper's influential-data identification metrics, per test example (pairwise scores
+    (m, n), the paper's sign: negative = helpful):
+
+    - ``auc``: AUC of -score_j against the indicator "training example of test j's class";
+    - ``recall``: share of test j's class among the s most helpful (most negative) training
+      examples, s = the number of training examples of that class.
+
+    Returns {"auc": (m,), "recall": (m,)}; average them over test examples to report.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    train_classes, test_classes = np.asarray(train_classes), np.asarray(test_classes)
+    if scores.shape != (len(test_classes), len(train_classes)):
+        raise DataInfError(f"scores of shape {scores.shape} do not match {len(test_classes)} "
+                           f"test and {len(train_classes)} training classes")
+    auc, recall = np.empty(len(test_classes)), np.empty(len(test_classes))
+    for j, cls in enumerate(test_classes):
+        same = train_classes == cls
+        s = int(same.sum())
+        if s == 0 or s == len(same):
+            raise DataInfError(f"test example {j}: its class {cls!r} must be among the training "
+                               "classes, and not the only one")
+        auc[j] = roc_auc_score(same, -scores[j])
+        helpful = np.argsort(scores[j], kind="stable")[:s]
+        recall[j] = same[helpful].mean()
+    return {"auc": auc, "recall": recall}

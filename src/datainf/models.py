@@ -394,3 +394,29 @@ def check_model_name(name_or_path: str | os.PathLike) -> None:
         smollm2_gguf()
     else:
         _resolve(name_or_path)
+
+
+def tiny_chat_model(folder: str | os.PathLike) -> Path:
+    """A 2-layer Llama causal LM with SmolLM2's tokenizer and chat template, built from a config
+    (random weights) and saved in ``folder`` once: for --quick runs and tests, never for
+    results."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    if _is_complete(folder):
+        return folder
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LlamaForCausalLM(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder

@@ -1,0 +1,172 @@
+"""The paper's text-generation study (Table 2, LLM rows): which training examples does each
+method find behind a test answer, on the three synthetic tasks of :mod:`datainf.synthetic`?
+
+It runs the explain-generation pipeline itself (one pipeline, two front doors): the task's 900
+training examples are the fine-tuning data, its 100 test examples, with their true responses,
+the queries. Per method, on the pairwise scores: the class-detection AUC and the recall (see
+:func:`datainf.metrics.class_detection`), mean and standard deviation over test examples as
+the paper reports them; and the exact-match test accuracy of greedy answers before and after
+fine-tuning (the paper's Table 4).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import generation
+from ..metrics import class_detection
+from ..runs import say, write_atomic
+from ..synthetic import make_task
+from .common import page
+
+METHODS = ("datainf", "hessian_free", "exact", "lissa", "datainf_normalized", "cosine")
+# the paper's Table 2 (Llama-2-13B-chat): (AUC, recall)
+PAPER = {
+    "sentence-transformations": {"hessian_free": (0.999, 0.985), "datainf": (1.000, 0.997)},
+    "math": {"hessian_free": (0.770, 0.258), "datainf": (1.000, 0.999)},
+    "math-reasoning": {"hessian_free": (0.772, 0.258), "datainf": (1.000, 0.996)},
+}
+
+
+@dataclass
+class Study:
+    """The task, its size, and the explain-generation settings used for it."""
+
+    task: str
+    job: generation.Config
+    per_class: int = 100
+    test_per_class: int = 10
+    seed: int = 0
+    shown: int = 3           # test examples shown with their top training examples
+
+
+def run(study: Study) -> dict:
+    """Writes summary.json, generation.csv and report.html into the job's parent folder
+    (``--out``) and returns the summary."""
+    out = Path(study.job.out).parent
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    train, test = make_task(study.task, per_class=study.per_class,
+                            test_per_class=study.test_per_class, seed=study.seed)
+    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+        write_atomic(data / name, "".join(json.dumps(r) + "\n" for r in rows))
+    job = replace(study.job, train=str(data / "train.jsonl"), queries=str(data / "test.jsonl"))
+    train_classes = np.array([r["class"] for r in train])
+    test_classes = np.array([r["class"] for r in test])
+    with generation.prepared(job) as p:
+        accuracy = p.stages.timed("accuracy", _accuracy, job, p)
+        folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
+        try:
+            tops, seconds, notes = p.stages.timed("scoring", generation.score_queries, job,
+                                                  p.train_store, p.query_store, folder)
+            metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
+                                          test_classes) for m in job.methods}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        history = p.history
+        stage_seconds = {k: round(v, 1) for k, v in job.stage_seconds.items()}
+        examples = _shown(study, p, tops, train, test)
+    table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),
+                           "recall_mean": v["recall"].mean(),
+                           "recall_std": v["recall"].std(), "seconds": seconds[m]}
+                          for m, v in metrics.items()])
+    summary = {
+        "experiment": "generation", "task": study.task, "n_train": len(train),
+        "n_test": len(test), "model": job.model, "lora_r": job.lora_r,
+        "epochs": job.epochs, "learning_rate": job.learning_rate, "accuracy": accuracy,
+        "training": history, "stage_seconds": stage_seconds,
+        "methods": {r.method: {"auc": round(r.auc_mean, 4), "auc_std": round(r.auc_std, 4),
+                               "recall": round(r.recall_mean, 4),
+                               "recall_std": round(r.recall_std, 4),
+                               "seconds": round(r.seconds, 3), **notes.get(r.method, {})}
+                    for r in table.itertuples()},
+        "paper": {m: {"auc": a, "recall": r} for m, (a, r) in PAPER.get(study.task, {}).items()},
+    }
+    table.to_csv(out / "generation.csv.tmp", index=False)
+    Path(out / "generation.csv.tmp").replace(out / "generation.csv")
+    write_atomic(out / "report.html", _report(summary, examples))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    say(f"experiment generation done: {out}/report.html", job.progress)
+    return summary
+
+
+def _accuracy(job: generation.Config, p: generation.Prepared) -> dict:
+    """Exact-match accuracy of greedy answers to the test prompts, before fine-tuning (the
+    adapter disabled) and after; kept in the run folder while the adapter stays."""
+    path = p.out / "query" / "accuracy.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    answers = {}
+    with p.model.disable_adapter():
+        answers["before"] = generation.greedy_answers(
+            p.model, p.tokenizer, p.queries, max_new_tokens=job.max_new_tokens,
+            batch_size=job.batch_size, progress=job.progress)
+    answers["after"] = generation.greedy_answers(
+        p.model, p.tokenizer, p.queries, max_new_tokens=job.max_new_tokens,
+        batch_size=job.batch_size, progress=job.progress)
+    truth = [q.response.strip() for q in p.queries]
+    result = {k: round(float(np.mean([a == t for a, t in zip(v, truth, strict=True)])), 4)
+              for k, v in answers.items()}
+    result["examples"] = [{"prompt": q.prompt_text, "truth": t, "before": b, "after": a}
+                          for q, t, b, a in list(zip(p.queries, truth, answers["before"],
+                                                     answers["after"], strict=True))[:5]]
+    write_atomic(path, json.dumps(result, indent=2))
+    return result
+
+
+def _shown(study: Study, p, tops: dict, train: list[dict], test: list[dict]) -> list[dict]:
+    """A few test examples (spread over the classes) with DataInf's three most and least
+    influential training examples: the paper's Figure 3 in text form."""
+    per = max(1, len(test) // study.shown)
+    shown = []
+    for j in range(0, len(test), per)[: study.shown]:
+        top = tops["datainf"][j] if "datainf" in tops else next(iter(tops.values()))[j]
+        shown.append({"test": test[j], "helpful": [train[i] | {"score": s}
+                                                   for i, s in top["helpful"][:3]],
+                      "harmful": [train[i] | {"score": s} for i, s in top["harmful"][:3]]})
+    return shown
+
+
+def _report(summary: dict, examples: list[dict]) -> str:
+    e = html.escape
+    paper = summary["paper"]
+    rows = "".join(
+        f"<tr><td>{e(generation.LABELS[m])}</td><td>{v['auc']:.3f} ± {v['auc_std']:.3f}</td>"
+        f"<td>{v['recall']:.3f} ± {v['recall_std']:.3f}</td><td>{v['seconds']:.2f}</td><td>"
+        + (f"{paper[m]['auc']:.3f} / {paper[m]['recall']:.3f}" if m in paper else "–")
+        + "</td></tr>" for m, v in summary["methods"].items())
+    acc = summary["accuracy"]
+
+    def listed(items):
+        return "".join(f"<li><span class='note'>class {x['class']}, {x['score']:+.3g}</span> "
+                       f"{e(x['prompt'])} → <i>{e(x['response'])}</i></li>" for x in items)
+
+    figure3 = "".join(
+        f"<h3>Test: {e(x['test']['prompt'])} → <i>{e(x['test']['response'])}</i> "
+        f"<span class='note'>(class {x['test']['class']})</span></h3><table><tr><th>most "
+        f"helpful (DataInf)</th><th>most harmful</th></tr><tr><td><ol>{listed(x['helpful'])}"
+        f"</ol></td><td><ol>{listed(x['harmful'])}</ol></td></tr></table>" for x in examples)
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items())
+    intro = (f"Task <b>{e(summary['task'])}</b>: {summary['n_train']} training and "
+             f"{summary['n_test']} test examples, 10 classes. Model "
+             f"<code>{e(summary['model'])}</code>, LoRA rank {summary['lora_r']}, "
+             f"{summary['epochs']} epochs at {summary['learning_rate']:g}. Exact-match test "
+             f"accuracy of greedy answers: {acc['before']:.2f} before fine-tuning, "
+             f"{acc['after']:.2f} after. Stages: {e(timing)}.")
+    head = ("<tr><th>method</th><th>AUC</th><th>recall</th><th>seconds</th>"
+            "<th>paper AUC / recall</th></tr>")
+    body = ("<h2>Identifying the training examples of the test example's class</h2>"
+            "<p class='note'>Class-detection AUC and recall (share of the class among the s "
+            "most helpful, s = training examples per class), mean ± standard deviation over "
+            "the test examples; the paper's numbers are for Llama-2-13B-chat.</p>"
+            f"<table>{head}{rows}</table>"
+            f"<h2>Examples (the paper's Figure 3 in text form)</h2>{figure3}")
+    return page("Text generation: influential training examples", intro, body)
