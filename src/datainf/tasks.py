@@ -106,9 +106,8 @@ class CausalLM:
                 f"inputs of shape {tuple(reference.shape[:2])}; give one label per token, "
                 "-100 where a token is not scored"
             )
-        logits = model(**inputs).logits
         # next-token prediction: position t predicts token t + 1
-        targets = labels[:, 1:].to(logits.device)
+        targets = labels[:, 1:]
         scored = targets != -100
         counts = scored.sum(1)
         if (counts == 0).any():
@@ -117,6 +116,14 @@ class CausalLM:
                 f"task 'causal_lm': example {int(rows[b])} has no scored tokens (every label "
                 "is -100); give its response tokens their ids as labels"
             )
+        # logits only from the first position that predicts a scored token on (the vocabulary
+        # projection of prompt positions is wasted work): positions first..T-1
+        first = int(scored.any(0).nonzero()[0])
+        if first > 0 and _accepts(model, "logits_to_keep"):
+            inputs["logits_to_keep"] = labels.shape[1] - first
+            targets, scored = targets[:, first:], scored[:, first:]
+        logits = model(**inputs).logits
+        targets, scored = targets.to(logits.device), scored.to(logits.device)
         nll = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
             targets.masked_fill(~scored, 0).reshape(-1),
