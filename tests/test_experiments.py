@@ -33,7 +33,8 @@ def test_quick_runs_share_the_cache(tmp_path):
     summary = json.loads((tmp_path / "approximation" / "summary.json").read_text())
     table = pd.read_csv(tmp_path / "approximation" / "approximation.csv")
     assert summary["ranks"] == [4] and summary["runs"] == 2
-    assert len(table) == 2 * 3 and set(table["method"]) == {"datainf", "lissa", "hessian_free"}
+    assert len(table) == 2 * 5 and set(table["method"]) == {
+        "datainf", "lissa", "hessian_free", "datainf_normalized", "cosine"}
     assert table[["pearson", "spearman"]].abs().le(1 + 1e-12).all().all()
     assert table["top10_overlap"].between(0, 1).all()
     # the Pearson correlation of a cell, recomputed from its cached stores
@@ -82,7 +83,7 @@ def test_interrupted_experiment_goes_on(tiny_model, csv_file, tmp_path, monkeypa
     monkeypatch.setattr(approximation, "scores_of", original)
     assert experiment("approximation", tmp_path, *args) == 0
     assert adapters(tmp_path / "cache") == done
-    assert len(pd.read_csv(tmp_path / "approximation" / "approximation.csv")) == 2 * 3
+    assert len(pd.read_csv(tmp_path / "approximation" / "approximation.csv")) == 2 * 5
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -45,8 +45,9 @@ class ChatExample:
 
     @property
     def prompt_text(self) -> str:
-        """The prompt as one text, for reports: the turns' contents, one per line."""
-        return "\n".join(m["content"] for m in self.messages)
+        """The prompt as one text, for reports: the contents of its turns other than system
+        turns, one per line."""
+        return "\n".join(m["content"] for m in self.messages if m["role"] != "system")
 
 
 def read_chat_jsonl(path: str | Path, *, need_response: bool, what: str) -> list[ChatExample]:

@@ -27,6 +27,7 @@ from ..runs import say, write_atomic
 from ..synthetic import make_task
 from .common import page
 
+SYSTEM = "You are a helpful assistant."
 METHODS = ("datainf", "hessian_free", "exact", "lissa", "datainf_normalized", "cosine")
 # the paper's Table 2 (Llama-2-13B-chat): (AUC, recall)
 PAPER = {
@@ -57,7 +58,7 @@ def run(study: Study) -> dict:
     train, test = make_task(study.task, per_class=study.per_class,
                             test_per_class=study.test_per_class, seed=study.seed)
     for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
-        write_atomic(data / name, "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(data / name, "".join(json.dumps(_chat(r)) + "\n" for r in rows))
     job = replace(study.job, train=str(data / "train.jsonl"), queries=str(data / "test.jsonl"))
     train_classes = np.array([r["class"] for r in train])
     test_classes = np.array([r["class"] for r in test])
@@ -96,6 +97,15 @@ def run(study: Study) -> dict:
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     say(f"experiment generation done: {out}/report.html", job.progress)
     return summary
+
+
+def _chat(row: dict) -> dict:
+    """An example in TRL's chat format with a short system turn (SmolLM2's template would
+    otherwise add its own 20-token system prompt to every example)."""
+    return {"messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": row["response"]}],
+            "class": row["class"]}
 
 
 def _accuracy(job: generation.Config, p: generation.Prepared) -> dict:
