@@ -310,10 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_explain_generation(sub)
 
-    x = sub.add_parser("experiment", help="the paper's studies: approximation, mislabeled; "
-                       "and removal",
-                       description="The DataInf paper's experiments on the detect-mislabeled "
-                       "pipeline, over LoRA ranks and runs (seeds).")
+    x = sub.add_parser("experiment", help="the paper's studies: approximation, mislabeled, "
+                       "generation; and removal",
+                       description="The DataInf paper's experiments: approximation, "
+                       "mislabeled and removal on the detect-mislabeled pipeline over LoRA ranks "
+                       "and runs (seeds); generation on the explain-generation pipeline.")
     xs = x.add_subparsers(dest="experiment", required=True)
     for name, text in (("approximation", "each method's correlation with Exact across LoRA "
                         "ranks (the paper's Figure 1)"),
