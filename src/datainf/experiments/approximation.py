@@ -87,7 +87,7 @@ def _report(settings: Settings, summary: dict) -> str:
     rows = "".join(
         f"<tr><td>{r}</td><td>{e(LABELS[m])}</td><td>{shown(per[r][m]['pearson'])}</td>"
         f"<td>{shown(per[r][m]['spearman'])}</td><td>{shown(per[r][m]['top10_overlap'])}</td>"
-        f"<td>{PAPER_MRPC_RANK1[m] if r == '1' else ''}</td></tr>"
+        f"<td>{PAPER_MRPC_RANK1.get(m, '') if r == '1' else ''}</td></tr>"
         for r in ranks for m in COMPARED)
     exact = "".join(f"<tr><td>{r}</td><td>{shown(summary['exact_seconds'][r])}</td></tr>"
                     for r in ranks)
