@@ -174,5 +174,9 @@ def test_class_detection_by_hand():
     got = class_detection(scores, train, np.array([0, 1]))
     assert got["auc"] == pytest.approx([5 / 6, 1.0])
     assert got["recall"] == pytest.approx([0.5, 1.0])
+    # |scores| of test 0: its class has 3 and 1, the others 2, 0 and 1: the class is larger in
+    # 4 of the 6 pairs and tied in 1 (counts half) -> 4.5 / 6 = 0.75; test 1: its class has 1,
+    # 2 and 0.5, the others 5 and 4: smaller in every pair -> 0
+    assert got["auc_magnitude"] == pytest.approx([0.75, 0.0])
     with pytest.raises(DataInfError, match="must be among the training classes"):
         class_detection(scores[:1], train, np.array([2]))

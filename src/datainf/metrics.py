@@ -159,16 +159,19 @@ def class_detection(scores: np.ndarray, train_classes: np.ndarray,
 
     - ``auc``: AUC of -score_j against the indicator "training example of test j's class";
     - ``recall``: share of test j's class among the s most helpful (most negative) training
-      examples, s = the number of training examples of that class.
+      examples, s = the number of training examples of that class;
+    - ``auc_magnitude`` (ours, a diagnostic): AUC of |score_j|, whether the class stands out
+      by the size of its influence whatever its sign.
 
-    Returns {"auc": (m,), "recall": (m,)}; average them over test examples to report.
+    Returns {"auc": (m,), "recall": (m,), "auc_magnitude": (m,)}; average them over test
+    examples to report.
     """
     scores = np.asarray(scores, dtype=np.float64)
     train_classes, test_classes = np.asarray(train_classes), np.asarray(test_classes)
     if scores.shape != (len(test_classes), len(train_classes)):
         raise DataInfError(f"scores of shape {scores.shape} do not match {len(test_classes)} "
                            f"test and {len(train_classes)} training classes")
-    auc, recall = np.empty(len(test_classes)), np.empty(len(test_classes))
+    auc, recall, magnitude = (np.empty(len(test_classes)) for _ in range(3))
     for j, cls in enumerate(test_classes):
         same = train_classes == cls
         s = int(same.sum())
@@ -176,6 +179,7 @@ def class_detection(scores: np.ndarray, train_classes: np.ndarray,
             raise DataInfError(f"test example {j}: its class {cls!r} must be among the training "
                                "classes, and not the only one")
         auc[j] = roc_auc_score(same, -scores[j])
+        magnitude[j] = roc_auc_score(same, np.abs(scores[j]))
         helpful = np.argsort(scores[j], kind="stable")[:s]
         recall[j] = same[helpful].mean()
-    return {"auc": auc, "recall": recall}
+    return {"auc": auc, "recall": recall, "auc_magnitude": magnitude}

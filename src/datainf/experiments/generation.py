@@ -77,7 +77,8 @@ def run(study: Study) -> dict:
         examples = _shown(study, p, tops, train, test)
     table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),
                            "recall_mean": v["recall"].mean(),
-                           "recall_std": v["recall"].std(), "seconds": seconds[m]}
+                           "recall_std": v["recall"].std(),
+                           "auc_magnitude": v["auc_magnitude"].mean(), "seconds": seconds[m]}
                           for m, v in metrics.items()])
     summary = {
         "experiment": "generation", "task": study.task, "n_train": len(train),
@@ -87,6 +88,7 @@ def run(study: Study) -> dict:
         "methods": {r.method: {"auc": round(r.auc_mean, 4), "auc_std": round(r.auc_std, 4),
                                "recall": round(r.recall_mean, 4),
                                "recall_std": round(r.recall_std, 4),
+                               "auc_magnitude": round(r.auc_magnitude, 4),
                                "seconds": round(r.seconds, 3), **notes.get(r.method, {})}
                     for r in table.itertuples()},
         "paper": {m: {"auc": a, "recall": r} for m, (a, r) in PAPER.get(study.task, {}).items()},
@@ -150,7 +152,8 @@ def _report(summary: dict, examples: list[dict]) -> str:
     paper = summary["paper"]
     rows = "".join(
         f"<tr><td>{e(generation.LABELS[m])}</td><td>{v['auc']:.3f} ± {v['auc_std']:.3f}</td>"
-        f"<td>{v['recall']:.3f} ± {v['recall_std']:.3f}</td><td>{v['seconds']:.2f}</td><td>"
+        f"<td>{v['recall']:.3f} ± {v['recall_std']:.3f}</td><td>{v['auc_magnitude']:.3f}</td>"
+        f"<td>{v['seconds']:.2f}</td><td>"
         + (f"{paper[m]['auc']:.3f} / {paper[m]['recall']:.3f}" if m in paper else "–")
         + "</td></tr>" for m, v in summary["methods"].items())
     acc = summary["accuracy"]
@@ -171,12 +174,14 @@ def _report(summary: dict, examples: list[dict]) -> str:
              f"{summary['epochs']} epochs at {summary['learning_rate']:g}. Exact-match test "
              f"accuracy of greedy answers: {acc['before']:.2f} before fine-tuning, "
              f"{acc['after']:.2f} after. Stages: {e(timing)}.")
-    head = ("<tr><th>method</th><th>AUC</th><th>recall</th><th>seconds</th>"
-            "<th>paper AUC / recall</th></tr>")
+    head = ("<tr><th>method</th><th>AUC</th><th>recall</th><th>AUC of |score| (ours)</th>"
+            "<th>seconds</th><th>paper AUC / recall</th></tr>")
     body = ("<h2>Identifying the training examples of the test example's class</h2>"
             "<p class='note'>Class-detection AUC and recall (share of the class among the s "
             "most helpful, s = training examples per class), mean ± standard deviation over "
-            "the test examples; the paper's numbers are for Llama-2-13B-chat.</p>"
+            "the test examples; the paper's numbers are for Llama-2-13B-chat. AUC of |score| "
+            "(a diagnostic of ours): whether the class stands out by the size of its influence, "
+            "helpful or harmful.</p>"
             f"<table>{head}{rows}</table>"
             f"<h2>Examples (the paper's Figure 3 in text form)</h2>{figure3}")
     return page("Text generation: influential training examples", intro, body)
