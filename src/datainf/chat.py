@@ -21,12 +21,12 @@ only, as ``prompt + "\\n"`` followed by ``response + eos``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .data import json_records
 from .errors import DataInfError
 
 IGNORE = -100  # the label of a token that is not scored
@@ -57,25 +57,14 @@ def read_chat_jsonl(path: str | Path, *, need_response: bool, what: str) -> list
     if not path.is_file():
         raise DataInfError(f"{what} {path} does not exist; give a .jsonl file of "
                            '{"prompt": ..., "response": ...} or {"messages": [...]} lines')
-    examples = []
     try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
+        records = json_records(path, f"{what} {path}",
+                               '{"prompt": ..., "response": ...} or {"messages": [...]}')
     except UnicodeDecodeError as error:
         raise DataInfError(f"{what} {path} is not UTF-8 text ({error.reason}); save it as "
                            "UTF-8 JSON lines") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{what} {path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataInfError(f"{where}: not valid JSON ({error.msg}); fix or remove that "
-                               "line") from None
-        if not isinstance(record, dict):
-            raise DataInfError(f"{where}: not a JSON object; give "
-                               '{"prompt": ..., "response": ...} or {"messages": [...]}')
-        examples.append(_example(record, number, where, need_response))
+    examples = [_example(record, number, f"{what} {path}, line {number}", need_response)
+                for number, record in records]
     if not examples:
         raise DataInfError(f"{what} {path} holds no examples; give one JSON object a line")
     return examples

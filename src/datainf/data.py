@@ -275,6 +275,14 @@ def _read_csv(path: Path, sep: str) -> dict[str, list]:
 
 def _read_jsonl(path: Path) -> dict[str, list]:
     """Columns of a JSON-lines file: one object per line, blank lines skipped."""
+    records = json_records(path, f"data file {path}", '{"text": ..., "label": ...}')
+    return _records_to_columns([record for _, record in records])
+
+
+def json_records(path: Path, where: str, example: str) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSON-lines file. A line that is not
+    a JSON object is refused, named as ``where``, line N; ``example`` shows the object
+    expected."""
     records = []
     with open(path, encoding="utf-8-sig", errors="strict", newline="") as handle:
         lines = handle.read().split("\n")
@@ -284,15 +292,15 @@ def _read_jsonl(path: Path) -> dict[str, list]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataInfError(f"data file {path}, line {number}: not valid JSON ({error.msg}); "
+            raise DataInfError(f"{where}, line {number}: not valid JSON ({error.msg}); "
                                "fix or remove that line") from None
         if not isinstance(record, dict):
             raise DataInfError(
-                f"data file {path}, line {number}: a JSON {_json_kind(record)} where a record "
-                '(an object like {"text": ..., "label": ...}) belongs; fix or remove that line'
+                f"{where}, line {number}: a JSON {_json_kind(record)} where a record (an "
+                f"object like {example}) belongs; fix or remove that line"
             )
-        records.append(record)
-    return _records_to_columns(records)
+        records.append((number, record))
+    return records
 
 
 def _read_json(path: Path) -> dict[str, list]:
