@@ -212,6 +212,8 @@ def test_generation_quick(tmp_path):
     again = json.loads((out / "summary.json").read_text())
     assert again["methods"]["datainf"]["auc"] == summary["methods"]["datainf"]["auc"]
     assert "fine-tuning" not in again["stage_seconds"]
+    assert {"fine-tuning", "gradients"} <= set(again["reused_stages"])
+    assert "gradients reused" in (out / "report.html").read_text()
 
 
 def test_verdict_on_the_loss_when_accuracy_is_unclear():

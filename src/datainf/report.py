@@ -212,7 +212,7 @@ def explain_generation_page(summary: dict, rows: list[dict], methods: list[str])
             f"<h3>Query {row['query'] + 1} <span class='note'>(line {row['line']})"
             f"{_keys(row)}</span></h3><p>{turns(row['prompt'])}<br><b>response</b> ({said}): "
             f"<i>{e(row['response'])}</i></p><table class='pairs'>{blocks}</table>")
-    timing = ", ".join(f"{k} {v:.1f} s" for k, v in summary["stage_seconds"].items())
+    timing = stage_line(summary["stage_seconds"], summary.get("reused_stages", []))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>datainf: explain generation</title>
 <style>
@@ -244,3 +244,10 @@ def _keys(item: dict) -> str:
         return ""
     return " <span class='note'>" + html.escape(", ".join(f"{k}: {v}" for k, v in
                                                            keys.items())) + "</span>"
+
+
+def stage_line(seconds: dict, reused: list) -> str:
+    """"data 0.1 s, fine-tuning reused, ...": each stage's seconds, or that it was reused from
+    an earlier run (a reused stage's seconds would only time the check)."""
+    parts = [f"{k} {v:.1f} s" for k, v in seconds.items() if k not in reused]
+    return ", ".join(parts + [f"{k} reused" for k in reused])

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .. import generation
 from ..metrics import class_detection
+from ..report import stage_line
 from ..runs import say, write_atomic
 from ..synthetic import make_task
 from .common import page
@@ -74,6 +75,7 @@ def run(study: Study) -> dict:
             shutil.rmtree(folder, ignore_errors=True)
         history = p.history
         stage_seconds = {k: round(v, 1) for k, v in job.stage_seconds.items()}
+        reused = list(p.stages.reused)
         examples = _shown(study, p, tops, train, test)
     table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),
                            "recall_mean": v["recall"].mean(),
@@ -84,7 +86,7 @@ def run(study: Study) -> dict:
         "experiment": "generation", "task": study.task, "n_train": len(train),
         "n_test": len(test), "model": job.model, "lora_r": job.lora_r,
         "epochs": job.epochs, "learning_rate": job.learning_rate, "accuracy": accuracy,
-        "training": history, "stage_seconds": stage_seconds,
+        "training": history, "stage_seconds": stage_seconds, "reused_stages": reused,
         "methods": {r.method: {"auc": round(r.auc_mean, 4), "auc_std": round(r.auc_std, 4),
                                "recall": round(r.recall_mean, 4),
                                "recall_std": round(r.recall_std, 4),
@@ -167,7 +169,7 @@ def _report(summary: dict, examples: list[dict]) -> str:
         f"<span class='note'>(class {x['test']['class']})</span></h3><table><tr><th>most "
         f"helpful (DataInf)</th><th>most harmful</th></tr><tr><td><ol>{listed(x['helpful'])}"
         f"</ol></td><td><ol>{listed(x['harmful'])}</ol></td></tr></table>" for x in examples)
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_seconds"].items())
+    timing = stage_line(summary["stage_seconds"], summary["reused_stages"])
     intro = (f"Task <b>{e(summary['task'])}</b>: {summary['n_train']} training and "
              f"{summary['n_test']} test examples, 10 classes. Model "
              f"<code>{e(summary['model'])}</code>, LoRA rank {summary['lora_r']}, "
