@@ -177,6 +177,34 @@ def test_interrupted_run_goes_on_from_last_stage(tiny_model, csv_file, tmp_path,
     assert (out / "summary.json").exists()
 
 
+def test_interrupted_gradients_are_finished_on_rerun(tiny_model, csv_file, tmp_path, capsys,
+                                                    monkeypatch):
+    """Ctrl-C while the training gradients are written: the rerun finishes the store (only
+    the missing rows) instead of refusing it as incomplete."""
+    from datainf.store import GradientStore
+
+    out = tmp_path / "run"
+    args = ["--data", csv_file, "--methods", "datainf", *common(tiny_model, out)]
+    original = GradientStore.write_rows
+    calls = []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(GradientStore, "write_rows", interrupted)
+    assert cli(*args) == 130
+    manifest = json.loads((out / "gradients" / "train" / "manifest.json").read_text())
+    assert 0 < manifest["rows_complete"] < manifest["num_rows"]
+    monkeypatch.setattr(GradientStore, "write_rows", original)
+    capsys.readouterr()
+    assert cli(*args) == 0
+    assert GradientStore.open(out / "gradients" / "train").complete
+    assert "gradients" not in json.loads((out / "summary.json").read_text())["reused_stages"]
+
+
 @pytest.mark.slow
 def test_real_minilm_on_bbc_news_reduced(tmp_path):
     """The built-in default path (shipped MiniLM-L6 and BBC News), in a reduced size."""

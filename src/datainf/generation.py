@@ -226,7 +226,7 @@ def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path):
     from .gradients import collect_gradients
     from .store import GradientStore
 
-    reused = (path / "manifest.json").exists() and GradientStore.open(path).complete
+    reused = GradientStore.is_complete(path)
     batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id)
     store = collect_gradients(model, batches, "causal_lm", out=str(path),
                               progress=config.progress)

@@ -349,8 +349,7 @@ def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, 
     stores, reused = {}, True
     for split, data in (("train", train), ("val", val)):
         path = out / "gradients" / split
-        reused = reused and (path / "manifest.json").exists() and \
-            GradientStore.open(path).complete
+        reused = reused and GradientStore.is_complete(path)
         batches = text_batches(tokenizer, data, config.batch_size, config.max_length)
         stores[split] = collect_gradients(model, batches, "classification", out=str(path),
                                           progress=progress)

@@ -151,6 +151,13 @@ class GradientStore:
             raise DataInfError(store._incomplete_message())
         return store
 
+    @staticmethod
+    def is_complete(path: str | os.PathLike) -> bool:
+        """Whether ``path`` holds a complete store (False for none or an interrupted one,
+        which :meth:`create_or_resume` then finishes)."""
+        path = Path(path)
+        return (path / MANIFEST).exists() and bool(_read_manifest(path).get("complete"))
+
     # ------------------------------------------------------------ writing
     def write_rows(self, start: int, grads: Mapping[str, torch.Tensor], data_hash: str) -> None:
         """Append rows start..start+b-1 and commit them, with ``data_hash``, to the manifest.
