@@ -190,6 +190,22 @@ class BlockSubset:
         return self.source.iter_block(name, rows)
 
 
+class RowRange:
+    """Rows ``start:stop`` of a gradient source (a view)."""
+
+    def __init__(self, source: GradientSource, start: int, stop: int) -> None:
+        self.source, self.start, self.stop = source, start, stop
+        self.block_names = source.block_names
+        self.block_widths = source.block_widths
+        self.num_rows = stop - start
+
+    def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        for first, chunk in self.source.iter_block(name, rows):
+            lo, hi = max(first, self.start), min(first + len(chunk), self.stop)
+            if lo < hi:
+                yield lo - self.start, chunk[lo - first : hi - first]
+
+
 class UnitNormRows:
     """``source`` with every row scaled to unit Euclidean norm over all its blocks (a view):
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .blocks import BlockSubset, blocks_matching, blocks_pattern, names_matching
+from .blocks import RowRange, blocks_matching, blocks_pattern, names_matching
 from .chat import ChatExample, Encoded, encode_all, lm_batches, read_chat_jsonl
 from .errors import DataInfError
 from .methods import NAMED, estimator
@@ -234,34 +234,15 @@ def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path):
 
 
 # ---------------------------------------------------------------- stage 5: scores
-class RowRange:
-    """Rows ``start:stop`` of a gradient source (a view)."""
-
-    def __init__(self, source, start: int, stop: int) -> None:
-        self.source, self.start, self.stop = source, start, stop
-        self.block_names = source.block_names
-        self.block_widths = source.block_widths
-        self.num_rows = stop - start
-
-    def iter_block(self, name: str, rows: int):
-        for first, chunk in self.source.iter_block(name, rows):
-            lo, hi = max(first, self.start), min(first + len(chunk), self.stop)
-            if lo < hi:
-                yield lo - self.start, chunk[lo - first : hi - first]
-
-
 def score_queries(config: Config, train_store, query_store, folder: Path | None):
     """Per method: the top ``config.top`` most helpful and most harmful training examples of
     every query ({"helpful": [(i, score)], "harmful": [...]} a query), its seconds and notes
-    (LiSSA: whether it converged); with
-    ``folder``, the (m, n) float64 score matrix too, written as folder/METHOD.npy a batch of
-    queries at a time."""
+    (LiSSA: whether it converged); with ``folder``, the (m, n) float64 score matrix too,
+    written as folder/METHOD.npy a batch of queries at a time."""
     import time
 
     train = blocks_matching(train_store, config.blocks)
     queries = blocks_matching(query_store, config.blocks)
-    if isinstance(train, BlockSubset):  # the same blocks, without re-reading the pattern
-        queries = BlockSubset(query_store, train.block_names)
     n, m = train.num_rows, queries.num_rows
     k = min(config.top, n)
     tops: dict[str, list[dict]] = {}
