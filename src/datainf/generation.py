@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,17 @@ from .blocks import RowRange, blocks_matching, blocks_pattern, names_matching
 from .chat import ChatExample, Encoded, encode_all, lm_batches, read_chat_jsonl
 from .errors import DataInfError
 from .methods import NAMED, estimator
-from .runs import Stages, record_run, run_folder, say, warn, write_atomic
+from .runs import (
+    Stages,
+    check_numbers,
+    record_run,
+    run_folder,
+    save_adapter,
+    say,
+    settings_json,
+    warn,
+    write_atomic,
+)
 
 DEFAULT_METHODS = ("datainf", "hessian_free")
 LABELS = {"datainf": "DataInf", "exact": "Exact", "lissa": "LiSSA",
@@ -78,8 +88,7 @@ class Config:
                  "batch_size", "learning_rate", "max_length", "seed")
 
     def expensive(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in ((k, getattr(self, k)) for k in self.EXPENSIVE)}
+        return settings_json(self, self.EXPENSIVE)
 
 
 def check_settings(config: Config) -> None:
@@ -87,23 +96,18 @@ def check_settings(config: Config) -> None:
     unknown = [m for m in config.methods if m not in NAMED]
     if unknown or not config.methods:
         raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(NAMED)}")
-    at_least = {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2, "top": 1,
-                "max_new_tokens": 1, "query_batch": 1}
-    for name, low in at_least.items():
-        if getattr(config, name) < low:
-            raise DataInfError(f"--{name.replace('_', '-')} must be at least {low}, not "
-                               f"{getattr(config, name)}")
-    if not config.learning_rate > 0:
-        raise DataInfError(f"--learning-rate must be positive, not {config.learning_rate}")
+    check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2,
+                           "top": 1, "max_new_tokens": 1, "query_batch": 1},
+                  ("learning_rate", "damping", "lora_alpha"))
     if config.blocks is not None:
         blocks_pattern(config.blocks)
-    if config.adapter is not None:
-        from .models import check_adapter_folder
-
-        check_adapter_folder(config.adapter)
     from .mislabeled import check_device
+    from .models import check_adapter_folder, check_model_name
 
     check_device(config.device)
+    check_model_name(config.model)
+    if config.adapter is not None:
+        check_adapter_folder(config.adapter)
 
 
 def fingerprint(path: str) -> str:
@@ -119,9 +123,8 @@ def fingerprint(path: str) -> str:
 def load_model(config: Config, out: Path):
     """(model with its LoRA adapter, tokenizer, source): ``source`` is "given", "reused" or
     "new" (fresh LoRA, to be fine-tuned)."""
-    from .models import add_lora, check_model_name, load_adapter, load_causal_lm
+    from .models import add_lora, load_adapter, load_causal_lm
 
-    check_model_name(config.model)
     base, tokenizer = load_causal_lm(config.model)
     saved = out / "adapter"
     if config.adapter is not None:
@@ -159,11 +162,7 @@ def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -
                         learning_rate=config.learning_rate, seed=config.seed,
                         progress=config.progress)
     history = {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
-    tmp = Path(tempfile.mkdtemp(prefix="adapter.", dir=out))
-    model.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(history, indent=2))
-    shutil.rmtree(out / "adapter", ignore_errors=True)
-    os.replace(tmp, out / "adapter")
+    save_adapter(model, out, history)
     return history
 
 
@@ -315,8 +314,7 @@ def write_outputs(config: Config, out: Path, train: list[ChatExample],
     write_atomic(out / "top.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     summary = {
         "command": "explain-generation",
-        "config": {k: (list(v) if isinstance(v, tuple) else v)
-                   for k, v in asdict(config).items() if k != "stage_seconds"},
+        "config": settings_json(config, leave_out=("stage_seconds",)),
         "n_train": len(train), "n_queries": len(queries),
         "generated_answers": int(sum(generated)),
         "methods": {m: {"label": LABELS[m], "seconds": round(s, 4), **notes.get(m, {})}

@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,17 @@ from .blocks import blocks_matching, blocks_pattern, group_by_module, names_matc
 from .data import TextData, load_splits
 from .errors import DataInfError
 from .metrics import detection_auc
-from .runs import Stages, record_run, run_folder, say, warn, write_atomic
+from .runs import (
+    Stages,
+    check_numbers,
+    record_run,
+    run_folder,
+    save_adapter,
+    say,
+    settings_json,
+    warn,
+    write_atomic,
+)
 
 METHODS = {
     "datainf": "DataInf",
@@ -101,11 +110,7 @@ class Config:
                  "max_length", "seed", "exclude")
 
     def expensive(self) -> dict:
-        return {k: _jsonable(getattr(self, k)) for k in self.EXPENSIVE}
-
-
-def _jsonable(value):
-    return list(value) if isinstance(value, tuple) else value
+        return settings_json(self, self.EXPENSIVE)
 
 
 # ---------------------------------------------------------------- stage 1: data
@@ -138,16 +143,9 @@ def check_settings(config: Config) -> None:
         raise DataInfError(f"--grouping must be 'tensor' or 'module', not {config.grouping!r}")
     if config.blocks is not None:
         blocks_pattern(config.blocks)
-    at_least = {"epochs": 1, "max_epochs": 1, "patience": 0, "batch_size": 1, "lora_r": 1,
-                "max_length": 2, "top": 1, "train_size": 2, "val_size": 1}
-    for name, low in at_least.items():
-        value = getattr(config, name)
-        if value is not None and value < low:
-            raise DataInfError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
-    for name in ("learning_rate", "damping", "lora_alpha"):
-        if not getattr(config, name) > 0:
-            raise DataInfError(f"--{name.replace('_', '-')} must be positive, not "
-                               f"{getattr(config, name)}")
+    check_numbers(config, {"epochs": 1, "max_epochs": 1, "patience": 0, "batch_size": 1,
+                           "lora_r": 1, "max_length": 2, "top": 1, "train_size": 2,
+                           "val_size": 1}, ("learning_rate", "damping", "lora_alpha"))
     if config.drop_top is not None and config.drop_top < 0:
         raise DataInfError(f"--drop-top must be 0 or more, not {config.drop_top}")
     if not 0 <= config.noise < 1:
@@ -287,11 +285,7 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
                 if name in best["state"]:
                     param.copy_(best["state"][name])
         history["kept_epoch"] = best["epoch"]
-    tmp = out / "adapter.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(history))
-    os.replace(tmp, out / "adapter")
+    save_adapter(model, out, history)
     return history
 
 
@@ -476,8 +470,7 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData,
         dropped = table.sort_values(f"{config.rank_by}_rank")["row"].head(config.drop_top)
         outputs["cleaned.csv"] = cleaned_table(config, train, val, dropped)
     summary = {
-        "config": {k: _jsonable(v) for k, v in asdict(config).items()
-                   if k not in ("stage_seconds", "progress")},
+        "config": settings_json(config, leave_out=("stage_seconds", "progress")),
         "classes": train.classes,
         "n_train": len(train), "n_val": len(val),
         "n_flipped": None if train.flipped is None else int(train.flipped.sum()),

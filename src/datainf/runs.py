@@ -13,8 +13,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 from .errors import DataInfError
@@ -88,6 +89,41 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def save_adapter(model, out: Path, history: dict) -> None:
+    """The model's PEFT adapter and its training history (training.json) into out/adapter,
+    whole or not at all: written beside it, then renamed over any older one."""
+    tmp = out / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(history, indent=2))
+    shutil.rmtree(out / "adapter", ignore_errors=True)
+    os.replace(tmp, out / "adapter")
+
+
+def settings_json(settings: object, names: Iterable[str] | None = None,
+                  leave_out: tuple[str, ...] = ()) -> dict:
+    """Attributes of the dataclass ``settings`` as JSON values (tuples as lists): ``names``,
+    or every field but ``leave_out``. What run.json compares and summaries record."""
+    if names is None:
+        names = [f.name for f in fields(settings) if f.name not in leave_out]
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in ((k, getattr(settings, k)) for k in names)}
+
+
+def check_numbers(settings: object, at_least: dict[str, float],
+                  positive: tuple[str, ...] = ()) -> None:
+    """Each ``at_least`` setting (None allowed) is >= its bound, each ``positive`` one > 0;
+    otherwise a DataInfError naming the option (``--max-length`` for ``max_length``)."""
+    for name, low in at_least.items():
+        value = getattr(settings, name)
+        if value is not None and value < low:
+            raise DataInfError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+    for name in positive:
+        if not getattr(settings, name) > 0:
+            raise DataInfError(f"--{name.replace('_', '-')} must be positive, not "
+                               f"{getattr(settings, name)}")
 
 
 class Stages:

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import DataInfError
 from ..metrics import mean_interval
 from ..mislabeled import METHODS, REFERENCES, Config, Prepared, prepared, score_all
+from ..runs import settings_json
 
 LABELS = {**METHODS, **REFERENCES}
 
@@ -104,8 +105,7 @@ def write_outputs(settings: Settings, name: str, summary: dict, table, html: str
     """summary.json, NAME.csv and report.html in ``settings.out``; summary.json last."""
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = {k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in settings.base.__dict__.items() if k not in ("stage_seconds",)}
+    base = settings_json(settings.base, leave_out=("stage_seconds",))
     summary = {"experiment": name, "ranks": list(settings.ranks), "runs": settings.runs,
                "cache": settings.cache, "base": base, **summary}
     for file, write in ((f"{name}.csv", lambda p: table.to_csv(p, index=False)),
