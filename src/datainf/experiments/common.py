@@ -108,6 +108,12 @@ def write_outputs(settings: Settings, name: str, summary: dict, table, html: str
     base = settings_json(settings.base, leave_out=("stage_seconds",))
     summary = {"experiment": name, "ranks": list(settings.ranks), "runs": settings.runs,
                "cache": settings.cache, "base": base, **summary}
+    write_files(out, name, summary, table, html)
+
+
+def write_files(out: Path, name: str, summary: dict, table, html: str) -> None:
+    """NAME.csv, report.html and summary.json (last: its presence says the experiment is
+    complete) in ``out``, each whole or not at all."""
     for file, write in ((f"{name}.csv", lambda p: table.to_csv(p, index=False)),
                         ("report.html", lambda p: Path(p).write_text(html, encoding="utf-8")),
                         ("summary.json",

@@ -24,9 +24,9 @@ import pandas as pd
 from .. import generation
 from ..metrics import class_detection
 from ..report import stage_line
-from ..runs import say, write_atomic
+from ..runs import write_atomic
 from ..synthetic import make_task
-from .common import page
+from .common import page, write_files
 
 SYSTEM = "You are a helpful assistant."
 METHODS = ("datainf", "hessian_free", "exact", "lissa", "datainf_normalized", "cosine")
@@ -95,11 +95,7 @@ def run(study: Study) -> dict:
                     for r in table.itertuples()},
         "paper": {m: {"auc": a, "recall": r} for m, (a, r) in PAPER.get(study.task, {}).items()},
     }
-    table.to_csv(out / "generation.csv.tmp", index=False)
-    Path(out / "generation.csv.tmp").replace(out / "generation.csv")
-    write_atomic(out / "report.html", _report(summary, examples))
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    say(f"experiment generation done: {out}/report.html", job.progress)
+    write_files(out, "generation", summary, table, _report(summary, examples))
     return summary
 
 
