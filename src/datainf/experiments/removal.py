@@ -46,8 +46,7 @@ def run(settings: Settings) -> dict:
                     n_flipped = int(flipped[top].sum()) if flipped is not None else 0
                     rows.append(_row(rank, seed, method, share, len(top), n_flipped, again))
     table = pd.DataFrame(rows)
-    summary: dict = {"shares": list(shares), "accuracy": {}, "loss": {}, "flipped_removed": {},
-                     "gain_over_random": {}}
+    summary: dict = {"shares": list(shares), "accuracy": {}, "loss": {}, "flipped_removed": {}}
     for method in ("none", *RANKED_BY):
         at = table[table["method"] == method]
         for share in sorted(set(at["share"])):
@@ -78,30 +77,41 @@ def gains_over_random(table: pd.DataFrame, column: str = "val_accuracy") -> dict
 
 def verdict(summary: dict, shares: tuple[float, ...]) -> str:
     """Which ranking to act on, from the numbers: the one whose removal gains most over random
-    removal at the largest share where any gain's 95% interval lies above zero."""
-    gains = summary["gain_over_random"]
-    for share in sorted(shares, reverse=True):
-        clear = {m: gains[f"{m}@{share:g}"] for m in RANKED_BY[:-1]
-                 if (gains[f"{m}@{share:g}"]["low"] or 0) > 0}
-        if clear:
-            best = max(clear, key=lambda m: clear[m]["mean"])
-            return (f"Act on {NAMES[best]}: removing its top {share:.0%} raised the validation "
-                    f"accuracy by {clear[best]['mean']:+.3f} over removing as many at random "
-                    f"(95% interval {clear[best]['low']:+.3f} to {clear[best]['high']:+.3f}).")
+    removal at the largest share where any gain's 95% interval lies above zero; failing that,
+    what the validation loss says (an interval below zero)."""
+    found = _clearest(summary["gain_over_random"], shares, +1)
+    if found:
+        share, best, gain = found
+        return (f"Act on {NAMES[best]}: removing its top {share:.0%} raised the validation "
+                f"accuracy by {gain['mean']:+.3f} over removing as many at random "
+                f"(95% interval {gain['low']:+.3f} to {gain['high']:+.3f}).")
     said = ("No ranking beat random removal clearly on validation accuracy here (no 95% "
             "interval of the gain over random lies above zero): more runs, or acting on these "
             "scores does not pay in accuracy for this data.")
-    losses = summary.get("loss_change_over_random", {})
-    for share in sorted(shares, reverse=True):
-        clear = {m: losses[f"{m}@{share:g}"] for m in RANKED_BY[:-1]
-                 if f"{m}@{share:g}" in losses and (losses[f"{m}@{share:g}"]["high"] or 0) < 0}
-        if clear:
-            best = min(clear, key=lambda m: clear[m]["mean"])
-            said += (f" On the validation loss, removing the top {share:.0%} by {NAMES[best]} "
-                     f"lowered it by {-clear[best]['mean']:.3f} against random removal (95% "
-                     f"interval {clear[best]['low']:+.3f} to {clear[best]['high']:+.3f}).")
-            break
+    found = _clearest(summary.get("loss_change_over_random", {}), shares, -1)
+    if found:
+        share, best, change = found
+        said += (f" On the validation loss, removing the top {share:.0%} by {NAMES[best]} "
+                 f"lowered it by {-change['mean']:.3f} against random removal (95% "
+                 f"interval {change['low']:+.3f} to {change['high']:+.3f}).")
     return said
+
+
+def _clearest(changes: dict, shares: tuple[float, ...], sign: int):
+    """(share, method, interval) at the largest share where some method's change over random
+    lies wholly on the side of ``sign`` (+1: above zero, -1: below), the method with the
+    largest sign x mean there; None when there is none."""
+    for share in sorted(shares, reverse=True):
+        clear = {}
+        for method in RANKED_BY[:-1]:
+            change = changes.get(f"{method}@{share:g}")
+            bound = change and (change["low"] if sign > 0 else change["high"])
+            if bound and sign * bound > 0:
+                clear[method] = change
+        if clear:
+            best = max(clear, key=lambda m: sign * clear[m]["mean"])
+            return share, best, clear[best]
+    return None
 
 
 def _row(rank: int, seed: int, method: str, share: float, removed: int, flipped: int,
