@@ -15,7 +15,7 @@ Estimators read sources block by block, in row chunks, so memory does not grow w
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -154,6 +154,21 @@ def check_finite(name: str, chunk: torch.Tensor, start: int, where: str) -> None
         )
 
 
+def squared_row_norms(name: str, chunks: Iterable[tuple[int, torch.Tensor]],
+                      where: str) -> torch.Tensor:
+    """||g_i||^2 of every row of block ``name`` given as (start, chunk) pairs, float64 (n,),
+    computed in the chunks' dtype (float64 again where float32 overflows). A NaN or infinite
+    entry raises a DataInfError naming the block and example."""
+    norms = []
+    for start, chunk in chunks:
+        norm = torch.linalg.vector_norm(chunk, dim=1)
+        if not torch.isfinite(norm).all():
+            check_finite(name, chunk, start, where)
+            norm = torch.linalg.vector_norm(chunk.double(), dim=1)  # float32 overflow
+        norms.append(norm.double() ** 2)
+    return torch.cat(norms)
+
+
 def check_same_blocks(train: GradientSource, test: GradientSource) -> None:
     """Test gradients must have exactly the training blocks, with the same widths."""
     missing = [b for b in train.block_names if b not in test.block_widths]
@@ -228,13 +243,8 @@ class UnitNormRows:
     def _sq_norms(self, name: str, where: str) -> torch.Tensor:
         if hasattr(self.source, "row_sq_norms"):
             return self.source.row_sq_norms(name).to(torch.float64)
-        parts = []
-        for start, chunk in self.source.iter_block(name, 4096):
-            sq = torch.linalg.vector_norm(chunk.double(), dim=1) ** 2
-            if not torch.isfinite(sq).all():
-                check_finite(name, chunk, start, where)
-            parts.append(sq.cpu())
-        return torch.cat(parts)
+        chunks = ((start, chunk.double()) for start, chunk in self.source.iter_block(name, 4096))
+        return squared_row_norms(name, chunks, where).cpu()
 
     def row_sq_norms(self, name: str) -> torch.Tensor:
         """||g_il||^2 / ||g_i||^2 for every row i (float64, shape (n,))."""

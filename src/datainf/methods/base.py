@@ -22,6 +22,7 @@ from ..blocks import (
     as_gradient_source,
     check_finite,
     check_same_blocks,
+    squared_row_norms,
 )
 from ..damping import Damping, as_damping
 from ..errors import DataInfError
@@ -107,15 +108,8 @@ class InfluenceEstimator:
         """||g_il||^2 for every row of block ``name`` (float64), checking that all are finite."""
         if hasattr(self.train_, "row_sq_norms"):  # a store keeps them, checked when written
             return self.train_.row_sq_norms(name).to(device=self.device_, dtype=torch.float64)
-        norms = []
-        for start, chunk in self._train_chunks(name, rows=self._rows(name, 1)):
-            # a NaN or inf entry makes its row's norm non-finite
-            norm = torch.linalg.vector_norm(chunk, dim=1)
-            if not torch.isfinite(norm).all():
-                check_finite(name, chunk, start, "training gradients")
-                norm = torch.linalg.vector_norm(chunk.double(), dim=1)  # float32 overflow
-            norms.append(norm.double() ** 2)
-        return torch.cat(norms)
+        chunks = self._train_chunks(name, rows=self._rows(name, 1))
+        return squared_row_norms(name, chunks, "training gradients")
 
     def _fit_blocks(self) -> None:
         """Method-specific precomputation after norms and damping are known."""
