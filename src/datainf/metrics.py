@@ -178,8 +178,8 @@ def class_detection(scores: np.ndarray, train_classes: np.ndarray,
         if s == 0 or s == len(same):
             raise DataInfError(f"test example {j}: its class {cls!r} must be among the training "
                                "classes, and not the only one")
-        auc[j] = roc_auc_score(same, -scores[j])
-        magnitude[j] = roc_auc_score(same, np.abs(scores[j]))
+        auc[j] = detection_auc(-scores[j], same)
+        magnitude[j] = detection_auc(np.abs(scores[j]), same)
         helpful = np.argsort(scores[j], kind="stable")[:s]
         recall[j] = same[helpful].mean()
     return {"auc": auc, "recall": recall, "auc_magnitude": magnitude}
