@@ -47,7 +47,9 @@ from .runs import (
     write_atomic,
 )
 
-DEFAULT_METHODS = ("datainf", "hessian_free")
+# DataInf (the paper's), DataInf on unit gradients (the best cheap method on all three of the
+# generation study's tasks, README) and the Hessian-free baseline; --methods adds the others.
+DEFAULT_METHODS = ("datainf", "datainf_normalized", "hessian_free")
 LABELS = {"datainf": "DataInf", "exact": "Exact", "lissa": "LiSSA",
           "hessian_free": "Hessian-free", "datainf_normalized": "DataInf, unit gradients",
           "cosine": "Cosine (Hessian-free, unit gradients)"}
