@@ -141,7 +141,8 @@ def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
     """Queries scored one at a time (the streaming path) give the scores of one batch."""
     from dataclasses import replace
 
-    from datainf.generation import Config, score_queries
+    from datainf.generation import Config
+    from datainf.pairwise import score_queries
     from datainf.store import GradientStore
 
     out = tmp_path / "run"
@@ -149,10 +150,10 @@ def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
     train = GradientStore.open(out / "gradients" / "train")
     queries = GradientStore.open(out / "query" / "gradients")
     config = Config(methods=("datainf",), top=2)
-    whole, _, _ = score_queries(config, train, queries, None)
+    whole, _, _ = score_queries(train, queries, folder=None, **config.scoring())
     (tmp_path / "m").mkdir()
-    single, _, _ = score_queries(replace(config, query_batch=1), train, queries,
-                                 tmp_path / "m")
+    single, _, _ = score_queries(train, queries, folder=tmp_path / "m",
+                                 **replace(config, query_batch=1).scoring())
     matrix = np.load(tmp_path / "m" / "datainf.npy")
     assert np.allclose(matrix, np.load(out / "scores.npz")["datainf"], rtol=1e-6, atol=0)
     assert [t["helpful"][0][0] for t in whole["datainf"]] == \

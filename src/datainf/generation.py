@@ -18,23 +18,20 @@ that memory holds (queries per batch) x n scores, never the whole matrix.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import tempfile
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .blocks import RowRange, blocks_matching, blocks_pattern, names_matching
+from .blocks import blocks_pattern, names_matching
 from .chat import ChatExample, Encoded, encode_all, lm_batches, read_chat_jsonl
 from .errors import DataInfError
-from .methods import NAMED, estimator
+from .methods import NAMED
+from .pairwise import fingerprint, save_matrices, score_queries
 from .runs import (
     Stages,
     check_numbers,
@@ -92,6 +89,11 @@ class Config:
     def expensive(self) -> dict:
         return settings_json(self, self.EXPENSIVE)
 
+    def scoring(self) -> dict:
+        """The options of :func:`datainf.pairwise.score_queries`."""
+        return {"methods": self.methods, "damping": self.damping, "blocks": self.blocks,
+                "top": self.top, "query_batch": self.query_batch, "device": self.device}
+
 
 def check_settings(config: Config) -> None:
     """Every setting, before anything is loaded."""
@@ -110,15 +112,6 @@ def check_settings(config: Config) -> None:
     check_model_name(config.model)
     if config.adapter is not None:
         check_adapter_folder(config.adapter)
-
-
-def fingerprint(path: str) -> str:
-    """sha256 of a file's bytes (first 16 hex digits)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- stage 2: adapter
@@ -234,59 +227,6 @@ def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path):
     return store, reused
 
 
-# ---------------------------------------------------------------- stage 5: scores
-def score_queries(config: Config, train_store, query_store, folder: Path | None):
-    """Per method: the top ``config.top`` most helpful and most harmful training examples of
-    every query ({"helpful": [(i, score)], "harmful": [...]} a query), its seconds and notes
-    (LiSSA: whether it converged); with ``folder``, the (m, n) float64 score matrix too,
-    written as folder/METHOD.npy a batch of queries at a time."""
-    import time
-
-    train = blocks_matching(train_store, config.blocks)
-    queries = blocks_matching(query_store, config.blocks)
-    n, m = train.num_rows, queries.num_rows
-    k = min(config.top, n)
-    tops: dict[str, list[dict]] = {}
-    seconds: dict[str, float] = {}
-    notes: dict[str, dict] = {}
-    for method in config.methods:
-        start = time.perf_counter()
-        est = estimator(method, damping=config.damping, progress=False, device=config.device)
-        est.fit(train)
-        matrix = None
-        if folder is not None:
-            matrix = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
-                                               dtype=np.float64, shape=(m, n))
-        tops[method] = []
-        converged = True
-        for first in range(0, m, config.query_batch):
-            last = min(m, first + config.query_batch)
-            with warnings.catch_warnings():  # LiSSA's convergence is reported in the summary
-                warnings.simplefilter("ignore", RuntimeWarning)
-                scores = est.score(RowRange(queries, first, last)).cpu().numpy()  # (q, n)
-            converged = converged and getattr(est, "converged_", True)
-            if matrix is not None:
-                matrix[first:last] = scores
-            tops[method] += [_top(row, k) for row in scores]
-        if method == "lissa":
-            notes[method] = {"converged": bool(converged)}
-        if matrix is not None:
-            matrix.flush()
-            del matrix
-        seconds[method] = time.perf_counter() - start
-    return tops, seconds, notes
-
-
-def _top(row: np.ndarray, k: int) -> dict:
-    """The k most negative (helpful) and k most positive (harmful) entries of a score row, in
-    order, ties broken by the lower training index."""
-    order = np.lexsort((np.arange(len(row)), row))  # ascending score, then index
-    helpful = order[:k]
-    harmful = np.lexsort((np.arange(len(row)), -row))[:k]
-    return {"helpful": [(int(i), float(row[i])) for i in helpful],
-            "harmful": [(int(i), float(row[i])) for i in harmful]}
-
-
 # ---------------------------------------------------------------- outputs
 def write_outputs(config: Config, out: Path, train: list[ChatExample],
                   queries: list[ChatExample], responses: list[str], generated: list[bool],
@@ -297,11 +237,7 @@ def write_outputs(config: Config, out: Path, train: list[ChatExample],
     from .report import explain_generation_page
 
     if matrix_folder is not None:
-        arrays = {m: np.load(matrix_folder / f"{m}.npy", mmap_mode="r") for m in tops}
-        tmp = out / "scores.npz.tmp.npz"
-        np.savez(tmp, **arrays)
-        del arrays
-        os.replace(tmp, out / "scores.npz")
+        save_matrices(matrix_folder, tops, out)
     rows = []
     for j, query in enumerate(queries):
         row = {"query": j, "line": query.line, "prompt": query.messages,
@@ -429,8 +365,9 @@ def run(config: Config) -> dict:
         if config.matrix:
             matrix_folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
         try:
-            tops, seconds, notes = p.stages.timed("scoring", score_queries, config,
-                                                  p.train_store, p.query_store, matrix_folder)
+            tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
+                                                  p.query_store, folder=matrix_folder,
+                                                  **config.scoring())
             extra = {"adapter": p.source, "training": p.history,
                      "reused_stages": p.stages.reused}
             return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .. import generation
 from ..metrics import class_detection
+from ..pairwise import score_queries
 from ..report import stage_line
 from ..runs import write_atomic
 from ..synthetic import make_task
@@ -67,8 +68,8 @@ def run(study: Study) -> dict:
         accuracy = p.stages.timed("accuracy", _accuracy, job, p)
         folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
         try:
-            tops, seconds, notes = p.stages.timed("scoring", generation.score_queries, job,
-                                                  p.train_store, p.query_store, folder)
+            tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
+                                                  p.query_store, folder=folder, **job.scoring())
             metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
                                           test_classes) for m in job.methods}
         finally:

@@ -1,0 +1,97 @@
+"""Pairwise scoring for the explain-* jobs: every method's influence of every training example
+on every query, streamed a batch of queries at a time, with each query's most helpful and most
+harmful training examples, and the (m, n) matrices when asked for.
+
+Scores have the paper's sign: NEGATIVE = the training example helps (up-weighting it lowers
+the query's loss), positive = harmful.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .blocks import RowRange, blocks_matching
+from .methods import estimator
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 (first 16 hex digits) of a file's bytes, or of a folder's files (names and
+    bytes, sorted by relative path)."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        if root.is_dir():
+            digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping: float,
+                  blocks: str | None, top: int, query_batch: int, device: str,
+                  folder: Path | None) -> tuple[dict, dict, dict]:
+    """(tops, seconds, notes) per method: ``tops[method][j]`` = {"helpful": [(i, score)],
+    "harmful": [(i, score)]}, the ``top`` most helpful and most harmful training examples of
+    query j; the method's seconds; notes (LiSSA: whether it converged). With ``folder``, the
+    (m, n) float64 score matrix too, written as folder/METHOD.npy a batch of queries at a
+    time; memory holds ``query_batch`` x n scores, never the whole matrix."""
+    train = blocks_matching(train_store, blocks)
+    queries = blocks_matching(query_store, blocks)
+    n, m = train.num_rows, queries.num_rows
+    k = min(top, n)
+    tops: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+    notes: dict[str, dict] = {}
+    for method in methods:
+        start = time.perf_counter()
+        est = estimator(method, damping=damping, progress=False, device=device)
+        est.fit(train)
+        matrix = None
+        if folder is not None:
+            matrix = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
+                                               dtype=np.float64, shape=(m, n))
+        tops[method] = []
+        converged = True
+        for first in range(0, m, query_batch):
+            last = min(m, first + query_batch)
+            with warnings.catch_warnings():  # LiSSA's convergence is reported in the summary
+                warnings.simplefilter("ignore", RuntimeWarning)
+                scores = est.score(RowRange(queries, first, last)).cpu().numpy()  # (q, n)
+            converged = converged and getattr(est, "converged_", True)
+            if matrix is not None:
+                matrix[first:last] = scores
+            tops[method] += [top_entries(row, k) for row in scores]
+        if method == "lissa":
+            notes[method] = {"converged": bool(converged)}
+        if matrix is not None:
+            matrix.flush()
+            del matrix
+        seconds[method] = time.perf_counter() - start
+    return tops, seconds, notes
+
+
+def top_entries(row: np.ndarray, k: int) -> dict:
+    """The k most negative (helpful) and k most positive (harmful) entries of a score row, in
+    order, ties broken by the lower training index."""
+    index = np.arange(len(row))
+    helpful = np.lexsort((index, row))[:k]  # ascending score, then index
+    harmful = np.lexsort((index, -row))[:k]
+    return {"helpful": [(int(i), float(row[i])) for i in helpful],
+            "harmful": [(int(i), float(row[i])) for i in harmful]}
+
+
+def save_matrices(folder: Path, methods, out: Path) -> None:
+    """folder/METHOD.npy of every method into out/scores.npz, written whole or not at all."""
+    arrays = {m: np.load(folder / f"{m}.npy", mmap_mode="r") for m in methods}
+    tmp = out / "scores.npz.tmp.npz"
+    np.savez(tmp, **arrays)
+    del arrays
+    os.replace(tmp, out / "scores.npz")
