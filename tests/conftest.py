@@ -64,3 +64,12 @@ def tiny_chat_model(tmp_path_factory):
     from datainf.models import tiny_chat_model
 
     return str(tiny_chat_model(tmp_path_factory.mktemp("chat") / "tiny-llama-chat"))
+
+
+@pytest.fixture(scope="session")
+def tiny_digit_pipeline(tmp_path_factory):
+    """Folder of a digit pipeline with a 2-level UNet of random weights on 8 x 8 images and the
+    shipped MiniLM as text encoder: explain-image in seconds."""
+    from datainf.diffusion import tiny_digit_pipeline
+
+    return str(tiny_digit_pipeline(tmp_path_factory.mktemp("digits") / "tiny-digits"))

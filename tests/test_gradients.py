@@ -166,6 +166,24 @@ def test_diffusion_noise_does_not_depend_on_batching():
     assert not all(torch.allclose(a[k], c[k]) for k in a)
 
 
+def test_diffusion_store_holds_every_timestep(tmp_path):
+    """A store of a task with several passes (timesteps) holds their gradients side by side,
+    as the in-memory result does."""
+    model = tiny_unet()
+    batch = {
+        "pixel_values": torch.randn(3, 1, 8, 8, dtype=torch.float64),
+        "encoder_hidden_states": torch.randn(3, 4, 8, dtype=torch.float64),
+    }
+    task = Diffusion(timesteps=(25, 525, 925), seed=1)
+    memory = collect_gradients(model, [batch], task)
+    store = collect_gradients(model, split(batch, [2, 1]), task, out=str(tmp_path / "g"))
+    for name, rows in memory.items():
+        assert store.block_widths[name] == rows.shape[1] == 3 * model.get_parameter(name).numel()
+        # both float32, from float64 gradients batched differently
+        torch.testing.assert_close(store.read_block(name), rows, rtol=1e-6,
+                                   atol=1e-6 * float(rows.abs().max()))
+
+
 def test_block_selection():
     model = tiny_bert_classifier()
     batch = padded_text_batch([4, 6], vocab=60, side="right", seed=5)

@@ -269,6 +269,119 @@ def _lm_config(args: argparse.Namespace, **settings):
         damping=args.damping, progress=False if args.quiet else None, **settings)
 
 
+EXPLAIN_IMAGE_EPILOG = """\
+data: image folders in Hugging Face's ImageFolder convention: image files and a metadata.jsonl
+with one row per image, {"file_name": "0001.png", "text": "the prompt", ...}; other keys are
+kept and shown. Rows are taken in sorted file-name order. In --queries, a row without
+file_name is a prompt: the fine-tuned model draws it (seed: the row's "seed", else --seed plus
+the row's position) and that image is explained. Images are converted to the model's colour
+mode, centre-cropped to a square and resized to its size, with a message.
+
+outputs (in --out): scores.npz (one queries x training-images float64 array per method, the
+paper's sign: negative = helpful), top.jsonl, report.html (image grids), summary.json, the
+adapter and the gradient stores.
+
+examples:
+  datainf explain-image --train-dir my_images/ --queries queries/ --out runs/explain-img
+  datainf explain-image --pipeline SD_FOLDER --adapter ADAPTER_DIR --train-dir my_images/ \\
+      --queries queries/ --out runs/explain-img
+"""
+
+
+def _add_explain_image(sub) -> None:
+    g = sub.add_parser(
+        "explain-image",
+        help="which training images made the diffusion model draw that",
+        formatter_class=Help,
+        description="Influence of every training image on the images of your queries: LoRA "
+        "fine-tunes the text-to-image model's UNet attention on --train-dir (or takes "
+        "--adapter), draws the queries given only as prompts, and scores every training image "
+        "against every query.",
+        epilog=EXPLAIN_IMAGE_EPILOG,
+    )
+    d = g.add_argument_group("data")
+    d.add_argument("--train-dir", required=True, help="training image folder (metadata.jsonl)")
+    d.add_argument("--queries", required=True, help="query image folder (metadata.jsonl)")
+    d.add_argument("--adapter", help="an existing PEFT adapter folder for the pipeline's UNet "
+                   "(skips fine-tuning)")
+    _add_image_options(g)
+    from .explain_image import Config as I
+
+    o = g.add_argument_group("outputs")
+    o.add_argument("--top", type=int, default=I.top,
+                   help="most helpful and most harmful training images shown per query")
+    o.add_argument("--no-matrix", action="store_true",
+                   help="skip scores.npz (8 x queries x training images bytes per method)")
+    o.add_argument("--out", default=I.out, help="run folder (reused when repeated)")
+    o.add_argument("--quiet", action="store_true",
+                   help="no progress bars or stage lines (warnings still show)")
+    g.set_defaults(run=_explain_image)
+
+
+def _add_image_options(g: argparse.ArgumentParser) -> None:
+    """The pipeline, fine-tuning and scoring options of explain-image (and of the diffusion
+    experiment, which runs the same pipeline)."""
+    from .explain_image import Config as I
+
+    m = g.add_argument_group("model")
+    m.add_argument("--pipeline", default=I.pipeline,
+                   help="'digits' (the shipped digit model, pre-trained once on first use) or "
+                   "a diffusers Stable Diffusion pipeline folder")
+    m.add_argument("--lora-r", type=int, default=I.lora_r, help="LoRA rank")
+    m.add_argument("--lora-alpha", type=int, default=I.lora_alpha, help="LoRA alpha")
+    m.add_argument("--lora-targets", default=",".join(I.lora_targets),
+                   help="UNet modules that get LoRA (comma-separated)")
+    m.add_argument("--epochs", type=int, default=I.epochs, help="fine-tuning epochs")
+    m.add_argument("--batch-size", type=int, default=I.batch_size, help="images per batch")
+    m.add_argument("--learning-rate", type=float, default=I.learning_rate, help="AdamW")
+    m.add_argument("--timesteps", default=",".join(map(str, I.timesteps)),
+                   help="diffusion timesteps of the gradients (comma-separated, of 1000)")
+    m.add_argument("--sampling-steps", type=int, default=I.sampling_steps,
+                   help="DDIM steps when drawing a query")
+    m.add_argument("--guidance", type=float, default=I.guidance,
+                   help="classifier-free guidance scale when drawing (1 = none)")
+    m.add_argument("--seed", type=int, default=I.seed,
+                   help="seed of LoRA, the data order, the noise and the drawings")
+    m.add_argument("--device", default=I.device, help="cpu, cuda, cuda:1, ...")
+    s = g.add_argument_group("scoring")
+    s.add_argument("--methods", default=",".join(I.methods),
+                   help="comma-separated: datainf, hessian_free, exact, lissa, and variants "
+                   "of ours with gradients scaled to unit norm: datainf_normalized, cosine")
+    s.add_argument("--blocks", help="regular expression: only the matching gradient blocks "
+                   "count (e.g. 'attn2')")
+    s.add_argument("--damping", type=float, default=I.damping,
+                   help="lambda_l = DAMPING x mean squared gradient entry of block l")
+
+
+def _explain_image(args: argparse.Namespace) -> None:
+    from .explain_image import run
+
+    _quiet_libraries()
+    config = _image_config(args, train_dir=args.train_dir, queries=args.queries,
+                           adapter=args.adapter, top=args.top, matrix=not args.no_matrix,
+                           out=args.out)
+    summary = run(config)
+    print(f"datainf: {summary['n_train']} training images scored against "
+          f"{summary['n_queries']} queries; report: {config.out}/report.html")
+
+
+def _image_config(args: argparse.Namespace, **settings):
+    from .explain_image import Config
+
+    try:
+        timesteps = tuple(int(t) for t in args.timesteps.split(","))
+    except ValueError:
+        raise DataInfError(f"--timesteps must be comma-separated integers, not "
+                           f"{args.timesteps!r}") from None
+    return Config(
+        pipeline=args.pipeline, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(args.lora_targets.split(",")), epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, timesteps=timesteps,
+        sampling_steps=args.sampling_steps, guidance=args.guidance, seed=args.seed,
+        device=args.device, methods=tuple(args.methods.split(",")), blocks=args.blocks,
+        damping=args.damping, progress=False if args.quiet else None, **settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="datainf",
@@ -309,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(run=_detect_mislabeled)
 
     _add_explain_generation(sub)
+    _add_explain_image(sub)
 
     x = sub.add_parser("experiment", help="the paper's studies: approximation, mislabeled, "
                        "generation; and removal",

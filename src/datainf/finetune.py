@@ -86,7 +86,7 @@ def train_loop(
             value.backward()
             optimizer.step()
             schedule.step()
-            size = len(batch["labels"])
+            size = len(next(iter(batch.values())))  # examples in the batch
             total += float(value.detach()) * size
             count += size
             bar.update(1)

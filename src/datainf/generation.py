@@ -34,7 +34,9 @@ from .methods import NAMED
 from .pairwise import fingerprint, save_matrices, score_queries
 from .runs import (
     Stages,
+    adapter_digest,
     check_numbers,
+    keyed_folder,
     record_run,
     run_folder,
     save_adapter,
@@ -340,22 +342,11 @@ def prepared(config: Config):
 def _query_folder(out: Path, config: Config, source: str) -> Path:
     """out/query: the queries' answers and gradients, kept while the queries file, the
     adapter and the generation length stay the same (otherwise emptied)."""
-    folder = out / "query"
-    key = {"queries": fingerprint(config.queries), "max_new_tokens": config.max_new_tokens,
-           "adapter": source if source == "given" else "trained here",
-           "adapter_fingerprint": _adapter_digest(out, config)}
-    path = folder / "query.json"
-    if folder.exists() and (not path.exists() or json.loads(path.read_text()) != key):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(key))
-    return folder
-
-
-def _adapter_digest(out: Path, config: Config) -> str:
-    folder = Path(config.adapter) if config.adapter else out / "adapter"
-    weights = folder / "adapter_model.safetensors"
-    return fingerprint(str(weights)) if weights.exists() else ""
+    adapter = Path(config.adapter) if config.adapter else out / "adapter"
+    return keyed_folder(out / "query", {
+        "queries": fingerprint(config.queries), "max_new_tokens": config.max_new_tokens,
+        "adapter": source if source == "given" else "trained here",
+        "adapter_fingerprint": adapter_digest(adapter)})
 
 
 def run(config: Config) -> dict:

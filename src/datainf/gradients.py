@@ -253,7 +253,9 @@ def collect_gradients(
             "adapter": adapter_fingerprint(model, widths),
             "task": task.settings(),
         }
-        store = GradientStore.create_or_resume(out, widths, n, identity, dtype=dtype)
+        # a row holds the gradients of every pass (e.g. diffusion timesteps), concatenated
+        columns = {name: width * task.num_passes for name, width in widths.items()}
+        store = GradientStore.create_or_resume(out, columns, n, identity, dtype=dtype)
         done = store.rows_complete
     device = next(model.parameters()).device
     torch_dtype = getattr(torch, dtype)

@@ -329,8 +329,10 @@ def check_adapter_folder(adapter_dir: str | os.PathLike) -> Path:
     return folder
 
 
+# auto_mapping: PEFT records the base class of a non-transformers model (a diffusers UNet)
+# when it saves an adapter, so a reloaded adapter's config has it and a fresh one's has not
 _UNSTABLE_KEYS = {"_name_or_path", "name_or_path", "transformers_version",
-                  "base_model_name_or_path", "peft_version"}
+                  "base_model_name_or_path", "peft_version", "auto_mapping"}
 
 
 def _config_json(config: Any) -> str:

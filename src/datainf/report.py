@@ -238,6 +238,91 @@ the model give this response, positive = it works against it (the paper's sign).
 """
 
 
+def image_uri(image) -> str:
+    """A uint8 image (H, W, C) as a PNG data URI."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def explain_image_page(summary: dict, rows: list[dict], methods: list[str], train_images,
+                       query_images, drawn: dict | None) -> str:
+    """The explain-image report: samples before and after fine-tuning; per query, its image
+    next to each method's most helpful and most harmful training images (the paper's
+    Figure 3 as an image grid)."""
+    e = html.escape
+    config = summary["config"]
+
+    def figure(image, caption: str, title: str = "") -> str:
+        return (f"<figure title='{e(title)}'><img src='{image_uri(image)}' alt='{e(caption)}'>"
+                f"<figcaption>{e(caption)}</figcaption></figure>")
+
+    def grid(items: list[dict]) -> str:
+        return "".join(figure(train_images[x["train"]], f"{x['score']:+.3g}",
+                              f"#{x['rank']} {x['file_name']}: {x['text']}") for x in items)
+
+    sections = []
+    for row in rows:
+        said = (f"drawn by the fine-tuned model, seed {row['seed']}" if row["generated"]
+                else "given")
+        blocks = "".join(
+            f"<tr><th>{e(summary['methods'][m]['label'])}</th><td><b>most helpful</b> (most "
+            f"negative)<div class='grid'>{grid(row[m]['helpful'])}</div></td><td><b>most "
+            f"harmful</b> (most positive)<div class='grid'>{grid(row[m]['harmful'])}</div>"
+            "</td></tr>" for m in methods)
+        sections.append(
+            f"<h3>Query {row['query'] + 1} <span class='note'>(line {row['line']}, {said})"
+            f"{_keys(row)}</span></h3><div class='query'>"
+            f"{figure(query_images[row['query']], row['text'])}</div>"
+            f"<table class='pairs'>{blocks}</table>")
+    before_after = ""
+    if drawn is not None:
+        cells = "".join(
+            f"<td>{figure(b, 'before')}{figure(a, 'after')}<div class='note'>{e(t)}</div></td>"
+            for t, b, a in zip(drawn["prompts"], drawn["before"], drawn["after"], strict=True))
+        before_after = ("<h2>Samples before and after fine-tuning</h2><p class='note'>Training "
+                        "prompts drawn by the base model and by the fine-tuned one, same seeds "
+                        f"({', '.join(map(str, drawn['seeds']))}).</p>"
+                        f"<table class='samples'><tr>{cells}</tr></table>")
+    timing = stage_line(summary["stage_seconds"], summary.get("reused_stages", []))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>datainf: explain image</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; width: 100%; table-layout: fixed; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top;
+         overflow-wrap: anywhere; }}
+th {{ background: #f3f3f3; width: 9em; }}
+.grid, .query {{ display: flex; flex-wrap: wrap; gap: 0.4em; }}
+figure {{ margin: 0; text-align: center; font-size: 0.8em; font-family: monospace; }}
+img {{ width: 64px; height: 64px; image-rendering: pixelated; border: 1px solid #999; }}
+.query img {{ width: 96px; height: 96px; }}
+.samples td {{ text-align: center; }}
+.samples figure {{ display: inline-block; }}
+.note {{ color: #555; font-size: 0.9em; font-family: system-ui, sans-serif; }}
+</style></head><body>
+<h1>Which training images made the model draw that</h1>
+<p>Pipeline <code>{e(str(summary['pipeline']))}</code> ({summary['image_size']} x
+{summary['image_size']} images) with adapter {e(summary['adapter'])} (LoRA rank
+{config['lora_r']} on {e(', '.join(config['lora_targets']))}): {summary['n_train']} training
+images, {summary['n_queries']} queries ({summary['generated_images']} drawn by the model).
+Stages: {e(timing)}.</p>
+<p class="note">Influence of up-weighting each training image on the query's loss (the
+noise-prediction error at timesteps {e(', '.join(map(str, config['timesteps'])))}, noise seeded
+per image): negative = the training image helps the model draw this query, positive = it works
+against it (the paper's sign). Hover over an image for its file and prompt.</p>
+{before_after}
+<h2>Queries</h2>
+{''.join(sections)}
+</body></html>
+"""
+
+
 def _keys(item: dict) -> str:
     keys = item.get("keys")
     if not keys:

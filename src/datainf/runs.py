@@ -102,6 +102,26 @@ def save_adapter(model, out: Path, history: dict) -> None:
     os.replace(tmp, out / "adapter")
 
 
+def keyed_folder(folder: Path, key: dict) -> Path:
+    """``folder`` (created), kept while its key.json equals ``key``, emptied otherwise: for
+    what a run may keep across repeats only while its inputs stay (a job's query answers and
+    gradients)."""
+    path = folder / "key.json"
+    if folder.exists() and (not path.exists() or json.loads(path.read_text()) != key):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(key))
+    return folder
+
+
+def adapter_digest(folder: Path) -> str:
+    """Fingerprint of a saved adapter's weights ("" when there are none)."""
+    from .pairwise import fingerprint
+
+    weights = folder / "adapter_model.safetensors"
+    return fingerprint(weights) if weights.exists() else ""
+
+
 def settings_json(settings: object, names: Iterable[str] | None = None,
                   leave_out: tuple[str, ...] = ()) -> dict:
     """Attributes of the dataclass ``settings`` as JSON values (tuples as lists): ``names``,

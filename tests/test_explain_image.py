@@ -1,0 +1,185 @@
+"""explain-image: the ImageFolder reader, the pipeline end to end on a tiny digit UNet with
+MiniLM's text states, top.jsonl against scores.npz, reuse on a repeat, and bad input refused in
+one line with nothing that looks complete left behind."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datainf.cli import main
+from datainf.diffusion import digit_prompt, mnist_digits
+from datainf.errors import DataInfError
+from datainf.images import ImageExample, load_images, read_image_folder
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return mnist_digits()
+
+
+def write_folder(folder, rows, digits, extra_rows=()):
+    """An ImageFolder of MNIST digits (28 x 28 PNGs): rows = MNIST indices."""
+    images, labels = digits
+    folder.mkdir(parents=True)
+    meta = []
+    for i in rows:
+        Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
+        meta.append({"file_name": f"{i:04d}.png", "text": digit_prompt(int(labels[i])),
+                     "digit": int(labels[i])})
+    meta += list(extra_rows)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    return str(folder)
+
+
+@pytest.fixture
+def folders(tmp_path, digits):
+    # one image of each digit (MNIST's 5,000 are sorted by digit, 500 each), rows not in
+    # file-name order
+    train = write_folder(tmp_path / "train", [3500, 1500, 0, 500, 1000, 2000, 2500, 3000,
+                                              4000, 4500], digits)
+    queries = write_folder(tmp_path / "queries", [1, 501], digits,
+                           [{"text": digit_prompt(3), "seed": 11}])
+    return train, queries
+
+
+def run(pipeline, train, queries, out, *extra):
+    return main(["explain-image", "--pipeline", pipeline, "--train-dir", train, "--queries",
+                 queries, "--out", str(out), "--epochs", "1", "--batch-size", "4",
+                 "--timesteps", "25,525", "--sampling-steps", "3", "--quiet",
+                 *map(str, extra)])
+
+
+def test_folder_rows_in_file_order_with_their_keys(folders, digits):
+    train = read_image_folder(folders[0], what="--train-dir")
+    assert [r.file.name for r in train] == sorted(r.file.name for r in train)
+    assert train[0].file.name == "0000.png" and train[0].extra == {"digit": 0}
+    assert [r.extra["digit"] for r in train] == list(range(10))
+    assert train[0].line == 3  # the order of metadata.jsonl is not the order of the rows
+    queries = read_image_folder(folders[1], what="--queries", need_image=False)
+    assert [q.file is None for q in queries] == [False, False, True]
+    assert queries[2].seed == 11 and queries[2].text == digit_prompt(3)
+    with pytest.raises(DataInfError, match="line 3 has no 'file_name'"):
+        read_image_folder(folders[1], what="--queries")
+
+
+def test_images_fitted_to_the_model(tmp_path, folders):
+    rows = read_image_folder(folders[0], what="--train-dir")
+    images, changed = load_images(rows, size=16, channels=1, what="--train-dir")
+    assert images.shape == (10, 16, 16, 1) and images.dtype == np.uint8 and changed == 10
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(tmp_path / "wide.png")
+    Image.new("L", (16, 16), 200).save(tmp_path / "fits.png")
+    wide, fits = (ImageExample("x", tmp_path / n, 1) for n in ("wide.png", "fits.png"))
+    images, changed = load_images([wide, fits], size=16, channels=1, what="--queries")
+    assert changed == 1 and images.shape == (2, 16, 16, 1) and (images[1] == 200).all()
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataInfError, match="bad.png is not a readable image"):
+        load_images([ImageExample("x", tmp_path / "bad.png", 1)], size=16, channels=1,
+                    what="--queries")
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no metadata", "has no metadata.jsonl"),
+    ("no text", "line 2 has no 'text'"),
+    ("not json", "line 2 is not JSON"),
+    ("missing file", "names 'gone.png', which is not a file"),
+    ("unlisted image", "1 image files have no row in metadata.jsonl"),
+])
+def test_bad_folders_refused(tmp_path, folders, problem, message):
+    folder = tmp_path / "train"
+    meta = folder / "metadata.jsonl"
+    lines = meta.read_text().splitlines()
+    if problem == "no metadata":
+        meta.unlink()
+    elif problem == "no text":
+        meta.write_text(lines[0] + "\n" + json.dumps({"file_name": "1500.png"}) + "\n")
+    elif problem == "not json":
+        meta.write_text(lines[0] + "\n{oops\n")
+    elif problem == "missing file":
+        meta.write_text("\n".join(lines) + "\n" + json.dumps({"file_name": "gone.png",
+                                                              "text": "x"}) + "\n")
+    else:
+        Image.new("L", (28, 28)).save(folder / "extra.png")
+    with pytest.raises(DataInfError, match=message):
+        read_image_folder(folder, what="--train-dir")
+
+
+def test_end_to_end(tiny_digit_pipeline, folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny_digit_pipeline, *folders, out, "--methods",
+               "datainf,hessian_free,cosine", "--top", "3") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == 10 and summary["n_queries"] == 3
+    assert summary["generated_images"] == 1 and summary["image_size"] == 8
+    scores = np.load(out / "scores.npz")
+    assert set(scores.files) == {"datainf", "hessian_free", "cosine"}
+    assert all(scores[m].shape == (3, 10) and np.isfinite(scores[m]).all() for m in scores)
+    assert np.abs(scores["cosine"]).max() <= 1 + 1e-6
+    rows = [json.loads(line) for line in (out / "top.jsonl").read_text().splitlines()]
+    assert [r["generated"] for r in rows] == [False, False, True] and rows[2]["seed"] == 11
+    assert (out / "query" / "generated" / "line-3-seed-11.png").is_file()
+    for j, row in enumerate(rows):
+        for method in scores.files:
+            order = np.argsort(scores[method][j], kind="stable")
+            assert [x["train"] for x in row[method]["helpful"]] == list(order[:3])
+            assert [x["train"] for x in row[method]["harmful"]] == list(order[::-1][:3])
+            assert row[method]["helpful"][0]["file_name"] == f"{500 * order[0]:04d}.png"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 + 3 * 3 * 6 + 2 * 8
+    # a repeat reuses the adapter and both stores; new scores only
+    first = scores["datainf"].copy()
+    assert run(tiny_digit_pipeline, *folders, out, "--methods", "datainf") == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert {"fine-tuning", "gradients", "query gradients"} <= set(again["reused_stages"])
+    assert np.allclose(np.load(out / "scores.npz")["datainf"], first, rtol=1e-6, atol=0)
+
+
+def run_error(capsys, *args):
+    code = main(list(map(str, args)))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("datainf: error:") and len(err.splitlines()) == 1
+    return err
+
+
+def test_bad_input_through_the_cli(tiny_digit_pipeline, folders, tmp_path, capsys):
+    base = ["explain-image", "--pipeline", tiny_digit_pipeline, "--quiet"]
+    out = tmp_path / "bad"
+    (tmp_path / "train" / "metadata.jsonl").rename(tmp_path / "meta")
+    err = run_error(capsys, *base, "--train-dir", folders[0], "--queries", folders[1],
+                    "--out", out)
+    assert "has no metadata.jsonl" in err and not out.exists()
+    (tmp_path / "meta").rename(tmp_path / "train" / "metadata.jsonl")
+    (tmp_path / "queries" / "0001.png").write_bytes(b"broken")
+    err = run_error(capsys, *base, "--train-dir", folders[0], "--queries", folders[1],
+                    "--out", out, "--epochs", "1", "--timesteps", "25")
+    assert "0001.png is not a readable image" in err
+    assert not (out / "summary.json").exists() and not (out / "scores.npz").exists()
+    err = run_error(capsys, *base, "--train-dir", folders[0], "--queries", folders[1],
+                    "--out", tmp_path / "t", "--timesteps", "25,2000")
+    assert "--timesteps must be integers in [0, 1000)" in err
+    err = run_error(capsys, *base, "--train-dir", folders[0], "--queries", folders[1],
+                    "--out", tmp_path / "t", "--timesteps", "a,b")
+    assert "--timesteps must be comma-separated integers" in err
+    err = run_error(capsys, "explain-image", "--pipeline", str(tmp_path / "nope"),
+                    "--train-dir", folders[0], "--queries", folders[1], "--out", tmp_path / "t")
+    assert "does not exist" in err
+
+
+def test_adapter_for_another_unet_refused(tiny_digit_pipeline, folders, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from datainf.models import add_lora
+
+    other = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=384,
+        attention_head_dim=2, norm_num_groups=4)
+    add_lora(other, r=2, alpha=2, target_modules=("to_q", "to_v")).save_pretrained(
+        tmp_path / "adapter")
+    out = tmp_path / "run"
+    err = run_error(capsys, "explain-image", "--pipeline", tiny_digit_pipeline, "--adapter",
+                    tmp_path / "adapter", "--train-dir", folders[0], "--queries", folders[1],
+                    "--out", out, "--quiet")
+    assert "does not fit the model" in err and not out.exists()
