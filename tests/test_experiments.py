@@ -216,6 +216,43 @@ def test_generation_quick(tmp_path):
     assert "gradients reused" in (out / "report.html").read_text()
 
 
+@pytest.mark.parametrize("task, n_train, n_test", [("style", 12, 6), ("subject", 12, 6)])
+def test_diffusion_quick(tmp_path, task, n_train, n_test):
+    """experiment diffusion --quick: the image task written as ImageFolders, every method's
+    class-detection AUC and recall recomputed from the run's own stores, Fréchet distances
+    before and after fine-tuning, the report; a second run reuses every expensive stage."""
+    from datainf.experiments.diffusion import METHODS
+    from datainf.metrics import class_detection
+
+    out = tmp_path / "diff"
+    assert main(["experiment", "diffusion", "--quick", "--quiet", "--task", task,
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_train"] == n_train and summary["n_test"] == n_test
+    assert len(summary["classes"]) == 3 and set(summary["methods"]) == set(METHODS)
+    assert set(summary["frechet_distance"]) == {"before", "after", "training images"}
+    assert all(np.isfinite(v) and v >= -1e-6 for v in summary["frechet_distance"].values())
+    rows = {name: [json.loads(x) for x in (out / "data" / name / "metadata.jsonl")
+                   .read_text().splitlines()] for name in ("train", "test")}
+    stores = [GradientStore.open(out / "run" / p) for p in ("gradients/train",
+                                                            "query/gradients")]
+    scores = DataInf().fit(stores[0]).score(stores[1]).numpy()
+    expected = class_detection(scores, np.array([r["class"] for r in rows["train"]]),
+                               np.array([r["class"] for r in rows["test"]]))
+    assert summary["methods"]["datainf"]["auc"] == pytest.approx(expected["auc"].mean(),
+                                                                 abs=1e-4)
+    assert summary["methods"]["datainf"]["recall"] == pytest.approx(
+        expected["recall"].mean(), abs=1e-4)
+    page = (out / "report.html").read_text()
+    assert "paper AUC / recall" in page and page.count("data:image/png;base64,") >= 1 + 3 * 7
+    assert main(["experiment", "diffusion", "--quick", "--quiet", "--task", task,
+                 "--out", str(out)]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["methods"]["datainf"]["auc"] == summary["methods"]["datainf"]["auc"]
+    assert again["frechet_distance"] == summary["frechet_distance"]
+    assert {"fine-tuning", "gradients", "query gradients"} <= set(again["reused_stages"])
+
+
 def test_verdict_on_the_loss_when_accuracy_is_unclear():
     """Accuracy gains unclear, but removing DataInf's top 20% lowers the validation loss by
     0.08-0.10 against random in all three runs: the verdict says so, with the interval."""

@@ -183,3 +183,22 @@ def class_detection(scores: np.ndarray, train_classes: np.ndarray,
         helpful = np.argsort(scores[j], kind="stable")[:s]
         recall[j] = same[helpful].mean()
     return {"auc": auc, "recall": recall, "auc_magnitude": magnitude}
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (rows = samples):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), as FID computes it. With fewer
+    samples than features the covariances are singular; the square root is still defined
+    (scipy's warning about it is silenced)."""
+    import warnings
+
+    from scipy import linalg
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu = a.mean(0) - b.mean(0)
+    sa, sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(sa @ sb)
+    root = np.real(root)  # rounding leaves tiny imaginary parts
+    return float(mu @ mu + np.trace(sa + sb - 2 * root))

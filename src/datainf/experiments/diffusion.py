@@ -1,0 +1,244 @@
+"""The paper's text-to-image study (Table 2, image rows): which training images does each
+method find behind a test image, on the style and subject tasks of :mod:`datainf.image_tasks`?
+
+It runs the explain-image pipeline itself (one pipeline, two front doors): the task's training
+images are the fine-tuning data (written as an ImageFolder), its test images, with their
+prompts, the queries. Per method, on the pairwise scores: the class-detection AUC and recall
+(see :func:`datainf.metrics.class_detection`), mean and standard deviation over test images.
+Whether the fine-tune learned: the Fréchet distance between the test images and images drawn
+from the test prompts before and after fine-tuning, in the feature space of a small classifier
+(one hidden layer of 64 ReLU units, scikit-learn) trained here on the task's training images
+to tell class and digit apart.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import explain_image
+from ..image_tasks import make_image_task
+from ..images import save_png
+from ..metrics import class_detection, frechet_distance
+from ..pairwise import score_queries
+from ..report import image_uri, stage_line
+from ..runs import write_atomic
+from .common import page, write_files
+
+METHODS = ("datainf", "hessian_free", "lissa", "datainf_normalized", "cosine")
+# the paper's Table 2 (Stable Diffusion v1.5): (AUC, recall)
+PAPER = {"style": {"hessian_free": (0.692, 0.533), "datainf": (0.820, 0.687)},
+         "subject": {"hessian_free": (0.820, 0.210), "datainf": (0.865, 0.315)}}
+# (training, test) images per class: the paper's 600 / 150 over 3 styles; 31 subjects with 3
+# training images each (and 2 test images each, ours)
+SIZES = {"style": (200, 50), "subject": (3, 2)}
+
+
+@dataclass
+class Study:
+    """The task, its size, and the explain-image settings used for it."""
+
+    task: str
+    job: explain_image.Config
+    per_class_train: int | None = None
+    per_class_test: int | None = None
+    classes: int | None = None
+    seed: int = 0
+    shown: int = 3           # test images shown with their top training images
+
+
+def write_task(study: Study, data: Path) -> tuple[list[dict], list[dict]]:
+    """The task's rows, written as ImageFolders data/train and data/test (28 x 28 PNGs)."""
+    train_n, test_n = SIZES[study.task]
+    train, test = make_image_task(study.task, per_class_train=study.per_class_train or train_n,
+                                  per_class_test=study.per_class_test or test_n,
+                                  classes=study.classes, seed=study.seed)
+    for name, rows in (("train", train), ("test", test)):
+        folder = data / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        meta = []
+        for i, row in enumerate(rows):
+            save_png(row["image"][..., None], folder / f"{i:04d}.png")
+            meta.append({"file_name": f"{i:04d}.png", "text": row["text"],
+                         "class": row["class"], "digit": row["digit"], "style": row["style"]})
+        write_atomic(folder / "metadata.jsonl", "".join(json.dumps(m) + "\n" for m in meta))
+    return train, test
+
+
+def run(study: Study) -> dict:
+    """Writes summary.json, diffusion.csv and report.html into the job's parent folder
+    (``--out``) and returns the summary."""
+    from dataclasses import replace
+
+    out = Path(study.job.out).parent
+    data = out / "data"
+    train, test = write_task(study, data)
+    job = replace(study.job, train_dir=str(data / "train"), queries=str(data / "test"))
+    train_classes = np.array([r["class"] for r in train])
+    test_classes = np.array([r["class"] for r in test])
+    with explain_image.prepared(job) as p:
+        folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
+        try:
+            tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
+                                                  p.query_store, folder=folder, **job.scoring())
+            metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
+                                          test_classes) for m in job.methods}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        quality = p.stages.timed("samples", _samples, job, p, train, test)
+        history = p.history
+        stage_seconds = {k: round(v, 1) for k, v in job.stage_seconds.items()}
+        reused = list(p.stages.reused)
+        shown = _shown(study, tops, p.train_images, p.query_images, train, test)
+    table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),
+                           "recall_mean": v["recall"].mean(),
+                           "recall_std": v["recall"].std(),
+                           "auc_magnitude": v["auc_magnitude"].mean(), "seconds": seconds[m]}
+                          for m, v in metrics.items()])
+    summary = {
+        "experiment": "diffusion", "task": study.task, "n_train": len(train),
+        "n_test": len(test), "classes": sorted(set(train_classes.tolist())),
+        "pipeline": job.pipeline, "lora_r": job.lora_r, "epochs": job.epochs,
+        "learning_rate": job.learning_rate, "timesteps": list(job.timesteps),
+        "frechet_distance": quality["distance"], "training": history,
+        "stage_seconds": stage_seconds, "reused_stages": reused,
+        "methods": {r.method: {"auc": round(r.auc_mean, 4), "auc_std": round(r.auc_std, 4),
+                               "recall": round(r.recall_mean, 4),
+                               "recall_std": round(r.recall_std, 4),
+                               "auc_magnitude": round(r.auc_magnitude, 4),
+                               "seconds": round(r.seconds, 3), **notes.get(r.method, {})}
+                    for r in table.itertuples()},
+        "paper": {m: {"auc": a, "recall": r} for m, (a, r) in PAPER.get(study.task, {}).items()},
+    }
+    write_files(out, "diffusion", summary, table, _report(summary, shown, quality))
+    return summary
+
+
+def _features(train_images: np.ndarray, labels: list[str], seed: int):
+    """A function images (n, H, W, 1) uint8 -> (n, 64) features: the hidden layer of an MLP
+    trained on the training images to tell their labels apart."""
+    from sklearn.neural_network import MLPClassifier
+
+    x = train_images.reshape(len(train_images), -1) / 255.0
+    net = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed).fit(x, labels)
+
+    def features(images: np.ndarray) -> np.ndarray:
+        flat = images.reshape(len(images), -1) / 255.0
+        return np.maximum(flat @ net.coefs_[0] + net.intercepts_[0], 0)
+
+    return features
+
+
+def _samples(job: explain_image.Config, p, train: list[dict], test: list[dict]) -> dict:
+    """Images drawn from the test prompts before (adapter off) and after fine-tuning, seeds
+    1000 + j, and their Fréchet distances to the test images; kept in the run folder while
+    the adapter stays."""
+    path = p.out / "query" / "samples.npz"
+    if path.exists():
+        drawn = dict(np.load(path))
+    else:
+        prompts, seeds = [r["text"] for r in test], [1000 + j for j in range(len(test))]
+        draw = {"steps": job.sampling_steps, "guidance": job.guidance}
+        drawn = {}
+        with p.unet.disable_adapter():
+            drawn["before"] = _draw(p, prompts, seeds, draw, job.query_batch)
+        drawn["after"] = _draw(p, prompts, seeds, draw, job.query_batch)
+        np.savez(p.out / "query" / "samples.tmp.npz", **drawn)
+        (p.out / "query" / "samples.tmp.npz").replace(path)
+    labels = [f"{r['class']}/{r['digit']}" for r in train]
+    features = _features(p.train_images, labels, job.seed)
+    real = features(p.query_images)
+    distance = {k: round(frechet_distance(features(v), real), 3) for k, v in drawn.items()}
+    distance["training images"] = round(frechet_distance(features(p.train_images), real), 3)
+    return {"distance": distance, **drawn}
+
+
+def _draw(p, prompts: list[str], seeds: list[int], draw: dict, batch: int) -> np.ndarray:
+    from ..diffusion import to_uint8
+
+    parts = [to_uint8(p.pipeline.generate(p.unet, prompts[i : i + batch], seeds[i : i + batch],
+                                          **draw))
+             for i in range(0, len(prompts), batch)]
+    return np.concatenate(parts)
+
+
+def _shown(study: Study, tops: dict, train_images, query_images, train: list[dict],
+           test: list[dict]) -> list[dict]:
+    """A few test images (spread over the classes) with DataInf's three most helpful and most
+    harmful training images: the paper's Figure 3."""
+    per = max(1, len(test) // study.shown)
+    method = "datainf" if "datainf" in tops else next(iter(tops))
+    shown = []
+    for j in range(0, len(test), per)[: study.shown]:
+        top = tops[method][j]
+        shown.append({"test": test[j] | {"image": query_images[j]},
+                      "helpful": [train[i] | {"image": train_images[i], "score": s}
+                                  for i, s in top["helpful"][:3]],
+                      "harmful": [train[i] | {"image": train_images[i], "score": s}
+                                  for i, s in top["harmful"][:3]]})
+    return shown
+
+
+def _report(summary: dict, shown: list[dict], quality: dict) -> str:
+    e = html.escape
+    paper = summary["paper"]
+    rows = "".join(
+        f"<tr><td>{e(explain_image.LABELS[m])}</td><td>{v['auc']:.3f} ± {v['auc_std']:.3f}"
+        f"</td><td>{v['recall']:.3f} ± {v['recall_std']:.3f}</td><td>{v['auc_magnitude']:.3f}"
+        f"</td><td>{v['seconds']:.2f}</td><td>"
+        + (f"{paper[m]['auc']:.3f} / {paper[m]['recall']:.3f}" if m in paper else "–")
+        + "</td></tr>" for m, v in summary["methods"].items())
+
+    def img(image, caption: str, title: str = "") -> str:
+        return (f"<figure title='{e(title)}'><img src='{image_uri(image)}' alt='{e(caption)}'>"
+                f"<figcaption>{e(caption)}</figcaption></figure>")
+
+    def grid(items: list[dict]) -> str:
+        return "".join(img(x["image"], f"{x['score']:+.3g}", f"{x['class']}: {x['text']}")
+                       for x in items)
+
+    figure3 = "".join(
+        f"<h3>Test: {e(x['test']['text'])} <span class='note'>(class {e(str(x['test']['class']))})"
+        f"</span></h3><div class='grid'>{img(x['test']['image'], 'test image')}</div>"
+        f"<table><tr><th>most helpful (DataInf)</th><th>most harmful</th></tr><tr><td>"
+        f"<div class='grid'>{grid(x['helpful'])}</div></td><td><div class='grid'>"
+        f"{grid(x['harmful'])}</div></td></tr></table>" for x in shown)
+    count = min(12, len(quality["after"]))
+    picks = np.linspace(0, len(quality["after"]) - 1, count).round().astype(int)
+    samples = "".join(f"<td>{img(quality['before'][j], 'before')}"
+                      f"{img(quality['after'][j], 'after')}</td>" for j in picks)
+    dist = quality["distance"]
+    timing = stage_line(summary["stage_seconds"], summary["reused_stages"])
+    intro = (f"Task <b>{e(summary['task'])}</b>: {summary['n_train']} training and "
+             f"{summary['n_test']} test images, {len(summary['classes'])} classes. Pipeline "
+             f"<code>{e(summary['pipeline'])}</code>, LoRA rank {summary['lora_r']} on the "
+             f"UNet's attention, {summary['epochs']} epochs at {summary['learning_rate']:g}; "
+             f"gradients at timesteps {', '.join(map(str, summary['timesteps']))}. Stages: "
+             f"{e(timing)}.")
+    head = ("<tr><th>method</th><th>AUC</th><th>recall</th><th>AUC of |score| (ours)</th>"
+            "<th>seconds</th><th>paper AUC / recall</th></tr>")
+    style = ("<style>.grid { display: flex; gap: 0.4em; flex-wrap: wrap; } figure { margin: 0; "
+             "text-align: center; font-size: 0.8em; font-family: monospace; } img { width: "
+             "64px; height: 64px; image-rendering: pixelated; border: 1px solid #999; }</style>")
+    body = (f"{style}<h2>Identifying the training images of the test image's class</h2>"
+            "<p class='note'>Class-detection AUC and recall (share of the class among the s "
+            "most helpful, s = training images per class), mean ± standard deviation over "
+            "the test images; the paper's numbers are for Stable Diffusion v1.5 on other "
+            "images.</p>"
+            f"<table>{head}{rows}</table>"
+            "<h2>Did the fine-tune learn the task?</h2><p>Fréchet distance to the test images "
+            "(features of a small classifier trained on the training images): images drawn "
+            f"from the test prompts before fine-tuning {dist['before']:.2f}, after "
+            f"{dist['after']:.2f}; the training images themselves {dist['training images']:.2f}"
+            " (the floor).</p>"
+            f"<table><tr>{samples}</tr></table>"
+            f"<h2>Examples (the paper's Figure 3)</h2>{figure3}")
+    return page(f"diffusion study: {e(summary['task'])}", intro, body)
