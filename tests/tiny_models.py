@@ -70,7 +70,8 @@ def tiny_unet(seed: int = 0, dtype=torch.float64):
         attention_head_dim=2,
         norm_num_groups=4,
     )
-    return _with_lora(unet, ["to_q", "to_v"], None, seed, dtype)
+    # explain-image's targets: self- and cross-attention (to_k, to_v read the text states)
+    return _with_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], None, seed, dtype)
 
 
 def _with_lora(model, targets, heads, seed, dtype):
@@ -113,3 +114,32 @@ def padded_text_batch(lengths, vocab: int, side: str, seed: int, prompt: int | N
     if prompt is not None:
         batch["labels"] = labels
     return batch
+
+
+def tiny_stable_diffusion(folder):
+    """A Stable-Diffusion-shaped pipeline folder built from configs (random weights): an
+    AutoencoderKL (16 x 16 RGB -> 4 x 8 x 8 latents), a UNet on the latents, a 1-layer BERT
+    text encoder with MiniLM's tokenizer, a DDPM scheduler; saved as a pipeline's
+    save_pretrained lays it out. For the --pipeline code path, never for results."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from datainf.models import minilm_path
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32)).save_pretrained(
+        folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+                  sample_size=16).save_pretrained(folder / "vae")
+    UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=2, norm_num_groups=4).save_pretrained(folder / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    return folder

@@ -154,7 +154,7 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, unet: torch.nn.Module, prompts: list[str], seeds: list[int], *,
-                 steps: int = 50, guidance: float = 3.0) -> torch.Tensor:
+                 steps: int = 50, guidance: float = 1.5) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] from ``unet`` (this pipeline's or one with an
         adapter): DDIM with ``steps`` steps, classifier-free guidance ``guidance`` (1 = none),
         the starting noise of prompt i drawn from a generator seeded with ``seeds[i]``."""
@@ -308,7 +308,8 @@ def pretrain_digit_model(out: str | os.PathLike, *, steps: int, batch_size: int,
         return noise_prediction_loss(unet, scheduler, batch, generator)
 
     history = train_loop(unet, n, batches, loss, epochs=epochs, batch_size=batch_size,
-                         learning_rate=learning_rate, seed=seed, progress=progress)
+                         learning_rate=learning_rate, seed=seed, progress=progress,
+                         desc="pre-training")
     out = Path(out)
     unet.save_pretrained(out / "unet")
     scheduler.save_pretrained(out / "scheduler")

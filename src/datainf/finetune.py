@@ -57,6 +57,7 @@ def train_loop(
     seed: int,
     progress: bool | None = None,
     on_epoch: Callable[[int, float], bool | None] | None = None,
+    desc: str = "fine-tuning",
 ) -> list[float]:
     """AdamW on the trainable parameters, the learning rate decayed linearly to 0, the data
     shuffled with ``seed`` every epoch; returns the mean loss of each epoch.
@@ -64,7 +65,8 @@ def train_loop(
     ``batches(order)``: the batches of the examples in ``order`` (a permutation of
     range(num_examples)), ``batch_size`` a batch; ``loss(batch)``: the batch's mean loss (a
     scalar). ``on_epoch(epoch, mean_loss)`` is called after each epoch (1-based) with the model
-    in eval mode; when it returns True, training stops there.
+    in eval mode; when it returns True, training stops there. ``desc``: the progress bar's
+    label.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -75,7 +77,7 @@ def train_loop(
     torch.manual_seed(seed)
     model.train()
     history = []
-    bar = tqdm(total=steps, desc="fine-tuning", unit="step",
+    bar = tqdm(total=steps, desc=desc, unit="step",
                disable=None if progress is None else not progress)
     for _ in range(epochs):
         total, count = 0.0, 0

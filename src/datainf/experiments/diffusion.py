@@ -125,10 +125,16 @@ def run(study: Study) -> dict:
 def _features(train_images: np.ndarray, labels: list[str], seed: int):
     """A function images (n, H, W, 1) uint8 -> (n, 64) features: the hidden layer of an MLP
     trained on the training images to tell their labels apart."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
     x = train_images.reshape(len(train_images), -1) / 255.0
-    net = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed).fit(x, labels)
+    with warnings.catch_warnings():  # features, not a classifier to report: fitting long enough
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        net = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed)
+        net.fit(x, labels)
 
     def features(images: np.ndarray) -> np.ndarray:
         flat = images.reshape(len(images), -1) / 255.0
