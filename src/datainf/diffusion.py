@@ -102,7 +102,9 @@ def digit_unet_config() -> dict:
 # ---------------------------------------------------------------- text encoder
 class TextEncoder:
     """A frozen text encoder: prompts -> (B, tokens, width) float32 states, the prompt padded
-    (or cut) to ``max_tokens``; results are cached per prompt."""
+    (or cut) to ``max_tokens``; results are cached per prompt. Each prompt is encoded alone,
+    so its states do not depend on which prompts came with it (BLAS rounds differently for
+    other batch shapes, and the states are part of the data a gradient store checks)."""
 
     def __init__(self, model, tokenizer, max_tokens: int):
         self.model, self.tokenizer, self.max_tokens = model.eval(), tokenizer, max_tokens
@@ -111,13 +113,11 @@ class TextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        todo = sorted({p for p in prompts if p not in self._cache})
-        if todo:
-            ids = self.tokenizer(todo, padding="max_length", truncation=True,
+        for prompt in dict.fromkeys(p for p in prompts if p not in self._cache):
+            ids = self.tokenizer([prompt], padding="max_length", truncation=True,
                                  max_length=self.max_tokens, return_tensors="pt")
-            states = self.model(input_ids=ids["input_ids"]).last_hidden_state.float()
-            self._cache.update(zip(todo, states, strict=True))
-        return torch.stack([self._cache[p] for p in prompts])
+            self._cache[prompt] = self.model(input_ids=ids["input_ids"]).last_hidden_state[0]
+        return torch.stack([self._cache[p] for p in prompts]).float()
 
 
 # ---------------------------------------------------------------- pipeline
@@ -286,10 +286,12 @@ def pretrain_digit_model(out: str | os.PathLike, *, steps: int, batch_size: int,
         images, labels = images[:limit], labels[:limit]
     pixels = to_pixels(images, IMAGE_SIZE)
     folder = minilm_path()
-    encoder = TextEncoder(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
-                          MAX_TOKENS)
-    prompts = [digit_prompt(d) for d in range(10)]
-    states = encoder(prompts + [""])  # (11, tokens, 384): row 10 is the empty prompt
+    tokenizer, encoder = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder)
+    prompts = [digit_prompt(d) for d in range(10)] + [""]  # row 10: the empty prompt
+    ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
+                    return_tensors="pt")
+    with torch.no_grad():  # the 11 prompts in one batch (the cached model was made so)
+        states = encoder.eval()(input_ids=ids["input_ids"]).last_hidden_state.float()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**digit_unet_config())
     scheduler = DDPMScheduler(num_train_timesteps=1000)

@@ -32,8 +32,8 @@ import torch
 
 from .errors import DataInfError
 from .images import ImageExample, load_images, read_image_folder, save_png
-from .methods import NAMED
-from .pairwise import fingerprint, save_matrices, score_queries
+from .methods import LABELS
+from .pairwise import PairwiseOptions, fingerprint, save_matrices, score_queries
 from .runs import (
     Stages,
     adapter_digest,
@@ -47,16 +47,12 @@ from .runs import (
     write_atomic,
 )
 
-DEFAULT_METHODS = ("datainf", "datainf_normalized", "hessian_free")
-LABELS = {"datainf": "DataInf", "exact": "Exact", "lissa": "LiSSA",
-          "hessian_free": "Hessian-free", "datainf_normalized": "DataInf, unit gradients",
-          "cosine": "Cosine (Hessian-free, unit gradients)"}
 OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
 SAMPLES = 8  # training prompts drawn before and after fine-tuning for the report
 
 
 @dataclass
-class Config:
+class Config(PairwiseOptions):
     """Settings of one explain-image run. Those in ``EXPENSIVE`` decide the adapter and the
     training gradients."""
 
@@ -74,17 +70,10 @@ class Config:
     learning_rate: float = 3e-3
     timesteps: tuple[int, ...] = (25, 225, 425, 525, 725, 925)
     seed: int = 0
-    device: str = "cpu"
     # cheap: may change between runs on the same --out
     sampling_steps: int = 50
     # classifier-free guidance; at 3 the digit model's drawings fall apart (README)
     guidance: float = 1.5
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    blocks: str | None = None
-    damping: float = 0.1
-    top: int = 5
-    matrix: bool = True
-    query_batch: int = 64
     out: str = "runs/explain-image"
     progress: bool | None = None
     stage_seconds: dict = field(default_factory=dict)
@@ -95,29 +84,19 @@ class Config:
     def expensive(self) -> dict:
         return settings_json(self, self.EXPENSIVE)
 
-    def scoring(self) -> dict:
-        """The options of :func:`datainf.pairwise.score_queries`."""
-        return {"methods": self.methods, "damping": self.damping, "blocks": self.blocks,
-                "top": self.top, "query_batch": self.query_batch, "device": self.device}
-
 
 def check_settings(config: Config) -> None:
     """Every setting, before anything is loaded."""
-    from .blocks import blocks_pattern
     from .mislabeled import check_device
     from .models import check_adapter_folder
 
-    unknown = [m for m in config.methods if m not in NAMED]
-    if unknown or not config.methods:
-        raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(NAMED)}")
+    config.check_scoring()
     check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "top": 1,
                            "sampling_steps": 1, "query_batch": 1, "guidance": 1},
                   ("learning_rate", "damping", "lora_alpha"))
     if not config.timesteps or any(not 0 <= t < 1000 for t in config.timesteps):
         raise DataInfError(f"--timesteps must be integers in [0, 1000), not "
                            f"{list(config.timesteps)}")
-    if config.blocks is not None:
-        blocks_pattern(config.blocks)
     check_device(config.device)
     if config.adapter is not None:
         check_adapter_folder(config.adapter)

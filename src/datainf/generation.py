@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .blocks import blocks_pattern, names_matching
+from .blocks import names_matching
 from .chat import ChatExample, Encoded, encode_all, lm_batches, read_chat_jsonl
-from .errors import DataInfError
-from .methods import NAMED
-from .pairwise import fingerprint, save_matrices, score_queries
+from .methods import LABELS
+from .pairwise import PairwiseOptions, fingerprint, save_matrices, score_queries
 from .runs import (
     Stages,
     adapter_digest,
@@ -46,17 +45,11 @@ from .runs import (
     write_atomic,
 )
 
-# DataInf (the paper's), DataInf on unit gradients (the best cheap method on all three of the
-# generation study's tasks, README) and the Hessian-free baseline; --methods adds the others.
-DEFAULT_METHODS = ("datainf", "datainf_normalized", "hessian_free")
-LABELS = {"datainf": "DataInf", "exact": "Exact", "lissa": "LiSSA",
-          "hessian_free": "Hessian-free", "datainf_normalized": "DataInf, unit gradients",
-          "cosine": "Cosine (Hessian-free, unit gradients)"}
 OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
 
 
 @dataclass
-class Config:
+class Config(PairwiseOptions):
     """Settings of one explain-generation run. Those in ``EXPENSIVE`` decide the adapter and
     the training gradients."""
 
@@ -72,15 +65,8 @@ class Config:
     learning_rate: float = 1e-3
     max_length: int = 256
     seed: int = 0
-    device: str = "cpu"
     # cheap: may change between runs on the same --out
     max_new_tokens: int = 64
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    blocks: str | None = None
-    damping: float = 0.1
-    top: int = 5
-    matrix: bool = True                 # write scores.npz (m x n per method)
-    query_batch: int = 64               # queries scored together (memory: query_batch x n)
     out: str = "runs/explain-generation"
     progress: bool | None = None
     stage_seconds: dict = field(default_factory=dict)
@@ -91,22 +77,13 @@ class Config:
     def expensive(self) -> dict:
         return settings_json(self, self.EXPENSIVE)
 
-    def scoring(self) -> dict:
-        """The options of :func:`datainf.pairwise.score_queries`."""
-        return {"methods": self.methods, "damping": self.damping, "blocks": self.blocks,
-                "top": self.top, "query_batch": self.query_batch, "device": self.device}
-
 
 def check_settings(config: Config) -> None:
     """Every setting, before anything is loaded."""
-    unknown = [m for m in config.methods if m not in NAMED]
-    if unknown or not config.methods:
-        raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(NAMED)}")
+    config.check_scoring()
     check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2,
                            "top": 1, "max_new_tokens": 1, "query_batch": 1},
                   ("learning_rate", "damping", "lora_alpha"))
-    if config.blocks is not None:
-        blocks_pattern(config.blocks)
     from .mislabeled import check_device
     from .models import check_adapter_folder, check_model_name
 

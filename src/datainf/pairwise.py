@@ -12,12 +12,45 @@ import hashlib
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .blocks import RowRange, blocks_matching
-from .methods import estimator
+from .blocks import RowRange, blocks_matching, blocks_pattern
+from .errors import DataInfError
+from .methods import NAMED, estimator
+
+# DataInf (the paper's), DataInf on unit gradients (the best cheap method on all three of the
+# generation study's tasks, README) and the Hessian-free baseline; --methods adds the others.
+DEFAULT_METHODS = ("datainf", "datainf_normalized", "hessian_free")
+
+
+@dataclass
+class PairwiseOptions:
+    """What an explain-* job scores and writes: cheap settings, which may change between runs
+    on the same --out (the job's own settings follow these in its Config)."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    blocks: str | None = None           # regular expression: only matching blocks count
+    damping: float = 0.1
+    top: int = 5                        # most helpful and most harmful listed per query
+    matrix: bool = True                 # write scores.npz (m x n per method)
+    query_batch: int = 64               # queries scored together (memory: query_batch x n)
+    device: str = "cpu"
+
+    def scoring(self) -> dict:
+        """The options of :func:`score_queries`."""
+        return {"methods": self.methods, "damping": self.damping, "blocks": self.blocks,
+                "top": self.top, "query_batch": self.query_batch, "device": self.device}
+
+    def check_scoring(self) -> None:
+        """Refuses unknown methods and a bad --blocks pattern (numbers: the job's check)."""
+        unknown = [m for m in self.methods if m not in NAMED]
+        if unknown or not self.methods:
+            raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(NAMED)}")
+        if self.blocks is not None:
+            blocks_pattern(self.blocks)
 
 
 def fingerprint(path: str | os.PathLike) -> str:

@@ -16,20 +16,18 @@ from __future__ import annotations
 import html
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .. import explain_image
 from ..image_tasks import make_image_task
 from ..images import save_png
-from ..metrics import class_detection, frechet_distance
-from ..pairwise import score_queries
+from ..metrics import frechet_distance
 from ..report import image_uri, stage_line
 from ..runs import write_atomic
+from .classes import score_classes, table_html
 from .common import page, write_files
 
 METHODS = ("datainf", "hessian_free", "lissa", "datainf_normalized", "cosine")
@@ -85,24 +83,12 @@ def run(study: Study) -> dict:
     train_classes = np.array([r["class"] for r in train])
     test_classes = np.array([r["class"] for r in test])
     with explain_image.prepared(job) as p:
-        folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
-        try:
-            tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
-                                                  p.query_store, folder=folder, **job.scoring())
-            metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
-                                          test_classes) for m in job.methods}
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        table, methods, tops = score_classes(p, job, train_classes, test_classes)
         quality = p.stages.timed("samples", _samples, job, p, train, test)
         history = p.history
         stage_seconds = {k: round(v, 1) for k, v in job.stage_seconds.items()}
         reused = list(p.stages.reused)
         shown = _shown(study, tops, p.train_images, p.query_images, train, test)
-    table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),
-                           "recall_mean": v["recall"].mean(),
-                           "recall_std": v["recall"].std(),
-                           "auc_magnitude": v["auc_magnitude"].mean(), "seconds": seconds[m]}
-                          for m, v in metrics.items()])
     summary = {
         "experiment": "diffusion", "task": study.task, "n_train": len(train),
         "n_test": len(test), "classes": sorted(set(train_classes.tolist())),
@@ -110,12 +96,7 @@ def run(study: Study) -> dict:
         "learning_rate": job.learning_rate, "timesteps": list(job.timesteps),
         "frechet_distance": quality["distance"], "training": history,
         "stage_seconds": stage_seconds, "reused_stages": reused,
-        "methods": {r.method: {"auc": round(r.auc_mean, 4), "auc_std": round(r.auc_std, 4),
-                               "recall": round(r.recall_mean, 4),
-                               "recall_std": round(r.recall_std, 4),
-                               "auc_magnitude": round(r.auc_magnitude, 4),
-                               "seconds": round(r.seconds, 3), **notes.get(r.method, {})}
-                    for r in table.itertuples()},
+        "methods": methods,
         "paper": {m: {"auc": a, "recall": r} for m, (a, r) in PAPER.get(study.task, {}).items()},
     }
     write_files(out, "diffusion", summary, table, _report(summary, shown, quality))
@@ -195,13 +176,6 @@ def _shown(study: Study, tops: dict, train_images, query_images, train: list[dic
 
 def _report(summary: dict, shown: list[dict], quality: dict) -> str:
     e = html.escape
-    paper = summary["paper"]
-    rows = "".join(
-        f"<tr><td>{e(explain_image.LABELS[m])}</td><td>{v['auc']:.3f} ± {v['auc_std']:.3f}"
-        f"</td><td>{v['recall']:.3f} ± {v['recall_std']:.3f}</td><td>{v['auc_magnitude']:.3f}"
-        f"</td><td>{v['seconds']:.2f}</td><td>"
-        + (f"{paper[m]['auc']:.3f} / {paper[m]['recall']:.3f}" if m in paper else "–")
-        + "</td></tr>" for m, v in summary["methods"].items())
 
     def img(image, caption: str, title: str = "") -> str:
         return (f"<figure title='{e(title)}'><img src='{image_uri(image)}' alt='{e(caption)}'>"
@@ -229,8 +203,6 @@ def _report(summary: dict, shown: list[dict], quality: dict) -> str:
              f"UNet's attention, {summary['epochs']} epochs at {summary['learning_rate']:g}; "
              f"gradients at timesteps {', '.join(map(str, summary['timesteps']))}. Stages: "
              f"{e(timing)}.")
-    head = ("<tr><th>method</th><th>AUC</th><th>recall</th><th>AUC of |score| (ours)</th>"
-            "<th>seconds</th><th>paper AUC / recall</th></tr>")
     style = ("<style>.grid { display: flex; gap: 0.4em; flex-wrap: wrap; } figure { margin: 0; "
              "text-align: center; font-size: 0.8em; font-family: monospace; } img { width: "
              "64px; height: 64px; image-rendering: pixelated; border: 1px solid #999; }</style>")
@@ -239,7 +211,7 @@ def _report(summary: dict, shown: list[dict], quality: dict) -> str:
             "most helpful, s = training images per class), mean ± standard deviation over "
             "the test images; the paper's numbers are for Stable Diffusion v1.5 on other "
             "images.</p>"
-            f"<table>{head}{rows}</table>"
+            f"{table_html(summary['methods'], summary['paper'])}"
             "<h2>Did the fine-tune learn the task?</h2><p>Fréchet distance to the test images "
             "(features of a small classifier trained on the training images): images drawn "
             f"from the test prompts before fine-tuning {dist['before']:.2f}, after "

@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import html
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .. import generation
-from ..metrics import class_detection
-from ..pairwise import score_queries
 from ..report import stage_line
 from ..runs import write_atomic
 from ..synthetic import make_task
+from .classes import score_classes, table_html
 from .common import page, write_files
 
 SYSTEM = "You are a helpful assistant."
@@ -66,34 +62,17 @@ def run(study: Study) -> dict:
     test_classes = np.array([r["class"] for r in test])
     with generation.prepared(job) as p:
         accuracy = p.stages.timed("accuracy", _accuracy, job, p)
-        folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
-        try:
-            tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
-                                                  p.query_store, folder=folder, **job.scoring())
-            metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
-                                          test_classes) for m in job.methods}
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        table, methods, tops = score_classes(p, job, train_classes, test_classes)
         history = p.history
         stage_seconds = {k: round(v, 1) for k, v in job.stage_seconds.items()}
         reused = list(p.stages.reused)
         examples = _shown(study, p, tops, train, test)
-    table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),
-                           "recall_mean": v["recall"].mean(),
-                           "recall_std": v["recall"].std(),
-                           "auc_magnitude": v["auc_magnitude"].mean(), "seconds": seconds[m]}
-                          for m, v in metrics.items()])
     summary = {
         "experiment": "generation", "task": study.task, "n_train": len(train),
         "n_test": len(test), "model": job.model, "lora_r": job.lora_r,
         "epochs": job.epochs, "learning_rate": job.learning_rate, "accuracy": accuracy,
         "training": history, "stage_seconds": stage_seconds, "reused_stages": reused,
-        "methods": {r.method: {"auc": round(r.auc_mean, 4), "auc_std": round(r.auc_std, 4),
-                               "recall": round(r.recall_mean, 4),
-                               "recall_std": round(r.recall_std, 4),
-                               "auc_magnitude": round(r.auc_magnitude, 4),
-                               "seconds": round(r.seconds, 3), **notes.get(r.method, {})}
-                    for r in table.itertuples()},
+        "methods": methods,
         "paper": {m: {"auc": a, "recall": r} for m, (a, r) in PAPER.get(study.task, {}).items()},
     }
     write_files(out, "generation", summary, table, _report(summary, examples))
@@ -148,13 +127,6 @@ def _shown(study: Study, p, tops: dict, train: list[dict], test: list[dict]) -> 
 
 def _report(summary: dict, examples: list[dict]) -> str:
     e = html.escape
-    paper = summary["paper"]
-    rows = "".join(
-        f"<tr><td>{e(generation.LABELS[m])}</td><td>{v['auc']:.3f} ± {v['auc_std']:.3f}</td>"
-        f"<td>{v['recall']:.3f} ± {v['recall_std']:.3f}</td><td>{v['auc_magnitude']:.3f}</td>"
-        f"<td>{v['seconds']:.2f}</td><td>"
-        + (f"{paper[m]['auc']:.3f} / {paper[m]['recall']:.3f}" if m in paper else "–")
-        + "</td></tr>" for m, v in summary["methods"].items())
     acc = summary["accuracy"]
 
     def listed(items):
@@ -173,14 +145,12 @@ def _report(summary: dict, examples: list[dict]) -> str:
              f"{summary['epochs']} epochs at {summary['learning_rate']:g}. Exact-match test "
              f"accuracy of greedy answers: {acc['before']:.2f} before fine-tuning, "
              f"{acc['after']:.2f} after. Stages: {e(timing)}.")
-    head = ("<tr><th>method</th><th>AUC</th><th>recall</th><th>AUC of |score| (ours)</th>"
-            "<th>seconds</th><th>paper AUC / recall</th></tr>")
     body = ("<h2>Identifying the training examples of the test example's class</h2>"
             "<p class='note'>Class-detection AUC and recall (share of the class among the s "
             "most helpful, s = training examples per class), mean ± standard deviation over "
             "the test examples; the paper's numbers are for Llama-2-13B-chat. AUC of |score| "
             "(a diagnostic of ours): whether the class stands out by the size of its influence, "
             "helpful or harmful.</p>"
-            f"<table>{head}{rows}</table>"
+            f"{table_html(summary['methods'], summary['paper'])}"
             f"<h2>Examples (the paper's Figure 3 in text form)</h2>{figure3}")
     return page("Text generation: influential training examples", intro, body)

@@ -18,6 +18,11 @@ NAMED = {
     "cosine": (HessianFree, {"normalize": True}),
 }
 
+# what reports call each named method
+LABELS = {"datainf": "DataInf", "exact": "Exact", "lissa": "LiSSA",
+          "hessian_free": "Hessian-free", "datainf_normalized": "DataInf, unit gradients",
+          "cosine": "Cosine (Hessian-free, unit gradients)"}
+
 
 def estimator(name: str, **kwargs) -> InfluenceEstimator:
     """The estimator called ``name`` in :data:`NAMED`, built with ``kwargs`` (damping, ...)."""
@@ -27,5 +32,5 @@ def estimator(name: str, **kwargs) -> InfluenceEstimator:
     return cls(**settings, **kwargs)
 
 
-__all__ = ["NAMED", "Convergence", "DataInf", "Exact", "HessianFree", "InfluenceEstimator",
-           "LiSSA", "estimator"]
+__all__ = ["LABELS", "NAMED", "Convergence", "DataInf", "Exact", "HessianFree",
+           "InfluenceEstimator", "LiSSA", "estimator"]

@@ -1,0 +1,57 @@
+"""Class detection on the pairwise scores of a prepared explain-* run, shared by the paper's
+generation and diffusion studies (the paper's Table 2): every method's scores streamed into a
+temporary folder of the run, the class-detection AUC and recall per test example, and the
+table (mean and standard deviation over test examples) beside the paper's numbers."""
+
+from __future__ import annotations
+
+import html
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..methods import LABELS
+from ..metrics import class_detection
+from ..pairwise import score_queries
+
+
+def score_classes(p, job, train_classes: np.ndarray, test_classes: np.ndarray
+                  ) -> tuple[pd.DataFrame, dict, dict]:
+    """(table, methods, tops): ``table`` one row per method (auc_mean, auc_std, recall_mean,
+    recall_std, auc_magnitude, seconds); ``methods`` the same rounded for summary.json, with
+    the method's notes (LiSSA: converged); ``tops`` as :func:`score_queries` gives them."""
+    folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
+    try:
+        tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
+                                              p.query_store, folder=folder, **job.scoring())
+        metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
+                                      test_classes) for m in job.methods}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),
+                           "recall_mean": v["recall"].mean(), "recall_std": v["recall"].std(),
+                           "auc_magnitude": v["auc_magnitude"].mean(), "seconds": seconds[m]}
+                          for m, v in metrics.items()])
+    methods = {r.method: {"auc": round(r.auc_mean, 4), "auc_std": round(r.auc_std, 4),
+                          "recall": round(r.recall_mean, 4), "recall_std": round(r.recall_std, 4),
+                          "auc_magnitude": round(r.auc_magnitude, 4),
+                          "seconds": round(r.seconds, 3), **notes.get(r.method, {})}
+               for r in table.itertuples()}
+    return table, methods, tops
+
+
+def table_html(methods: dict, paper: dict) -> str:
+    """The metrics table of summary.json's ``methods`` beside the paper's (AUC, recall)."""
+    e = html.escape
+    head = ("<tr><th>method</th><th>AUC</th><th>recall</th><th>AUC of |score| (ours)</th>"
+            "<th>seconds</th><th>paper AUC / recall</th></tr>")
+    rows = "".join(
+        f"<tr><td>{e(LABELS[m])}</td><td>{v['auc']:.3f} ± {v['auc_std']:.3f}</td>"
+        f"<td>{v['recall']:.3f} ± {v['recall_std']:.3f}</td><td>{v['auc_magnitude']:.3f}</td>"
+        f"<td>{v['seconds']:.2f}</td><td>"
+        + (f"{paper[m]['auc']:.3f} / {paper[m]['recall']:.3f}" if m in paper else "–")
+        + "</td></tr>" for m, v in methods.items())
+    return f"<table>{head}{rows}</table>"
