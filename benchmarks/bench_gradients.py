@@ -84,8 +84,8 @@ def compare(label, model, batches, task, loss_fn, rows):
 def minilm(rows, examples: int, batch_size: int):
     import torch.nn.functional as F
 
-    from datainf.data import bbc_news
-    from datainf.models import add_lora, load_classifier
+    from datainf.data.text import bbc_news
+    from datainf.models.hf import add_lora, load_classifier
 
     torch.manual_seed(0)
     texts, labels = bbc_news()
@@ -109,8 +109,8 @@ def minilm(rows, examples: int, batch_size: int):
 
 
 def smollm2(rows, examples: int, batch_size: int):
-    from datainf.data import bbc_news
-    from datainf.models import add_lora, load_causal_lm
+    from datainf.data.text import bbc_news
+    from datainf.models.hf import add_lora, load_causal_lm
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm("smollm2")
@@ -137,7 +137,7 @@ def smollm2(rows, examples: int, batch_size: int):
 STORE_CHILD = r"""
 import json, sys, time, torch
 from datainf import DataInf
-from datainf.store import GradientStore
+from datainf.gradients.store import GradientStore
 
 
 def peak_rss_mb():
@@ -163,7 +163,7 @@ print(json.dumps({"seconds": times, "rss_before_mb": before, "max_rss_mb": peak_
 
 
 def make_store(path: str, n: int, blocks: int, width: int) -> None:
-    from datainf.store import GradientStore
+    from datainf.gradients.store import GradientStore
 
     widths = {f"layer{b}.lora": width for b in range(blocks)}
     store = GradientStore.create_or_resume(path, widths, n, {"bench": n})

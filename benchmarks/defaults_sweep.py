@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from datainf import DataInf, HessianFree, collect_gradients
-from datainf.data import text_batches
-from datainf.finetune import finetune, predict
+from datainf.data.text import text_batches
+from datainf.jobs.detect_mislabeled import Config, load_data
 from datainf.metrics import detection_auc
-from datainf.mislabeled import Config, load_data
-from datainf.models import add_lora, load_classifier
+from datainf.models.hf import add_lora, load_classifier
+from datainf.training.finetune import finetune, predict
 
 
 def main() -> None:

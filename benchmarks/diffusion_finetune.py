@@ -15,12 +15,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from datainf.diffusion import load_pipeline, to_pixels, to_uint8
+from datainf.data.image_tasks import make_image_task
 from datainf.experiments.diffusion import SIZES, _features
-from datainf.explain_image import Config, train_adapter
-from datainf.image_tasks import make_image_task
+from datainf.jobs.explain_image import Config, train_adapter
 from datainf.metrics import frechet_distance
-from datainf.models import add_lora
+from datainf.models.diffusion import load_pipeline, to_pixels, to_uint8
+from datainf.models.hf import add_lora
 
 SETTINGS = [  # (LoRA rank, epochs, learning rate)
     (4, 10, 1e-3), (4, 40, 1e-3), (8, 40, 1e-3), (8, 40, 3e-3), (16, 40, 1e-3),

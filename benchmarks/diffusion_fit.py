@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from datainf.experiments.diffusion import Study, run
-from datainf.explain_image import Config
+from datainf.jobs.explain_image import Config
 
 SETTINGS = [  # (LoRA rank, epochs, learning rate)
     (4, 10, 1e-3), (4, 40, 1e-3), (8, 10, 3e-3), (8, 20, 3e-3), (8, 40, 3e-3),

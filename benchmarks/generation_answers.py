@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from datainf.gradients.store import GradientStore
 from datainf.methods import estimator
 from datainf.metrics import class_detection, detection_auc
-from datainf.store import GradientStore
 
 METHODS = ("datainf", "hessian_free", "exact", "datainf_normalized", "cosine")
 

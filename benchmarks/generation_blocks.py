@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datainf.blocks import BlockSubset, names_matching
+from datainf.gradients.store import GradientStore
 from datainf.methods import estimator
+from datainf.methods.blocks import BlockSubset, names_matching
 from datainf.metrics import class_detection
-from datainf.store import GradientStore
 
 SUBSETS = {
     "all": ".",

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from datainf.chat import IGNORE, lm_batches, read_chat_jsonl
-from datainf.chat import encode as encode_whole
-from datainf.gradients import collect_gradients
+from datainf.data.chat import IGNORE, lm_batches, read_chat_jsonl
+from datainf.data.chat import encode as encode_whole
+from datainf.gradients.collect import collect_gradients
+from datainf.gradients.store import GradientStore
 from datainf.methods import estimator
 from datainf.metrics import class_detection
-from datainf.models import load_adapter, load_causal_lm
-from datainf.store import GradientStore
+from datainf.models.hf import load_adapter, load_causal_lm
 
 
 def answer_only(tokenizer, examples):
@@ -38,7 +38,7 @@ def answer_only(tokenizer, examples):
 
 
 def gradients(model, tokenizer, examples, path):
-    from datainf.chat import Encoded
+    from datainf.data.chat import Encoded
 
     ids, starts, ends = answer_only(tokenizer, examples)
     batches = lm_batches(Encoded(ids, starts), 8, tokenizer.pad_token_id)

@@ -132,7 +132,7 @@ def test_builtin_corpus_by_name(tiny_model, tmp_path, capsys):
 def test_defaults_of_builtin_corpora(data, defaults, monkeypatch):
     """Without --train-size / --val-size / --learning-rate: the built-in corpus's, else all of
     a file at Config's rate; given ones win."""
-    from datainf import mislabeled
+    from datainf.jobs import detect_mislabeled as mislabeled
 
     seen = []
     monkeypatch.setattr(mislabeled, "run", lambda config: seen.append(config) or

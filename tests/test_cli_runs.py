@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from cli_helpers import bad, cli, common, make_texts
 
-import datainf.mislabeled as job
+import datainf.jobs.detect_mislabeled as job
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def test_unit_gradient_variants(tiny_model, csv_file, tmp_path):
     import torch
 
     from datainf import HessianFree
-    from datainf.store import GradientStore
+    from datainf.gradients.store import GradientStore
 
     out = tmp_path / "run"
     assert cli("--data", csv_file, "--methods", "datainf,datainf_normalized,cosine",

@@ -6,7 +6,7 @@ import torch
 from tiny_models import padded_text_batch, tiny_bert_classifier, tiny_llama
 
 from datainf import DataInfError, collect_gradients
-from datainf.store import GradientStore
+from datainf.gradients.store import GradientStore
 
 
 def text_batches(sizes=(3, 3, 3, 3), seed=0):
@@ -140,7 +140,7 @@ def test_bfloat16_store(tmp_path):
 
 def test_grouping_by_module_on_a_store(tmp_path):
     from datainf import DataInf
-    from datainf.blocks import as_gradient_source, group_by_module
+    from datainf.methods.blocks import as_gradient_source, group_by_module
 
     model = tiny_bert_classifier(dtype=torch.float32)
     batches = text_batches()

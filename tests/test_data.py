@@ -1,4 +1,4 @@
-"""Reading users' data (datainf.data): incomplete records, numeric labels, JSON lines, paths,
+"""Reading users' data (datainf.data.text): incomplete records, numeric labels, JSON lines, paths,
 row provenance, and the split of a detect-mislabeled run."""
 
 import json
@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from cli_helpers import make_texts
 
-from datainf import models
-from datainf.data import (
+from datainf.data.paths import looks_like_local_path
+from datainf.data.text import (
     BUILTIN_DATASETS,
     TextData,
     bbc_news,
@@ -25,8 +25,8 @@ from datainf.data import (
     stratified_split,
 )
 from datainf.errors import DataInfError
-from datainf.mislabeled import Config
-from datainf.paths import looks_like_local_path
+from datainf.jobs.detect_mislabeled import Config
+from datainf.models import hf as models
 
 
 def config(path, **kw) -> Config:

@@ -11,8 +11,8 @@ from cli_helpers import common
 
 from datainf import DataInf, Exact
 from datainf.cli import main
+from datainf.gradients.store import GradientStore
 from datainf.metrics import pearson
-from datainf.store import GradientStore
 
 
 def experiment(name, tmp_path, *args):

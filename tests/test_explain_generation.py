@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from datainf.chat import IGNORE, encode_all, lm_batches, read_chat_jsonl
 from datainf.cli import main
-from datainf.generation import response_loss
+from datainf.data.chat import IGNORE, encode_all, lm_batches, read_chat_jsonl
+from datainf.jobs.explain_generation import response_loss
 
 TOPICS = {"colour": ["red", "blue", "green"], "animal": ["cat", "dog", "fox"]}
 
@@ -141,9 +141,9 @@ def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
     """Queries scored one at a time (the streaming path) give the scores of one batch."""
     from dataclasses import replace
 
-    from datainf.generation import Config
-    from datainf.pairwise import score_queries
-    from datainf.store import GradientStore
+    from datainf.gradients.store import GradientStore
+    from datainf.jobs.explain_generation import Config
+    from datainf.jobs.pairwise import score_queries
 
     out = tmp_path / "run"
     assert run(tiny_chat_model, *files, out, "--methods", "datainf") == 0

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from datainf.cli import main
-from datainf.diffusion import digit_prompt, mnist_digits
+from datainf.data.images import ImageExample, load_images, read_image_folder
 from datainf.errors import DataInfError
-from datainf.images import ImageExample, load_images, read_image_folder
+from datainf.models.diffusion import digit_prompt, mnist_digits
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_bad_input_through_the_cli(tiny_digit_pipeline, folders, tmp_path, capsy
 def test_adapter_for_another_unet_refused(tiny_digit_pipeline, folders, tmp_path, capsys):
     from diffusers import UNet2DConditionModel
 
-    from datainf.models import add_lora
+    from datainf.models.hf import add_lora
 
     other = UNet2DConditionModel(
         sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
@@ -191,7 +191,7 @@ def test_stable_diffusion_folder(tmp_path, folders):
     code: RGB images of 16 x 16 encoded to 4 x 8 x 8 latents, prompts by its own encoder."""
     from tiny_models import tiny_stable_diffusion
 
-    from datainf.diffusion import load_pipeline
+    from datainf.models.diffusion import load_pipeline
 
     folder = tiny_stable_diffusion(tmp_path / "sd")
     pipeline = load_pipeline(folder)
@@ -210,7 +210,7 @@ def test_stable_diffusion_folder(tmp_path, folders):
 def test_pretraining_writes_a_loadable_pipeline(tmp_path):
     """The shipped model's pre-training, cut to a few steps on 128 digits: diffusers' folder
     layout, loadable by load_pipeline, drawing 16 x 16 grey images in [-1, 1]."""
-    from datainf.diffusion import load_pipeline, pretrain_digit_model
+    from datainf.models.diffusion import load_pipeline, pretrain_digit_model
 
     history = pretrain_digit_model(tmp_path / "digits", steps=4, batch_size=32,
                                    learning_rate=5e-4, seed=0, empty_prompt_share=0.1,

@@ -13,7 +13,7 @@ from tiny_models import (
 )
 
 from datainf import DataInfError, collect_gradients
-from datainf.tasks import Diffusion
+from datainf.gradients.tasks import Diffusion
 
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from datainf.image_tasks import STYLE_PROMPTS, make_image_task, stylize
+from datainf.data.image_tasks import STYLE_PROMPTS, make_image_task, stylize
 from datainf.metrics import frechet_distance
 
 

@@ -35,7 +35,7 @@ def test_end_to_end_outputs(tiny_model, csv_file, tmp_path, capsys):
     assert page.count("<tr>") >= 7 + 50
     # the DataInf score in the CSV is the aggregate influence of the stored gradients
     from datainf import DataInf
-    from datainf.store import GradientStore
+    from datainf.gradients.store import GradientStore
 
     train = GradientStore.open(out / "gradients" / "train")
     val = GradientStore.open(out / "gradients" / "val")
@@ -157,7 +157,7 @@ def test_out_folder_with_foreign_files(tiny_model, csv_file, tmp_path, capsys):
 def test_interrupted_run_goes_on_from_last_stage(tiny_model, csv_file, tmp_path, capsys,
                                                  monkeypatch):
     """Ctrl-C during scoring: exit 130, no summary; the rerun reuses adapter and gradients."""
-    import datainf.mislabeled as job
+    import datainf.jobs.detect_mislabeled as job
 
     out = tmp_path / "run"
     args = ["--data", csv_file, "--methods", "datainf", *common(tiny_model, out)]
@@ -181,7 +181,7 @@ def test_interrupted_gradients_are_finished_on_rerun(tiny_model, csv_file, tmp_p
                                                     monkeypatch):
     """Ctrl-C while the training gradients are written: the rerun finishes the store (only
     the missing rows) instead of refusing it as incomplete."""
-    from datainf.store import GradientStore
+    from datainf.gradients.store import GradientStore
 
     out = tmp_path / "run"
     args = ["--data", csv_file, "--methods", "datainf", *common(tiny_model, out)]
@@ -279,7 +279,7 @@ def test_stop_on_validation_loss_keeps_the_best_epoch(tiny_model, csv_file, tmp_
 def test_a_weak_model_gets_more_rounds(tiny_model, csv_file, tmp_path):
     """A model still weak after a round of --epochs gets another, up to --max-epochs, unless
     the validation loss stopped improving; one that is no longer weak is not trained further."""
-    from datainf.mislabeled import WEAK_GAP
+    from datainf.jobs.detect_mislabeled import WEAK_GAP
 
     def weak(accuracy, summary):
         majority = summary["model_quality"]["majority_rate"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from datainf import models
 from datainf.errors import DataInfError
-from datainf.models import (
+from datainf.models import hf as models
+from datainf.models.hf import (
     add_lora,
     load_adapter,
     load_causal_lm,

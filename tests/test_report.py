@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from cli_helpers import cli, common, make_texts
 
-from datainf.data import TextData
-from datainf.mislabeled import Predictions, model_quality
+from datainf.data.text import TextData
+from datainf.jobs.detect_mislabeled import Predictions, model_quality
 
 
 @pytest.fixture

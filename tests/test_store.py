@@ -15,8 +15,8 @@ import torch
 from conftest import random_gradients
 
 from datainf import DataInf, DataInfError, Exact, HessianFree
-from datainf import store as store_module
-from datainf.store import GradientStore
+from datainf.gradients import store as store_module
+from datainf.gradients.store import GradientStore
 
 # a parameter name with characters that must never reach a file name
 WIDTHS = {"layer.0.lora_A": 3, "layer.0/lora B": 17, "head": 5}
@@ -178,7 +178,7 @@ def test_resume(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys, time, torch
-    from datainf.store import GradientStore
+    from datainf.gradients.store import GradientStore
     n, widths = {n}, {widths!r}
     g = torch.Generator().manual_seed(5)
     grads = {{k: torch.randn(n, d, generator=g) for k, d in widths.items()}}

@@ -124,7 +124,7 @@ def tiny_stable_diffusion(folder):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from datainf.models import minilm_path
+    from datainf.models.hf import minilm_path
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())

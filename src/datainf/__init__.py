@@ -5,10 +5,10 @@ example increases the test loss (the example is harmful); the most helpful examp
 most negative scores.
 """
 
-from .damping import Damping
 from .errors import DataInfError
-from .gradients import collect_gradients
+from .gradients.collect import collect_gradients
 from .methods import Convergence, DataInf, Exact, HessianFree, InfluenceEstimator, LiSSA
+from .methods.damping import Damping
 
 __all__ = [
     "Convergence",

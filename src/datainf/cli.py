@@ -40,8 +40,8 @@ def _quiet_libraries() -> None:
 
 def _run_config(args: argparse.Namespace):
     """The detect-mislabeled Config of the command line's data, model and scoring options."""
-    from .data import builtin_dataset
-    from .mislabeled import Config
+    from .data.text import builtin_dataset
+    from .jobs.detect_mislabeled import Config
 
     text_columns = tuple(args.text_column or ["text"])
     builtin = builtin_dataset(args.data)  # its default sizes; None: all of a file
@@ -65,7 +65,7 @@ def _run_config(args: argparse.Namespace):
 
 
 def _detect_mislabeled(args: argparse.Namespace) -> None:
-    from .mislabeled import run
+    from .jobs.detect_mislabeled import run
 
     _quiet_libraries()
     config = _run_config(args)
@@ -95,7 +95,7 @@ QUICK = {"train_size": 40, "val_size": 20, "max_length": 16, "epochs": 1, "max_e
 def _experiment(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from .data import builtin_dataset
+    from .data.text import builtin_dataset
     from .experiments import EXPERIMENTS, Settings
 
     _quiet_libraries()
@@ -185,7 +185,7 @@ examples:
 
 
 def _add_explain_generation(sub) -> None:
-    from .generation import Config as G
+    from .jobs.explain_generation import Config as G
 
     g = sub.add_parser(
         "explain-generation",
@@ -216,7 +216,7 @@ def _add_explain_generation(sub) -> None:
 def _add_lm_options(g: argparse.ArgumentParser) -> None:
     """The causal-LM model, fine-tuning and scoring options of explain-generation (and of the
     generation experiment, which runs the same pipeline)."""
-    from .generation import Config as G
+    from .jobs.explain_generation import Config as G
 
     m = g.add_argument_group("model")
     m.add_argument("--model", default=G.model,
@@ -246,7 +246,7 @@ def _add_lm_options(g: argparse.ArgumentParser) -> None:
 
 
 def _explain_generation(args: argparse.Namespace) -> None:
-    from .generation import run
+    from .jobs.explain_generation import run
 
     _quiet_libraries()
     config = _lm_config(args, train=args.train, queries=args.queries, adapter=args.adapter,
@@ -257,7 +257,7 @@ def _explain_generation(args: argparse.Namespace) -> None:
 
 
 def _lm_config(args: argparse.Namespace, **settings):
-    from .generation import Config
+    from .jobs.explain_generation import Config
 
     return Config(
         model=args.model,
@@ -305,7 +305,7 @@ def _add_explain_image(sub) -> None:
     d.add_argument("--adapter", help="an existing PEFT adapter folder for the pipeline's UNet "
                    "(skips fine-tuning)")
     _add_image_options(g)
-    from .explain_image import Config as I
+    from .jobs.explain_image import Config as I
 
     o = g.add_argument_group("outputs")
     o.add_argument("--top", type=int, default=I.top,
@@ -321,7 +321,7 @@ def _add_explain_image(sub) -> None:
 def _add_image_options(g: argparse.ArgumentParser) -> None:
     """The pipeline, fine-tuning and scoring options of explain-image (and of the diffusion
     experiment, which runs the same pipeline)."""
-    from .explain_image import Config as I
+    from .jobs.explain_image import Config as I
 
     m = g.add_argument_group("model")
     m.add_argument("--pipeline", default=I.pipeline,
@@ -354,7 +354,7 @@ def _add_image_options(g: argparse.ArgumentParser) -> None:
 
 
 def _explain_image(args: argparse.Namespace) -> None:
-    from .explain_image import run
+    from .jobs.explain_image import run
 
     _quiet_libraries()
     config = _image_config(args, train_dir=args.train_dir, queries=args.queries,
@@ -366,7 +366,7 @@ def _explain_image(args: argparse.Namespace) -> None:
 
 
 def _image_config(args: argparse.Namespace, **settings):
-    from .explain_image import Config
+    from .jobs.explain_image import Config
 
     try:
         timesteps = tuple(int(t) for t in args.timesteps.split(","))
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and the flips")
     demo.set_defaults(run=_demo)
 
-    from .mislabeled import Config as C
+    from .jobs.detect_mislabeled import Config as C
 
     d = sub.add_parser(
         "detect-mislabeled",
@@ -472,8 +472,8 @@ GENERATION_QUICK = {"per_class": 4, "test_per_class": 1, "epochs": 1, "max_new_t
 
 
 def _add_generation_experiment(xs) -> None:
+    from .data.synthetic import TASKS
     from .experiments.generation import METHODS
-    from .synthetic import TASKS
 
     text = ("which training examples each method finds behind a test answer, on the paper's "
             "synthetic text-generation tasks (Table 2, LLM rows)")
@@ -505,7 +505,7 @@ def _generation_experiment(args: argparse.Namespace) -> None:
     study = Study(task=args.task, seed=args.data_seed,
                   job=_lm_config(args, out=str(out / "run"), top=3))
     if args.quick:
-        from .models import tiny_chat_model
+        from .models.hf import tiny_chat_model
 
         model = tiny_chat_model(out / "tiny-model")
         quick = GENERATION_QUICK
@@ -522,8 +522,8 @@ DIFFUSION_QUICK = {"per_class_train": 4, "per_class_test": 2, "classes": 3, "epo
 
 
 def _add_diffusion_experiment(xs) -> None:
+    from .data.image_tasks import TASKS
     from .experiments.diffusion import METHODS
-    from .image_tasks import TASKS
 
     text = ("which training images each method finds behind a test image, on the style and "
             "subject tasks made from MNIST digits (Table 2, image rows)")
@@ -556,7 +556,7 @@ def _diffusion_experiment(args: argparse.Namespace) -> None:
     study = Study(task=args.task, seed=args.data_seed,
                   job=_image_config(args, out=str(out / "run"), top=3))
     if args.quick:
-        from .diffusion import tiny_digit_pipeline
+        from .models.diffusion import tiny_digit_pipeline
 
         q = DIFFUSION_QUICK
         study = replace(study, per_class_train=q["per_class_train"],
@@ -572,8 +572,8 @@ def _diffusion_experiment(args: argparse.Namespace) -> None:
 def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
     """The data, model and scoring options of one detect-mislabeled run; ``single_run=False``
     leaves out what an experiment sets per cell (adapter, LoRA rank and alpha, seed, methods)."""
-    from .data import BUILTIN_DATASETS, DEFAULT_DATASET
-    from .mislabeled import Config as C
+    from .data.text import BUILTIN_DATASETS, DEFAULT_DATASET
+    from .jobs.detect_mislabeled import Config as C
 
     def sizes(what: str) -> str:  # "900 of bbc-news, 2000 of rotten-tomatoes"
         return ", ".join(f"{getattr(b, what)} of {n}" for n, b in BUILTIN_DATASETS.items())

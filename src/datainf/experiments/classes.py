@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..jobs.pairwise import score_queries
 from ..methods import LABELS
 from ..metrics import class_detection
-from ..pairwise import score_queries
 
 
 def score_classes(p, job, train_classes: np.ndarray, test_classes: np.ndarray

@@ -2,9 +2,10 @@
 seed), cached by its settings so that the experiments share fine-tunes and gradient stores, and
 the outputs (summary.json, a CSV, report.html) written whole or not at all.
 
-A cell is the detect-mislabeled pipeline itself (:func:`datainf.mislabeled.prepared`): the same
-data loading, label noise, fine-tuning, predictions and gradient stores, in a folder of the
-cache named by a hash of the settings that decide them. Scores are recomputed (cheap).
+A cell is the detect-mislabeled pipeline itself
+(:func:`datainf.jobs.detect_mislabeled.prepared`): the same data loading, label noise,
+fine-tuning, predictions and gradient stores, in a folder of the cache named by a hash of
+the settings that decide them. Scores are recomputed (cheap).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataInfError
+from ..jobs.detect_mislabeled import METHODS, REFERENCES, Config, Prepared, prepared, score_all
+from ..jobs.runs import settings_json
 from ..metrics import mean_interval
-from ..mislabeled import METHODS, REFERENCES, Config, Prepared, prepared, score_all
-from ..runs import settings_json
 
 LABELS = {**METHODS, **REFERENCES}
 

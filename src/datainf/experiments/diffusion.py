@@ -1,5 +1,5 @@
 """The paper's text-to-image study (Table 2, image rows): which training images does each
-method find behind a test image, on the style and subject tasks of :mod:`datainf.image_tasks`?
+method find behind a test image, on the style and subject tasks of :mod:`datainf.data.image_tasks`?
 
 It runs the explain-image pipeline itself (one pipeline, two front doors): the task's training
 images are the fine-tuning data (written as an ImageFolder), its test images, with their
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import explain_image
-from ..image_tasks import make_image_task
-from ..images import save_png
+from ..data.image_tasks import make_image_task
+from ..data.images import save_png
+from ..jobs import explain_image
+from ..jobs.runs import write_atomic
 from ..metrics import frechet_distance
 from ..report import image_uri, stage_line
-from ..runs import write_atomic
 from .classes import score_classes, table_html
 from .common import page, write_files
 
@@ -149,7 +149,7 @@ def _samples(job: explain_image.Config, p, train: list[dict], test: list[dict]) 
 
 
 def _draw(p, prompts: list[str], seeds: list[int], draw: dict, batch: int) -> np.ndarray:
-    from ..diffusion import to_uint8
+    from ..models.diffusion import to_uint8
 
     parts = [to_uint8(p.pipeline.generate(p.unet, prompts[i : i + batch], seeds[i : i + batch],
                                           **draw))

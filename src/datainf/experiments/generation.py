@@ -1,5 +1,5 @@
 """The paper's text-generation study (Table 2, LLM rows): which training examples does each
-method find behind a test answer, on the three synthetic tasks of :mod:`datainf.synthetic`?
+method find behind a test answer, on the three synthetic tasks of :mod:`datainf.data.synthetic`?
 
 It runs the explain-generation pipeline itself (one pipeline, two front doors): the task's 900
 training examples are the fine-tuning data, its 100 test examples, with their true responses,
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import generation
+from ..data.synthetic import make_task
+from ..jobs import explain_generation as generation
+from ..jobs.runs import write_atomic
 from ..report import stage_line
-from ..runs import write_atomic
-from ..synthetic import make_task
 from .classes import score_classes, table_html
 from .common import page, write_files
 

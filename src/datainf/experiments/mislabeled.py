@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataInfError
+from ..jobs.detect_mislabeled import DEFAULT_METHODS
 from ..metrics import detection_auc
-from ..mislabeled import DEFAULT_METHODS
 from .common import (
     LABELS,
     Settings,

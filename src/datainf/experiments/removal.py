@@ -17,7 +17,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from ..mislabeled import prepared
+from ..jobs.detect_mislabeled import prepared
 from .common import LABELS, Settings, cells, figure, interval, page, scores_of, shown, write_outputs
 
 RANKED_BY = ("datainf", "hessian_free", "loss", "random")

@@ -4,7 +4,7 @@ Sign convention (the paper's): a POSITIVE score means that up-weighting the trai
 INCREASES the test loss, i.e. the example is harmful; the most helpful examples have the most
 negative scores.
 
-Estimators read gradients block by block (see :mod:`datainf.blocks`) and sum the blocks'
+Estimators read gradients block by block (see :mod:`datainf.methods.blocks`) and sum the blocks'
 contributions: I(k) = sum_l I_l(k). Computations run in float64 when the training gradients are
 float64, otherwise in float32 with float64 sums across chunks and blocks; scores are float64.
 """
@@ -16,7 +16,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from ..blocks import (
+from ..errors import DataInfError
+from .blocks import (
     GradientSource,
     UnitNormRows,
     as_gradient_source,
@@ -24,8 +25,7 @@ from ..blocks import (
     check_same_blocks,
     squared_row_norms,
 )
-from ..damping import Damping, as_damping
-from ..errors import DataInfError
+from .damping import Damping, as_damping
 
 
 class InfluenceEstimator:

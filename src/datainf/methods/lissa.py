@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..damping import Damping
 from ..errors import DataInfError
 from .base import InfluenceEstimator
+from .damping import Damping
 
 
 @dataclass(frozen=True)

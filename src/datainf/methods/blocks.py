@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .errors import DataInfError
+from ..errors import DataInfError
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-from .errors import DataInfError
+from ..errors import DataInfError
 
 LOCK = ".lock"
 

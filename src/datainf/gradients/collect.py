@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .errors import DataInfError
+from ..errors import DataInfError
 from .tasks import as_task, batch_size
 
 
@@ -233,10 +233,11 @@ def collect_gradients(
     """Per-example gradients of the model's trainable LoRA (and head) parameters.
 
     Returns a mapping block name -> (n, numel) tensor (``dtype``, CPU) when ``out`` is None;
-    otherwise writes a :class:`~datainf.store.GradientStore` at ``out`` and returns it. A row is
-    the gradient of that example's loss alone (see :mod:`datainf.tasks`), flattened in the
-    parameter's own layout. A store left incomplete by an interrupted run is resumed: only the
-    missing rows are computed. A store made for another model, adapter, data or task is refused.
+    otherwise writes a :class:`~datainf.gradients.store.GradientStore` at ``out`` and returns
+    it. A row is the gradient of that example's loss alone (see
+    :mod:`datainf.gradients.tasks`), flattened in the parameter's own layout. A store left
+    incomplete by an interrupted run is resumed: only the missing rows are computed. A store
+    made for another model, adapter, data or task is refused.
     """
     task = as_task(task, **dict(task_settings or {}))
     if dtype not in ("float32", "bfloat16"):
@@ -244,7 +245,7 @@ def collect_gradients(
     layers, widths = select_blocks(model, blocks)
     store, done = None, 0
     if out is not None:
-        from .models import model_fingerprint
+        from ..models.hf import model_fingerprint
         from .store import GradientStore
 
         n = _num_examples(batches, num_examples)

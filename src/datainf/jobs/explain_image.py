@@ -3,13 +3,13 @@
 Stages (the expensive ones are written to ``out`` once and reused when the job is repeated with
 the same settings; new queries reuse the adapter and the training gradients):
 
-1. data      --train-dir and --queries image folders (see :mod:`datainf.images`) -> recomputed
+1. data      --train-dir and --queries image folders (see :mod:`datainf.data.images`) -> recomputed
 2. adapter   LoRA fine-tuning of the UNet's attention on --train-dir (or --adapter)
                                                                               -> out/adapter/
 3. images    the queries given only as a prompt, drawn by the fine-tuned model with a recorded
              seed                                                           -> out/query/
 4. gradients per-example gradients of the noise-prediction loss at fixed timesteps with
-             per-example seeded noise (datainf.tasks.Diffusion)              -> out/gradients/,
+             per-example seeded noise (gradients.tasks.Diffusion)       -> out/gradients/,
                                                                                 out/query/
 5. scores    every method's pairwise influence -> scores.npz, top.jsonl, summary.json,
              report.html (always recomputed)
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataInfError
-from .images import ImageExample, load_images, read_image_folder, save_png
-from .methods import LABELS
+from ..data.images import ImageExample, load_images, read_image_folder, save_png
+from ..errors import DataInfError
+from ..methods import LABELS
 from .pairwise import PairwiseOptions, fingerprint, save_matrices, score_queries
 from .runs import (
     Stages,
@@ -87,8 +87,8 @@ class Config(PairwiseOptions):
 
 def check_settings(config: Config) -> None:
     """Every setting, before anything is loaded."""
-    from .mislabeled import check_device
-    from .models import check_adapter_folder
+    from ..models.hf import check_adapter_folder
+    from .detect_mislabeled import check_device
 
     config.check_scoring()
     check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "top": 1,
@@ -106,8 +106,8 @@ def check_settings(config: Config) -> None:
 def load_model(config: Config, out: Path):
     """(pipeline, UNet with its LoRA adapter, source): ``source`` is "given", "reused" or
     "new" (fresh LoRA, to be fine-tuned)."""
-    from .diffusion import load_pipeline
-    from .models import add_lora, load_adapter
+    from ..models.diffusion import load_pipeline
+    from ..models.hf import add_lora, load_adapter
 
     pipeline = load_pipeline(config.pipeline, progress=config.progress)
     saved = out / "adapter"
@@ -139,8 +139,8 @@ def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts:
     """LoRA fine-tuning on the noise-prediction loss (random timesteps and noise from a
     generator seeded with ``config.seed``); the adapter is saved to out/adapter whole or not
     at all, with training.json (loss per epoch)."""
-    from .diffusion import noise_prediction_loss
-    from .finetune import train_loop
+    from ..models.diffusion import noise_prediction_loss
+    from ..training.finetune import train_loop
 
     generator = torch.Generator().manual_seed(config.seed)
     losses = train_loop(
@@ -168,7 +168,7 @@ def query_images(config: Config, pipeline, unet, queries: list[ImageExample],
              for j, q in enumerate(queries)]
     todo = [j for j, q in enumerate(queries) if q.file is None and not files[j].exists()]
     if todo:
-        from .diffusion import to_uint8
+        from ..models.diffusion import to_uint8
 
         for start in range(0, len(todo), config.query_batch):
             rows = todo[start : start + config.query_batch]
@@ -192,10 +192,10 @@ def gradients(config: Config, pipeline, unet, images: np.ndarray, prompts: list[
               path: Path):
     """(store, reused): per-example gradients of the noise-prediction MSE at
     ``config.timesteps`` (noise seeded per example and timestep) at ``path``."""
-    from .diffusion import to_pixels
-    from .gradients import collect_gradients
-    from .store import GradientStore
-    from .tasks import Diffusion
+    from ..gradients.collect import collect_gradients
+    from ..gradients.store import GradientStore
+    from ..gradients.tasks import Diffusion
+    from ..models.diffusion import to_pixels
 
     reused = GradientStore.is_complete(path)
     pixels = to_pixels(np.moveaxis(images, -1, 1), pipeline.image_size)
@@ -211,7 +211,7 @@ def gradients(config: Config, pipeline, unet, images: np.ndarray, prompts: list[
 def samples(config: Config, pipeline, unet, prompts: list[str]) -> dict | None:
     """Up to SAMPLES distinct training prompts drawn by the base model and by the fine-tuned
     one (same seeds): {"prompts", "seeds", "before", "after"} with uint8 images."""
-    from .diffusion import to_uint8
+    from ..models.diffusion import to_uint8
 
     chosen = list(dict.fromkeys(prompts))[:SAMPLES]
     seeds = [config.seed + i for i in range(len(chosen))]
@@ -229,7 +229,7 @@ def write_outputs(config: Config, out: Path, train: list[ImageExample],
                   drawn: dict | None, extra: dict) -> dict:
     """scores.npz, top.jsonl, report.html, then summary.json (last: its presence says the run
     is complete). Returns the summary."""
-    from .report import explain_image_page
+    from ..report import explain_image_page
 
     if matrix_folder is not None:
         save_matrices(matrix_folder, tops, out)
@@ -295,7 +295,7 @@ def prepared(config: Config):
     """Runs (or reuses) every expensive stage and yields their results while ``out`` stays
     locked. Settings and folders are checked before anything expensive; ``out`` is claimed
     (its run.json written) only once the model and adapter have loaded."""
-    from .diffusion import to_pixels
+    from ..models.diffusion import to_pixels
 
     check_settings(config)
     stages = Stages(config.stage_seconds, lambda m: say(m, config.progress), config.out)

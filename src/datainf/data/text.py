@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataInfError
+from ..errors import DataInfError
 from .paths import looks_like_local_path
 
 
@@ -358,7 +358,7 @@ def _pick_columns(what: str, source: str, columns: dict[str, list], text_columns
 
 def is_hub_dataset(name: str) -> bool:
     """A --data value that is no local file and does not look like one (see
-    :func:`datainf.paths.looks_like_local_path`): a Hugging Face dataset name."""
+    :func:`datainf.data.paths.looks_like_local_path`): a Hugging Face dataset name."""
     return not looks_like_local_path(name)
 
 

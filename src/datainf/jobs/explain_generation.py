@@ -3,7 +3,7 @@
 Stages (the expensive ones are written to ``out`` once and reused when the job is repeated with
 the same settings; new queries reuse the adapter and the training gradients):
 
-1. data      --train and --queries JSON lines (see :mod:`datainf.chat`)        -> recomputed
+1. data      --train and --queries JSON lines (see :mod:`datainf.data.chat`)        -> recomputed
 2. adapter   LoRA fine-tuning of the causal LM on --train (or --adapter)       -> out/adapter/
 3. answers   greedy answers to the queries that have no response              -> out/query/
 4. gradients per-example gradients of the response-only loss                  -> out/gradients/,
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .blocks import names_matching
-from .chat import ChatExample, Encoded, encode_all, lm_batches, read_chat_jsonl
-from .methods import LABELS
+from ..data.chat import ChatExample, Encoded, encode_all, lm_batches, read_chat_jsonl
+from ..methods import LABELS
+from ..methods.blocks import names_matching
 from .pairwise import PairwiseOptions, fingerprint, save_matrices, score_queries
 from .runs import (
     Stages,
@@ -84,8 +84,8 @@ def check_settings(config: Config) -> None:
     check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2,
                            "top": 1, "max_new_tokens": 1, "query_batch": 1},
                   ("learning_rate", "damping", "lora_alpha"))
-    from .mislabeled import check_device
-    from .models import check_adapter_folder, check_model_name
+    from ..models.hf import check_adapter_folder, check_model_name
+    from .detect_mislabeled import check_device
 
     check_device(config.device)
     check_model_name(config.model)
@@ -97,7 +97,7 @@ def check_settings(config: Config) -> None:
 def load_model(config: Config, out: Path):
     """(model with its LoRA adapter, tokenizer, source): ``source`` is "given", "reused" or
     "new" (fresh LoRA, to be fine-tuned)."""
-    from .models import add_lora, load_adapter, load_causal_lm
+    from ..models.hf import add_lora, load_adapter, load_causal_lm
 
     base, tokenizer = load_causal_lm(config.model)
     saved = out / "adapter"
@@ -117,8 +117,9 @@ def load_model(config: Config, out: Path):
 
 
 def response_loss(model, batch: dict) -> torch.Tensor:
-    """Per-example mean NLL of the response tokens, shape (B,) (see datainf.tasks.CausalLM)."""
-    from .tasks import CausalLM
+    """Per-example mean NLL of the response tokens, shape (B,) (see
+    datainf.gradients.tasks.CausalLM)."""
+    from ..gradients.tasks import CausalLM
 
     return CausalLM().losses(model, batch, torch.arange(len(batch["input_ids"])), 0)
 
@@ -126,7 +127,7 @@ def response_loss(model, batch: dict) -> torch.Tensor:
 def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -> dict:
     """LoRA fine-tuning on the mean response loss; the adapter is saved to out/adapter whole
     or not at all, with training.json (loss per epoch)."""
-    from .finetune import train_loop
+    from ..training.finetune import train_loop
 
     def batches(order):
         return lm_batches(train, config.batch_size, tokenizer.pad_token_id, order)
@@ -147,7 +148,7 @@ def greedy_answers(model, tokenizer, examples: list[ChatExample], *, max_new_tok
     """The model's greedy answer to each prompt (special tokens removed, stripped)."""
     from tqdm.auto import tqdm
 
-    from .chat import prompt_and_response_text
+    from ..data.chat import prompt_and_response_text
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # batched generation continues every row at the end
@@ -196,8 +197,8 @@ def query_answers(config: Config, model, tokenizer, queries: list[ChatExample],
 # ---------------------------------------------------------------- stage 4: gradients
 def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path):
     """(store, reused): per-example gradients of the response-only loss at ``path``."""
-    from .gradients import collect_gradients
-    from .store import GradientStore
+    from ..gradients.collect import collect_gradients
+    from ..gradients.store import GradientStore
 
     reused = GradientStore.is_complete(path)
     batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id)
@@ -213,7 +214,7 @@ def write_outputs(config: Config, out: Path, train: list[ChatExample],
                   extra: dict) -> dict:
     """scores.npz, top.jsonl, report.html, then summary.json (last: its presence says the run
     is complete). Returns the summary."""
-    from .report import explain_generation_page
+    from ..report import explain_generation_page
 
     if matrix_folder is not None:
         save_matrices(matrix_folder, tops, out)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .blocks import RowRange, blocks_matching, blocks_pattern
-from .errors import DataInfError
-from .methods import NAMED, estimator
+from ..errors import DataInfError
+from ..methods import NAMED, estimator
+from ..methods.blocks import RowRange, blocks_matching, blocks_pattern
 
 # DataInf (the paper's), DataInf on unit gradients (the best cheap method on all three of the
 # generation study's tasks, README) and the Hessian-free baseline; --methods adds the others.

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import TextData, text_batches
-from .tasks import text_model_inputs
+from ..data.text import TextData, text_batches
+from ..gradients.tasks import text_model_inputs
 
 
 def finetune(

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .blocks import blocks_matching, blocks_pattern, group_by_module, names_matching
-from .data import TextData, load_splits
-from .errors import DataInfError
-from .metrics import detection_auc
+from ..data.text import TextData, load_splits
+from ..errors import DataInfError
+from ..methods.blocks import blocks_matching, blocks_pattern, group_by_module, names_matching
+from ..metrics import detection_auc
 from .runs import (
     Stages,
     check_numbers,
@@ -130,7 +130,7 @@ def load_data(config: Config) -> tuple[TextData, TextData, dict]:
 # ---------------------------------------------------------------- settings
 def check_settings(config: Config) -> None:
     """Refuse unusable settings before anything is read, trained or written."""
-    from .models import check_adapter_folder, check_model_name
+    from ..models.hf import check_adapter_folder, check_model_name
 
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
@@ -205,7 +205,7 @@ def load_model(config: Config, train: TextData, out: Path):
     """The classifier with its LoRA adapter, before any training: (model, tokenizer, source,
     history). ``source``: "given" (--adapter), "reused" (out/adapter of an earlier run) or
     "new" (fresh LoRA, to be fine-tuned)."""
-    from .models import add_lora, load_adapter, load_classifier
+    from ..models.hf import add_lora, load_adapter, load_classifier
 
     torch.manual_seed(config.seed)
     id2label = dict(enumerate(train.classes))
@@ -242,7 +242,7 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
     improved for p epochs, and the adapter of the epoch with the lowest validation loss is kept
     (p = 0: the last epoch's is kept).
     """
-    from .finetune import finetune, predict
+    from ..training.finetune import finetune, predict
 
     history: dict = {"val_losses": [], "val_accuracy": [], "epoch_losses": [], "rounds": 0}
     best: dict = {"loss": float("inf"), "epoch": 0, "state": None}
@@ -312,8 +312,8 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 def predictions(config: Config, model, tokenizer, train: TextData, val: TextData,
                 out: Path) -> tuple[Predictions, bool]:
     """(predictions, reused), cached in out/predictions.npz for the model's weights."""
-    from .finetune import predict
-    from .models import model_fingerprint
+    from ..models.hf import model_fingerprint
+    from ..training.finetune import predict
 
     path = out / "predictions.npz"
     fingerprint = model_fingerprint(model)
@@ -336,9 +336,9 @@ def predictions(config: Config, model, tokenizer, train: TextData, val: TextData
 def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path,
               progress):
     """(train store, val store, reused): per-example gradients in out/gradients/{train,val}."""
-    from .data import text_batches
-    from .gradients import collect_gradients
-    from .store import GradientStore
+    from ..data.text import text_batches
+    from ..gradients.collect import collect_gradients
+    from ..gradients.store import GradientStore
 
     stores, reused = {}, True
     for split, data in (("train", train), ("val", val)):
@@ -353,7 +353,7 @@ def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, 
 # ---------------------------------------------------------------- stage 5: scores
 def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     """Every chosen method's scores (higher = more suspicious) and its seconds."""
-    from .methods import DataInf, estimator
+    from ..methods import DataInf, estimator
 
     train = blocks_matching(train_store, config.blocks)
     val = blocks_matching(val_store, config.blocks)
@@ -453,7 +453,7 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData,
                   summary_extra: dict) -> dict:
     """summary.json, scores.csv, suspects.csv, cleaned.csv (with --drop-top) and report.html,
     each written whole or not at all; summary.json last, as the mark of a finished run."""
-    from .report import write_report
+    from ..report import write_report
 
     labels = {**METHODS, **REFERENCES}
     methods = {}

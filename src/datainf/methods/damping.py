@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import DataInfError
+from ..errors import DataInfError
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ writes the rows, forces them to disk and only then commits a new manifest, which
 atomically. A process killed at any point leaves a manifest that describes only durable rows,
 and :meth:`GradientStore.create_or_resume` carries on from there.
 
-A complete store is a :class:`~datainf.blocks.GradientSource`: estimators read it block by block
-in row chunks that are views of memory maps, so memory does not grow with n.
+A complete store is a :class:`~datainf.methods.blocks.GradientSource`: estimators read it
+block by block in row chunks that are views of memory maps, so memory does not grow with n.
 
 ``manifest.json`` holds ``format``, ``version``, ``blocks`` (list of ``{name, width, file}``),
 ``norms_file``, ``num_rows``, ``dtype``, ``identity`` (the caller's description of what produced
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .blocks import _as_matrix, check_finite
-from .errors import DataInfError
+from ..errors import DataInfError
+from ..methods.blocks import _as_matrix, check_finite
 
 FORMAT = "datainf-gradient-store"
 VERSION = 1

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .data import json_records
-from .errors import DataInfError
+from ..errors import DataInfError
+from .text import json_records
 
 IGNORE = -100  # the label of a token that is not scored
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataInfError
+from ..errors import DataInfError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 IMAGE_SIZE = 16
@@ -228,7 +228,7 @@ def _text_encoder(path: Path) -> TextEncoder:
     if reference != "minilm":
         raise DataInfError(f"the pipeline folder {path} has no text_encoder/ subfolder and its "
                            "model_index.json names no text encoder datainf knows")
-    from .models import minilm_path
+    from .hf import minilm_path
 
     folder = minilm_path()
     return TextEncoder(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
@@ -241,7 +241,7 @@ def digit_model_path(cache_dir: str | os.PathLike | None = None, *,
     """The cached digit pipeline folder, pre-trained on first use (about 13 minutes on two
     CPU cores, with a progress bar). Written into a temporary folder and renamed into place,
     so an interrupted pre-training is never taken for a finished one."""
-    from .models import default_cache_dir
+    from .hf import default_cache_dir
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = json.dumps({"unet": digit_unet_config(), **PRETRAIN, "size": IMAGE_SIZE,
@@ -254,7 +254,7 @@ def digit_model_path(cache_dir: str | os.PathLike | None = None, *,
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
     try:
-        from .runs import say
+        from ..jobs.runs import say
 
         say(f"pre-training the shipped digit model once (about 13 min on 2 CPU cores), cached "
             f"in {target}", progress)
@@ -278,8 +278,8 @@ def pretrain_digit_model(out: str | os.PathLike, *, steps: int, batch_size: int,
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
-    from .finetune import train_loop
-    from .models import minilm_path
+    from ..training.finetune import train_loop
+    from .hf import minilm_path
 
     images, labels = mnist_digits()
     if limit is not None:

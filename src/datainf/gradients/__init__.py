@@ -1,0 +1,1 @@
+"""Per-example gradients: the losses (tasks), their collection, the on-disk store."""

@@ -1,0 +1,1 @@
+"""Models: Hugging Face text models with PEFT LoRA, and text-to-image pipelines."""
