@@ -160,9 +160,19 @@ class InfluenceEstimator:
         return out
 
     # ------------------------------------------------------- for subclasses
-    def _score_block(self, name: str, V: torch.Tensor) -> torch.Tensor:
-        """Block l's share of the scores: (m, d_l) test rows -> (m, n) float64."""
+    def _precondition(self, name: str, V: torch.Tensor) -> torch.Tensor:
+        """R = V H_l^-1 (the method's inverse of block l): (m, d_l) test rows -> (m, d_l)."""
         raise NotImplementedError
+
+    def _score_block(self, name: str, V: torch.Tensor) -> torch.Tensor:
+        """Block l's share of the scores: (m, d_l) test rows -> (m, n) float64,
+        I(k) = -r_j . g_kl with R = :meth:`_precondition` (in R's dtype)."""
+        R = self._precondition(name, V)
+        out = torch.empty(V.shape[0], self.n_, dtype=torch.float64, device=V.device)
+        for start, G in self._train_chunks(name, self._rows(name, V.shape[0])):
+            # computed as (G R^T)^T: the faster orientation for BLAS here
+            out[:, start : start + len(G)] = (G.to(R.dtype) @ R.T).T.neg()
+        return out
 
     def _self_influence_block(self, name: str) -> torch.Tensor:
         raise DataInfError(

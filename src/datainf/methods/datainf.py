@@ -25,23 +25,17 @@ class DataInf(InfluenceEstimator):
     blocks, growing with the LoRA rank. See :class:`InfluenceEstimator` for the parameters.
     """
 
-    def _score_block(self, name: str, V: torch.Tensor) -> torch.Tensor:
-        lam, n, m = self.damping_[name], self.n_, V.shape[0]
+    def _precondition(self, name: str, V: torch.Tensor) -> torch.Tensor:
+        lam, n = self.damping_[name], self.n_
         sq = self.row_sq_norms_[name]
-        rows = self._rows(name, m)
         # sum_i c_i g_i, with C = (V G^T) / (lambda + ||g_i||^2) column-wise   (m x d)
         weighted_sum = torch.zeros_like(V)
-        for start, G in self._train_chunks(name, rows):
+        for start, G in self._train_chunks(name, self._rows(name, V.shape[0])):
             # computed as (G V^T)^T: the faster orientation for BLAS here
             C = (G @ V.T) / (lam + sq[start : start + len(G), None]).to(V.dtype)
             weighted_sum.addmm_(C.T, G)
-        # R = (V - C G / n) / lambda                                             (m x d)
-        R = torch.add(V, weighted_sum, alpha=-1.0 / n).mul_(1.0 / lam)
-        # scores = - R G^T                                                        (m x n)
-        out = torch.empty(m, n, dtype=torch.float64, device=V.device)
-        for start, G in self._train_chunks(name, rows):
-            out[:, start : start + len(G)] = (G @ R.T).T.neg()
-        return out
+        # R = (V - C G / n) / lambda; the scores are - R G^T                    (m x d)
+        return torch.add(V, weighted_sum, alpha=-1.0 / n).mul_(1.0 / lam)
 
     def _self_influence_block(self, name: str) -> torch.Tensor:
         """s_k = ( ||g_k||^2 - (1/n) sum_i (g_k . g_i)^2 / (lambda + ||g_i||^2) ) / lambda.

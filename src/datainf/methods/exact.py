@@ -59,20 +59,20 @@ class Exact(InfluenceEstimator):
             self.sides_[name] = side
             self.factors_[name] = factor
 
+    def _precondition(self, name: str, V: torch.Tensor) -> torch.Tensor:
+        """Primal side: R = (H^-1 V^T)^T in float64 (H is symmetric)."""
+        return torch.cholesky_solve(V.double().T, self.factors_[name]).T
+
     def _score_block(self, name: str, V: torch.Tensor) -> torch.Tensor:
-        n, m = self.n_, V.shape[0]
-        factor = self.factors_[name]
-        rows = self._rows(name, m)
-        out = torch.empty(m, n, dtype=torch.float64, device=V.device)
         if self.sides_[name] == "primal":
-            X = torch.cholesky_solve(V.double().T, factor)  # H^-1 V^T   (d x m)
-            for start, G in self._train_chunks(name, rows):
-                out[:, start : start + len(G)] = -(G.double() @ X).T
-            return out
+            return super()._score_block(name, V)
+        # dual side: I = -n (K + n lambda I)^-1 G v, without forming H^-1 v (which would
+        # subtract nearly equal terms when lambda is small)
+        n, m = self.n_, V.shape[0]
         GV = torch.empty(n, m, dtype=torch.float64, device=V.device)  # G V^T   (n x m)
-        for start, G in self._train_chunks(name, rows):
+        for start, G in self._train_chunks(name, self._rows(name, m)):
             GV[start : start + len(G)] = G.double() @ V.double().T
-        return -n * torch.cholesky_solve(GV, factor).T
+        return -n * torch.cholesky_solve(GV, self.factors_[name]).T
 
     def _self_influence_block(self, name: str) -> torch.Tensor:
         """s_k = g_k^T H^-1 g_k; on the dual side n [(K + n lambda I)^-1 K]_kk."""

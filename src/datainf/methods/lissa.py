@@ -141,7 +141,7 @@ class LiSSA(InfluenceEstimator):
                 stacklevel=3,
             )
 
-    def _score_block(self, name: str, V: torch.Tensor) -> torch.Tensor:
+    def _precondition(self, name: str, V: torch.Tensor) -> torch.Tensor:
         s = self.scale_[name]
         v_norm = V.double().norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         X = V.clone()
@@ -158,11 +158,7 @@ class LiSSA(InfluenceEstimator):
             if not math.isfinite(residual) or residual > 1e12:
                 break  # diverging: the scale is too small
         self._record(name, Convergence(iterations, residual, converged))
-        Y = X / s  # H^-1 v
-        out = torch.empty(V.shape[0], self.n_, dtype=torch.float64, device=V.device)
-        for start, G in self._train_chunks(name, self._rows(name, V.shape[0])):
-            out[:, start : start + len(G)] = -(Y @ G.T)
-        return out
+        return X / s  # H^-1 v
 
     def _record(self, name: str, result: Convergence) -> None:
         """Keep the worst record per block over the test batches of one score() call."""
