@@ -12,6 +12,7 @@ float64, otherwise in float32 with float64 sums across chunks and blocks; scores
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import DataInfError
 from .blocks import (
     GradientSource,
+    RowRange,
     UnitNormRows,
     as_gradient_source,
     check_finite,
@@ -26,6 +28,17 @@ from .blocks import (
     squared_row_norms,
 )
 from .damping import Damping, as_damping
+
+
+class TopK(NamedTuple):
+    """Per test example (row), the k most helpful training examples (most negative scores,
+    most helpful first) and the k most harmful (most positive first): training indices
+    (m, k) int64 and their scores (m, k) float64; ties go to the lower training index."""
+
+    helpful: torch.Tensor
+    helpful_scores: torch.Tensor
+    harmful: torch.Tensor
+    harmful_scores: torch.Tensor
 
 
 class InfluenceEstimator:
@@ -145,6 +158,45 @@ class InfluenceEstimator:
         self._finish_scoring()
         return out
 
+    def top_k(self, test_gradients: object, k: int, *, chunk_rows: int | None = None) -> TopK:
+        """The k most helpful and k most harmful training examples of each test example,
+        without the (m, n) score matrix: the test rows are preconditioned once per block
+        (R_l = V_l H_l^-1, m x d_l), then the training rows are scored ``chunk_rows`` at a time
+        over all blocks and merged into the running top k. Memory: m x (chunk_rows + 4k)
+        scores plus the R_l, whatever n. Same scores as :meth:`score` up to float rounding.
+        """
+        self._check_fitted()
+        if k < 1:
+            raise DataInfError(f"k must be at least 1, not {k}")
+        test = as_gradient_source(test_gradients, "test gradients")
+        check_same_blocks(self.train_, test)
+        if test.num_rows == 0:
+            raise DataInfError("test gradients: there are no examples (0 rows)")
+        if self.normalize:
+            test = UnitNormRows(test, "test gradients")
+        n, m, k = self.n_, test.num_rows, min(k, self.n_)
+        self._start_scoring()
+        R = {}
+        for name in self._blocks("preconditioning"):
+            V = torch.cat([rows for _, rows in test.iter_block(name, self.test_batch_size)])
+            R[name] = self._precondition(name, V.to(device=self.device_,
+                                                    dtype=self.compute_dtype_))
+        self._finish_scoring()
+        step = chunk_rows or min(self._rows(name, m) for name in self.train_.block_names)
+        empty = torch.empty(m, 0, dtype=torch.float64, device=self.device_)
+        low = high = (empty.long(), empty)
+        for start in range(0, n, step):
+            part = RowRange(self.train_, start, min(n, start + step))
+            S = torch.zeros(m, part.num_rows, dtype=torch.float64, device=self.device_)
+            for name, r in R.items():
+                for first, G in part.iter_block(name, part.num_rows):
+                    G = G.to(device=self.device_, dtype=r.dtype)
+                    S[:, first : first + len(G)] -= (G @ r.T).T
+            index = torch.arange(start, start + part.num_rows, device=self.device_).expand(m, -1)
+            low = _merge(low, (index, S), k, largest=False)
+            high = _merge(high, (index, S), k, largest=True)
+        return TopK(low[0], low[1], high[0], high[1])
+
     def self_influence(self) -> torch.Tensor:
         """Self-influence of every training example, shape (n,), float64, >= 0.
 
@@ -238,3 +290,15 @@ class InfluenceEstimator:
             raise DataInfError(
                 f"{type(self).__name__} is not fitted; call .fit(train_gradients) first"
             )
+
+
+def _merge(best: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor],
+           k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest (or largest) of the running best and a new chunk, per row, ordered by
+    score then by the lower index: (indices (m, k), scores (m, k))."""
+    index = torch.cat([best[0], new[0]], dim=1)
+    scores = torch.cat([best[1], new[1]], dim=1)
+    by_index = torch.argsort(index, dim=1, stable=True)
+    index, scores = index.gather(1, by_index), scores.gather(1, by_index)
+    order = torch.argsort(scores, dim=1, descending=largest, stable=True)[:, :k]
+    return index.gather(1, order), scores.gather(1, order)

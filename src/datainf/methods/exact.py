@@ -60,8 +60,14 @@ class Exact(InfluenceEstimator):
             self.factors_[name] = factor
 
     def _precondition(self, name: str, V: torch.Tensor) -> torch.Tensor:
-        """Primal side: R = (H^-1 V^T)^T in float64 (H is symmetric)."""
-        return torch.cholesky_solve(V.double().T, self.factors_[name]).T
+        """R = (H^-1 V^T)^T in float64 (H is symmetric). Dual side, by Woodbury:
+        H^-1 = (I - G^T (K + n lambda I)^-1 G) / lambda."""
+        V = V.double()
+        if self.sides_[name] == "primal":
+            return torch.cholesky_solve(V.T, self.factors_[name]).T
+        G = self._whole_block(name)
+        Z = torch.cholesky_solve(G @ V.T, self.factors_[name])  # (n x m)
+        return (V - Z.T @ G) / self.damping_[name]
 
     def _score_block(self, name: str, V: torch.Tensor) -> torch.Tensor:
         if self.sides_[name] == "primal":
