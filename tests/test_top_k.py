@@ -66,3 +66,11 @@ def test_k_larger_than_n_and_bad_k():
     assert top.helpful.shape == (2, 6) and sorted(top.helpful[0].tolist()) == list(range(6))
     with pytest.raises(DataInfError, match="k must be at least 1"):
         est.top_k(gradients(2, 1), 0)
+
+
+def test_top_k_refuses_non_finite_test_rows():
+    est = estimator("datainf", progress=False).fit(gradients(6, 0))
+    test = gradients(2, 1)
+    test["b"][1, 3] = float("nan")
+    with pytest.raises(DataInfError, match="block .b. has a NaN or infinite gradient in example 1"):
+        est.top_k(test, 2)

@@ -136,12 +136,7 @@ class InfluenceEstimator:
         loss (the test gradients are averaged per block first).
         """
         self._check_fitted()
-        test = as_gradient_source(test_gradients, "test gradients")
-        check_same_blocks(self.train_, test)
-        if test.num_rows == 0:
-            raise DataInfError("test gradients: there are no examples (0 rows)")
-        if self.normalize:
-            test = UnitNormRows(test, "test gradients")
+        test = self._test_source(test_gradients)
         self._start_scoring()
         n, m = self.n_, test.num_rows
         out = torch.zeros((n,) if aggregate else (m, n), dtype=torch.float64, device=self.device_)
@@ -168,19 +163,16 @@ class InfluenceEstimator:
         self._check_fitted()
         if k < 1:
             raise DataInfError(f"k must be at least 1, not {k}")
-        test = as_gradient_source(test_gradients, "test gradients")
-        check_same_blocks(self.train_, test)
-        if test.num_rows == 0:
-            raise DataInfError("test gradients: there are no examples (0 rows)")
-        if self.normalize:
-            test = UnitNormRows(test, "test gradients")
+        test = self._test_source(test_gradients)
         n, m, k = self.n_, test.num_rows, min(k, self.n_)
         self._start_scoring()
         R = {}
         for name in self._blocks("preconditioning"):
             V = torch.cat([rows for _, rows in test.iter_block(name, self.test_batch_size)])
-            R[name] = self._precondition(name, V.to(device=self.device_,
-                                                    dtype=self.compute_dtype_))
+            V = V.to(device=self.device_, dtype=self.compute_dtype_)
+            if not torch.isfinite(torch.linalg.vector_norm(V, dim=1)).all():
+                check_finite(name, V, 0, "test gradients")
+            R[name] = self._precondition(name, V)
         self._finish_scoring()
         step = chunk_rows or min(self._rows(name, m) for name in self.train_.block_names)
         empty = torch.empty(m, 0, dtype=torch.float64, device=self.device_)
@@ -239,6 +231,14 @@ class InfluenceEstimator:
         """Called after each score()."""
 
     # -------------------------------------------------------------- helpers
+    def _test_source(self, test_gradients: object) -> GradientSource:
+        """Test gradients as a source with the training blocks, unit rows if normalizing."""
+        test = as_gradient_source(test_gradients, "test gradients")
+        check_same_blocks(self.train_, test)
+        if test.num_rows == 0:
+            raise DataInfError("test gradients: there are no examples (0 rows)")
+        return UnitNormRows(test, "test gradients") if self.normalize else test
+
     def _source(self, gradients: object, where: str) -> GradientSource:
         source = as_gradient_source(gradients, where)
         if self.normalize and source.num_rows:
