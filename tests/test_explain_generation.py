@@ -158,6 +158,17 @@ def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
     assert np.allclose(matrix, np.load(out / "scores.npz")["datainf"], rtol=1e-6, atol=0)
     assert [t["helpful"][0][0] for t in whole["datainf"]] == \
         [t["helpful"][0][0] for t in single["datainf"]]
+    # without a matrix the engine's top_k gives the same lists, scores equal to rounding
+    lean, _, _ = score_queries(train, queries, folder=None,
+                               **replace(config, methods=("datainf", "cosine")).scoring())
+    full, _, _ = score_queries(train, queries, folder=tmp_path / "m",
+                               **replace(config, methods=("datainf", "cosine")).scoring())
+    for method in ("datainf", "cosine"):
+        for a, b in zip(lean[method], full[method], strict=True):
+            for side in ("helpful", "harmful"):
+                assert [i for i, _ in a[side]] == [i for i, _ in b[side]]
+                assert np.allclose([s for _, s in a[side]], [s for _, s in b[side]],
+                                   rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("line, message", [

@@ -75,7 +75,9 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
     "harmful": [(i, score)]}, the ``top`` most helpful and most harmful training examples of
     query j; the method's seconds; notes (LiSSA: whether it converged). With ``folder``, the
     (m, n) float64 score matrix too, written as folder/METHOD.npy a batch of queries at a
-    time; memory holds ``query_batch`` x n scores, never the whole matrix."""
+    time; memory holds ``query_batch`` x n scores, never the whole matrix. Without
+    ``folder``, the engine's ``top_k`` scores the training rows a chunk at a time: memory does
+    not grow with n at all."""
     train = blocks_matching(train_store, blocks)
     queries = blocks_matching(query_store, blocks)
     n, m = train.num_rows, queries.num_rows
@@ -97,11 +99,13 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
             last = min(m, first + query_batch)
             with warnings.catch_warnings():  # LiSSA's convergence is reported in the summary
                 warnings.simplefilter("ignore", RuntimeWarning)
-                scores = est.score(RowRange(queries, first, last)).cpu().numpy()  # (q, n)
+                if matrix is None:  # the engine's top k: memory does not grow with n
+                    tops[method] += _entries(est.top_k(RowRange(queries, first, last), k))
+                else:
+                    scores = est.score(RowRange(queries, first, last)).cpu().numpy()  # (q, n)
+                    matrix[first:last] = scores
+                    tops[method] += [top_entries(row, k) for row in scores]
             converged = converged and getattr(est, "converged_", True)
-            if matrix is not None:
-                matrix[first:last] = scores
-            tops[method] += [top_entries(row, k) for row in scores]
         if method == "lissa":
             notes[method] = {"converged": bool(converged)}
         if matrix is not None:
@@ -109,6 +113,16 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
             del matrix
         seconds[method] = time.perf_counter() - start
     return tops, seconds, notes
+
+
+def _entries(top) -> list[dict]:
+    """A :class:`~datainf.methods.base.TopK` as top_entries' dicts, one per query."""
+    sides = {"helpful": (top.helpful, top.helpful_scores),
+             "harmful": (top.harmful, top.harmful_scores)}
+    per_side = {side: [list(zip(i.tolist(), s.tolist(), strict=True)) for i, s in zip(
+        index.cpu(), scores.cpu(), strict=True)] for side, (index, scores) in sides.items()}
+    return [{"helpful": h, "harmful": x} for h, x in zip(per_side["helpful"],
+                                                          per_side["harmful"], strict=True)]
 
 
 def top_entries(row: np.ndarray, k: int) -> dict:
