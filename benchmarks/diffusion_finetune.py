@@ -56,7 +56,8 @@ def main() -> None:
         start = time.perf_counter()
         history = _train(config, pipeline, unet, pixels, prompts)
         seconds = time.perf_counter() - start
-        drawn = to_uint8(pipeline.generate(unet, [t["text"] for t in test], seeds))
+        drawn = pipeline.draw(unet, [t["text"] for t in test], seeds,
+                              steps=config.sampling_steps, guidance=config.guidance)
         distance = frechet_distance(features(drawn), real)
         print(f"{r:>3}{epochs:>7}{lr:>8.0e}{history['epoch_losses'][-1]:>8.4f}"
               f"{seconds:>9.1f}{distance:>10.2f}", flush=True)

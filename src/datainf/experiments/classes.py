@@ -6,14 +6,11 @@ table (mean and standard deviation over test examples) beside the paper's number
 from __future__ import annotations
 
 import html
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..jobs.pairwise import score_queries
+from ..jobs.pairwise import matrix_folder, score_queries
 from ..methods import LABELS
 from ..metrics import class_detection
 
@@ -23,14 +20,11 @@ def score_classes(p, job, train_classes: np.ndarray, test_classes: np.ndarray
     """(table, methods, tops): ``table`` one row per method (auc_mean, auc_std, recall_mean,
     recall_std, auc_magnitude, seconds); ``methods`` the same rounded for summary.json, with
     the method's notes (LiSSA: converged); ``tops`` as :func:`score_queries` gives them."""
-    folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
-    try:
+    with matrix_folder(p.out) as folder:
         tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
                                               p.query_store, folder=folder, **job.scoring())
         metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
                                       test_classes) for m in job.methods}
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),
                            "recall_mean": v["recall"].mean(), "recall_std": v["recall"].std(),
                            "auc_magnitude": v["auc_magnitude"].mean(), "seconds": seconds[m]}

@@ -133,11 +133,12 @@ def _samples(job: explain_image.Config, p, train: list[dict], test: list[dict]) 
         drawn = dict(np.load(path))
     else:
         prompts, seeds = [r["text"] for r in test], [1000 + j for j in range(len(test))]
-        draw = {"steps": job.sampling_steps, "guidance": job.guidance}
+        draw = {"steps": job.sampling_steps, "guidance": job.guidance,
+                "batch": job.query_batch}
         drawn = {}
         with p.unet.disable_adapter():
-            drawn["before"] = _draw(p, prompts, seeds, draw, job.query_batch)
-        drawn["after"] = _draw(p, prompts, seeds, draw, job.query_batch)
+            drawn["before"] = p.pipeline.draw(p.unet, prompts, seeds, **draw)
+        drawn["after"] = p.pipeline.draw(p.unet, prompts, seeds, **draw)
         np.savez(p.out / "query" / "samples.tmp.npz", **drawn)
         (p.out / "query" / "samples.tmp.npz").replace(path)
     labels = [f"{r['class']}/{r['digit']}" for r in train]
@@ -146,15 +147,6 @@ def _samples(job: explain_image.Config, p, train: list[dict], test: list[dict]) 
     distance = {k: round(frechet_distance(features(v), real), 3) for k, v in drawn.items()}
     distance["training images"] = round(frechet_distance(features(p.train_images), real), 3)
     return {"distance": distance, **drawn}
-
-
-def _draw(p, prompts: list[str], seeds: list[int], draw: dict, batch: int) -> np.ndarray:
-    from ..models.diffusion import to_uint8
-
-    parts = [to_uint8(p.pipeline.generate(p.unet, prompts[i : i + batch], seeds[i : i + batch],
-                                          **draw))
-             for i in range(0, len(prompts), batch)]
-    return np.concatenate(parts)
 
 
 def _shown(study: Study, tops: dict, train_images, query_images, train: list[dict],

@@ -19,8 +19,6 @@ that memory holds (queries per batch) x n scores, never the whole matrix.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +28,12 @@ import torch
 from ..data.chat import ChatExample, Encoded, encode_all, lm_batches, read_chat_jsonl
 from ..methods import LABELS
 from ..methods.blocks import names_matching
-from .pairwise import PairwiseOptions, fingerprint, save_matrices, score_queries
+from .pairwise import PairwiseOptions, kept, matrix_folder, save_matrices, score_queries
 from .runs import (
     Stages,
     adapter_digest,
     check_numbers,
+    fingerprint,
     keyed_folder,
     record_run,
     run_folder,
@@ -221,11 +220,11 @@ def write_outputs(config: Config, out: Path, train: list[ChatExample],
     rows = []
     for j, query in enumerate(queries):
         row = {"query": j, "line": query.line, "prompt": query.messages,
-               "response": responses[j], "generated": generated[j], **_kept(query)}
+               "response": responses[j], "generated": generated[j], **kept(query)}
         for method, per_query in tops.items():
             row[method] = {side: [{"train": i, "line": train[i].line, "score": s,
                                    "rank": r + 1, "prompt": train[i].prompt_text,
-                                   "response": train[i].response, **_kept(train[i])}
+                                   "response": train[i].response, **kept(train[i])}
                                   for r, (i, s) in enumerate(per_query[j][side])]
                            for side in ("helpful", "harmful")}
         rows.append(row)
@@ -247,9 +246,6 @@ def write_outputs(config: Config, out: Path, train: list[ChatExample],
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
-
-def _kept(example: ChatExample) -> dict:
-    return {"keys": example.extra} if example.extra else {}
 
 
 # ---------------------------------------------------------------- the job
@@ -329,22 +325,12 @@ def _query_folder(out: Path, config: Config, source: str) -> Path:
 
 def run(config: Config) -> dict:
     """Every stage; returns the summary (also written to out/summary.json)."""
-    with prepared(config) as p:
-        matrix_folder = None
-        if config.matrix:
-            matrix_folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
-        try:
-            tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
-                                                  p.query_store, folder=matrix_folder,
-                                                  **config.scoring())
-            extra = {"adapter": p.source, "training": p.history,
-                     "reused_stages": p.stages.reused}
-            return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
-                                  p.responses, p.generated, tops, seconds, notes,
-                                  matrix_folder, extra)
-        finally:
-            if matrix_folder is not None:
-                shutil.rmtree(matrix_folder, ignore_errors=True)
+    with prepared(config) as p, matrix_folder(p.out, config.matrix) as folder:
+        tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
+                                              p.query_store, folder=folder, **config.scoring())
+        extra = {"adapter": p.source, "training": p.history, "reused_stages": p.stages.reused}
+        return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
+                              p.responses, p.generated, tops, seconds, notes, folder, extra)
 
 
 __all__ = ["Config", "prepared", "run"]

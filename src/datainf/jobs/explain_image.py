@@ -21,8 +21,6 @@ query's loss), positive = harmful.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +31,12 @@ import torch
 from ..data.images import ImageExample, load_images, read_image_folder, save_png
 from ..errors import DataInfError
 from ..methods import LABELS
-from .pairwise import PairwiseOptions, fingerprint, save_matrices, score_queries
+from .pairwise import PairwiseOptions, kept, matrix_folder, save_matrices, score_queries
 from .runs import (
     Stages,
     adapter_digest,
     check_numbers,
+    fingerprint,
     keyed_folder,
     record_run,
     run_folder,
@@ -168,23 +167,26 @@ def query_images(config: Config, pipeline, unet, queries: list[ImageExample],
              for j, q in enumerate(queries)]
     todo = [j for j, q in enumerate(queries) if q.file is None and not files[j].exists()]
     if todo:
-        from ..models.diffusion import to_uint8
-
-        for start in range(0, len(todo), config.query_batch):
-            rows = todo[start : start + config.query_batch]
-            pixels = pipeline.generate(unet, [queries[j].text for j in rows],
-                                       [seeds[j] for j in rows], steps=config.sampling_steps,
-                                       guidance=config.guidance)
-            for j, image in zip(rows, to_uint8(pixels), strict=True):
-                save_png(image, files[j])
-    images, changed = load_images([ImageExample(q.text, files[j], q.line)
-                                   for j, q in enumerate(queries)],
-                                  size=pipeline.image_size, channels=pipeline.channels,
-                                  what="--queries")
-    if changed:
-        say(f"--queries: {changed} images converted, cropped or resized to "
-            f"{pipeline.image_size} x {pipeline.image_size}", config.progress)
+        drawings = pipeline.draw(unet, [queries[j].text for j in todo], [seeds[j] for j in todo],
+                                 steps=config.sampling_steps, guidance=config.guidance,
+                                 batch=config.query_batch)
+        for j, image in zip(todo, drawings, strict=True):
+            save_png(image, files[j])
+    images = fitted_images(config, pipeline, [ImageExample(q.text, files[j], q.line)
+                                              for j, q in enumerate(queries)], "--queries")
     return images, files, seeds
+
+
+def fitted_images(config: Config, pipeline, examples: list[ImageExample], what: str
+                  ) -> np.ndarray:
+    """The examples' images fitted to the pipeline (uint8 (n, H, W, C)), saying how many had
+    to be converted, cropped or resized."""
+    images, changed = load_images(examples, size=pipeline.image_size,
+                                  channels=pipeline.channels, what=what)
+    if changed:
+        say(f"{what}: {changed} images converted, cropped or resized to "
+            f"{pipeline.image_size} x {pipeline.image_size}", config.progress)
+    return images
 
 
 # ---------------------------------------------------------------- stage 4: gradients
@@ -208,17 +210,15 @@ def gradients(config: Config, pipeline, unet, images: np.ndarray, prompts: list[
 
 
 # ---------------------------------------------------------------- outputs
-def samples(config: Config, pipeline, unet, prompts: list[str]) -> dict | None:
+def samples(config: Config, pipeline, unet, prompts: list[str]) -> dict:
     """Up to SAMPLES distinct training prompts drawn by the base model and by the fine-tuned
     one (same seeds): {"prompts", "seeds", "before", "after"} with uint8 images."""
-    from ..models.diffusion import to_uint8
-
     chosen = list(dict.fromkeys(prompts))[:SAMPLES]
     seeds = [config.seed + i for i in range(len(chosen))]
     draw = {"steps": config.sampling_steps, "guidance": config.guidance}
     with unet.disable_adapter():
-        before = to_uint8(pipeline.generate(unet, chosen, seeds, **draw))
-    after = to_uint8(pipeline.generate(unet, chosen, seeds, **draw))
+        before = pipeline.draw(unet, chosen, seeds, **draw)
+    after = pipeline.draw(unet, chosen, seeds, **draw)
     return {"prompts": chosen, "seeds": seeds, "before": before, "after": after}
 
 
@@ -226,7 +226,7 @@ def write_outputs(config: Config, out: Path, train: list[ImageExample],
                   queries: list[ImageExample], train_images: np.ndarray,
                   query_images_: np.ndarray, query_files: list[Path], seeds: list[int | None],
                   tops: dict, seconds: dict, notes: dict, matrix_folder: Path | None,
-                  drawn: dict | None, extra: dict) -> dict:
+                  drawn: dict, extra: dict) -> dict:
     """scores.npz, top.jsonl, report.html, then summary.json (last: its presence says the run
     is complete). Returns the summary."""
     from ..report import explain_image_page
@@ -237,11 +237,11 @@ def write_outputs(config: Config, out: Path, train: list[ImageExample],
     for j, query in enumerate(queries):
         row = {"query": j, "line": query.line, "text": query.text,
                "file": str(query_files[j]), "generated": seeds[j] is not None,
-               "seed": seeds[j], **_kept(query)}
+               "seed": seeds[j], **kept(query)}
         for method, per_query in tops.items():
             row[method] = {side: [{"train": i, "file_name": train[i].file.name,
                                    "line": train[i].line, "text": train[i].text, "score": s,
-                                   "rank": r + 1, **_kept(train[i])}
+                                   "rank": r + 1, **kept(train[i])}
                                   for r, (i, s) in enumerate(per_query[j][side])]
                            for side in ("helpful", "harmful")}
         rows.append(row)
@@ -264,9 +264,6 @@ def write_outputs(config: Config, out: Path, train: list[ImageExample],
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
-
-def _kept(example: ImageExample) -> dict:
-    return {"keys": example.extra} if example.extra else {}
 
 
 # ---------------------------------------------------------------- the job
@@ -304,11 +301,7 @@ def prepared(config: Config):
     record = {**config.expensive(), "train_fingerprint": fingerprint(config.train_dir)}
     with run_folder(Path(config.out), record) as out:
         pipeline, unet, source = stages.timed("model", load_model, config, out)
-        train_images, changed = load_images(train, size=pipeline.image_size,
-                                            channels=pipeline.channels, what="--train-dir")
-        if changed:
-            say(f"--train-dir: {changed} images converted, cropped or resized to "
-                f"{pipeline.image_size} x {pipeline.image_size}", config.progress)
+        train_images = fitted_images(config, pipeline, train, "--train-dir")
         record_run(out, record)
         for name in OUTPUTS:  # never leave results of other settings next to this run's
             (out / name).unlink(missing_ok=True)
@@ -349,25 +342,16 @@ def _query_folder(out: Path, config: Config, source: str) -> Path:
 
 def run(config: Config) -> dict:
     """Every stage; returns the summary (also written to out/summary.json)."""
-    with prepared(config) as p:
-        matrix_folder = None
-        if config.matrix:
-            matrix_folder = Path(tempfile.mkdtemp(prefix="scores.", dir=p.out))
-        try:
-            tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
-                                                  p.query_store, folder=matrix_folder,
-                                                  **config.scoring())
-            drawn = p.stages.timed("samples", samples, config, p.pipeline, p.unet,
-                                   [e.text for e in p.train])
-            extra = {"pipeline": str(p.pipeline.path), "image_size": p.pipeline.image_size,
-                     "adapter": p.source, "training": p.history,
-                     "reused_stages": p.stages.reused}
-            return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
-                                  p.train_images, p.query_images, p.query_files, p.seeds,
-                                  tops, seconds, notes, matrix_folder, drawn, extra)
-        finally:
-            if matrix_folder is not None:
-                shutil.rmtree(matrix_folder, ignore_errors=True)
+    with prepared(config) as p, matrix_folder(p.out, config.matrix) as folder:
+        tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
+                                              p.query_store, folder=folder, **config.scoring())
+        drawn = p.stages.timed("samples", samples, config, p.pipeline, p.unet,
+                               [e.text for e in p.train])
+        extra = {"pipeline": str(p.pipeline.path), "image_size": p.pipeline.image_size,
+                 "adapter": p.source, "training": p.history, "reused_stages": p.stages.reused}
+        return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
+                              p.train_images, p.query_images, p.query_files, p.seeds, tops,
+                              seconds, notes, folder, drawn, extra)
 
 
 __all__ = ["Config", "prepared", "run"]

@@ -8,17 +8,20 @@ the query's loss), positive = harmful.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataInfError
-from ..methods import NAMED, estimator
+from ..methods import NAMED, TopK, estimator, top_k_of
 from ..methods.blocks import RowRange, blocks_matching, blocks_pattern
 
 # DataInf (the paper's), DataInf on unit gradients (the best cheap method on all three of the
@@ -53,21 +56,6 @@ class PairwiseOptions:
             blocks_pattern(self.blocks)
 
 
-def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 (first 16 hex digits) of a file's bytes, or of a folder's files (names and
-    bytes, sorted by relative path)."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    for file in files:
-        if root.is_dir():
-            digest.update(str(file.relative_to(root)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping: float,
                   blocks: str | None, top: int, query_batch: int, device: str,
                   folder: Path | None) -> tuple[dict, dict, dict]:
@@ -100,11 +88,12 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
             with warnings.catch_warnings():  # LiSSA's convergence is reported in the summary
                 warnings.simplefilter("ignore", RuntimeWarning)
                 if matrix is None:  # the engine's top k: memory does not grow with n
-                    tops[method] += _entries(est.top_k(RowRange(queries, first, last), k))
+                    top = est.top_k(RowRange(queries, first, last), k)
                 else:
-                    scores = est.score(RowRange(queries, first, last)).cpu().numpy()  # (q, n)
-                    matrix[first:last] = scores
-                    tops[method] += [top_entries(row, k) for row in scores]
+                    scores = est.score(RowRange(queries, first, last))  # (q, n)
+                    matrix[first:last] = scores.cpu().numpy()
+                    top = top_k_of(scores, k)
+                tops[method] += _entries(top)
             converged = converged and getattr(est, "converged_", True)
         if method == "lissa":
             notes[method] = {"converged": bool(converged)}
@@ -115,8 +104,9 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
     return tops, seconds, notes
 
 
-def _entries(top) -> list[dict]:
-    """A :class:`~datainf.methods.base.TopK` as top_entries' dicts, one per query."""
+def _entries(top: TopK) -> list[dict]:
+    """A :class:`~datainf.methods.base.TopK` as one dict per query: {"helpful": [(i, score)],
+    "harmful": [(i, score)]}."""
     sides = {"helpful": (top.helpful, top.helpful_scores),
              "harmful": (top.harmful, top.harmful_scores)}
     per_side = {side: [list(zip(i.tolist(), s.tolist(), strict=True)) for i, s in zip(
@@ -125,14 +115,23 @@ def _entries(top) -> list[dict]:
                                                           per_side["harmful"], strict=True)]
 
 
-def top_entries(row: np.ndarray, k: int) -> dict:
-    """The k most negative (helpful) and k most positive (harmful) entries of a score row, in
-    order, ties broken by the lower training index."""
-    index = np.arange(len(row))
-    helpful = np.lexsort((index, row))[:k]  # ascending score, then index
-    harmful = np.lexsort((index, -row))[:k]
-    return {"helpful": [(int(i), float(row[i])) for i in helpful],
-            "harmful": [(int(i), float(row[i])) for i in harmful]}
+@contextmanager
+def matrix_folder(out: Path, wanted: bool = True) -> Iterator[Path | None]:
+    """A temporary folder in ``out`` for :func:`score_queries`' matrices (None when not
+    wanted), removed afterwards."""
+    if not wanted:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="scores.", dir=out))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def kept(example) -> dict:
+    """An example's kept keys of the user's file, as a row of top.jsonl holds them."""
+    return {"keys": example.extra} if example.extra else {}
 
 
 def save_matrices(folder: Path, methods, out: Path) -> None:

@@ -8,6 +8,7 @@ when the job is repeated with the same settings (``record``: what decides them).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -114,10 +115,23 @@ def keyed_folder(folder: Path, key: dict) -> Path:
     return folder
 
 
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 (first 16 hex digits) of a file's bytes, or of a folder's files (names and
+    bytes, sorted by relative path)."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        if root.is_dir():
+            digest.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def adapter_digest(folder: Path) -> str:
     """Fingerprint of a saved adapter's weights ("" when there are none)."""
-    from .pairwise import fingerprint
-
     weights = folder / "adapter_model.safetensors"
     return fingerprint(weights) if weights.exists() else ""
 

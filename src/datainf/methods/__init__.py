@@ -1,7 +1,7 @@
 """Influence estimators: fit(train gradients) / score(test gradients). Positive = harmful."""
 
 from ..errors import DataInfError
-from .base import InfluenceEstimator
+from .base import InfluenceEstimator, TopK, top_k_of
 from .datainf import DataInf
 from .exact import Exact
 from .hessian_free import HessianFree
@@ -33,4 +33,4 @@ def estimator(name: str, **kwargs) -> InfluenceEstimator:
 
 
 __all__ = ["LABELS", "NAMED", "Convergence", "DataInf", "Exact", "HessianFree",
-           "InfluenceEstimator", "LiSSA", "estimator"]
+           "InfluenceEstimator", "LiSSA", "TopK", "estimator", "top_k_of"]

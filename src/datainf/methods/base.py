@@ -292,6 +292,17 @@ class InfluenceEstimator:
             )
 
 
+def top_k_of(scores: torch.Tensor, k: int) -> TopK:
+    """:class:`TopK` of a score matrix (m, n) already computed: the same order and ties as
+    :meth:`InfluenceEstimator.top_k`."""
+    m, n = scores.shape
+    index = torch.arange(n, device=scores.device).expand(m, -1)
+    empty = torch.empty(m, 0, dtype=scores.dtype, device=scores.device)
+    low = _merge((empty.long(), empty), (index, scores), min(k, n), largest=False)
+    high = _merge((empty.long(), empty), (index, scores), min(k, n), largest=True)
+    return TopK(low[0], low[1], high[0], high[1])
+
+
 def _merge(best: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor],
            k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest (or largest) of the running best and a new chunk, per row, ordered by

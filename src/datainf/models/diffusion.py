@@ -162,8 +162,7 @@ class Pipeline:
 
         sampler = DDIMScheduler.from_config(self.scheduler.config)
         sampler.set_timesteps(steps)
-        config = unet.config if hasattr(unet, "config") and "sample_size" in unet.config else \
-            self.unet.config
+        config = self.unet.config  # an adapter wraps this UNet in place: same shapes
         size = config.sample_size
         device = next(unet.parameters()).device
         x = torch.stack([torch.randn(config.in_channels, size, size,
@@ -179,6 +178,14 @@ class Pipeline:
             x = sampler.step(uncond + guidance * (text - uncond), t, x).prev_sample
         unet.train(was_training)
         return self.decode(x.cpu())
+
+    def draw(self, unet: torch.nn.Module, prompts: list[str], seeds: list[int], *,
+             steps: int, guidance: float, batch: int = 64) -> np.ndarray:
+        """:meth:`generate` ``batch`` prompts at a time, as uint8 images (B, H, W, C)."""
+        return np.concatenate([
+            to_uint8(self.generate(unet, prompts[i : i + batch], seeds[i : i + batch],
+                                   steps=steps, guidance=guidance))
+            for i in range(0, len(prompts), batch)])
 
 
 def load_pipeline(name_or_path: str | os.PathLike = DIGITS_NAME, *,
