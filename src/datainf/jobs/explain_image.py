@@ -203,9 +203,10 @@ def gradients(config: Config, pipeline, unet, images: np.ndarray, prompts: list[
     pixels = to_pixels(np.moveaxis(images, -1, 1), pipeline.image_size)
     task = Diffusion(timesteps=tuple(config.timesteps), seed=config.seed,
                      scheduler=pipeline.scheduler)
-    store = collect_gradients(unet, list(image_batches(pipeline, pixels, prompts,
-                                                       config.batch_size)),
-                              task, out=str(path), progress=config.progress)
+    # batches are encoded as they are needed (latents of a VAE, text states), not all at once
+    store = collect_gradients(unet, image_batches(pipeline, pixels, prompts, config.batch_size),
+                              task, out=str(path), num_examples=len(prompts),
+                              progress=config.progress)
     return store, reused
 
 
