@@ -7,6 +7,13 @@ negative scores.
 Estimators read gradients block by block (see :mod:`datainf.methods.blocks`) and sum the blocks'
 contributions: I(k) = sum_l I_l(k). Computations run in float64 when the training gradients are
 float64, otherwise in float32 with float64 sums across chunks and blocks; scores are float64.
+
+Given a torch.distributed process group, every rank reads the same training gradients (a store
+on a shared file system) but works on its own shard of training rows (see
+:mod:`datainf.gradients.distributed`): the sums over training examples (row norms for the
+damping, DataInf's sum_i c_i g_i, LiSSA's products H x, Exact's G^T G) are summed across ranks
+with all_reduce, each rank scores its rows, and the results are gathered so that every rank
+returns what one process would, to float rounding. Test gradients are read whole by every rank.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataInfError
+from ..gradients.distributed import all_gather_cat, all_reduce_sum, shard, world
 from .blocks import (
     GradientSource,
     RowRange,
@@ -63,6 +71,9 @@ class InfluenceEstimator:
         else (the damping is then computed on the unit rows): a variant of ours, not the
         paper's, against a few large-gradient examples topping every query. With it,
         HessianFree scores are minus the cosine similarity of the gradients.
+    process_group:
+        A torch.distributed process group to share the work with (every rank makes the same
+        calls with the same arguments); None: this process alone.
     """
 
     def __init__(
@@ -74,9 +85,11 @@ class InfluenceEstimator:
         device: str | torch.device | None = None,
         progress: bool | None = None,
         normalize: bool = False,
+        process_group: object | None = None,
     ) -> None:
         self.damping = damping
         self.normalize = normalize
+        self.process_group = process_group
         self.chunk_rows = chunk_rows
         self.test_batch_size = test_batch_size
         self.device = device
@@ -104,23 +117,32 @@ class InfluenceEstimator:
                 raise DataInfError(f"training gradients: block {name!r} has no columns; drop it")
         self.train_ = train
         self.n_ = train.num_rows
+        self.rank_, size = world(self.process_group)
+        self.rows_ = shard(self.n_, self.rank_, size)  # this rank's training rows [lo, hi)
+        self.local_ = train if size == 1 else RowRange(train, *self.rows_)
         _, first = next(iter(train.iter_block(train.block_names[0], 1)))
         self.device_ = torch.device(self.device) if self.device is not None else first.device
         self.compute_dtype_ = torch.float64 if first.dtype == torch.float64 else torch.float32
-        self.row_sq_norms_: dict[str, torch.Tensor] = {}
-        mean_squares = {}
-        for name in train.block_names:
-            sq = self._row_sq_norms(name)
-            self.row_sq_norms_[name] = sq
-            mean_squares[name] = float(sq.sum()) / (self.n_ * train.block_widths[name])
+        # ||g_il||^2 of this rank's rows; their sums over all ranks give the damping
+        self.row_sq_norms_ = {name: self._row_sq_norms(name) for name in train.block_names}
+        sums = torch.stack([sq.sum() for sq in self.row_sq_norms_.values()])
+        sums = all_reduce_sum(sums, self.process_group).tolist()
+        self.sq_sums_ = dict(zip(train.block_names, sums, strict=True))
+        mean_squares = {name: self.sq_sums_[name] / (self.n_ * train.block_widths[name])
+                        for name in train.block_names}
         self.damping_ = as_damping(self.damping).resolve(mean_squares)
         self._fit_blocks()
         return self
 
     def _row_sq_norms(self, name: str) -> torch.Tensor:
-        """||g_il||^2 for every row of block ``name`` (float64), checking that all are finite."""
+        """||g_il||^2 for every row of this rank's shard of block ``name`` (float64), checking
+        that all are finite."""
+        lo, hi = self.rows_
         if hasattr(self.train_, "row_sq_norms"):  # a store keeps them, checked when written
-            return self.train_.row_sq_norms(name).to(device=self.device_, dtype=torch.float64)
+            sq = self.train_.row_sq_norms(name)[lo:hi]
+            return sq.to(device=self.device_, dtype=torch.float64)
+        if hi == lo:
+            return torch.zeros(0, dtype=torch.float64, device=self.device_)
         chunks = self._train_chunks(name, rows=self._rows(name, 1))
         return squared_row_norms(name, chunks, "training gradients")
 
@@ -138,7 +160,7 @@ class InfluenceEstimator:
         self._check_fitted()
         test = self._test_source(test_gradients)
         self._start_scoring()
-        n, m = self.n_, test.num_rows
+        n, m = self.local_.num_rows, test.num_rows  # this rank's columns
         out = torch.zeros((n,) if aggregate else (m, n), dtype=torch.float64, device=self.device_)
         for name in self._blocks("scoring"):
             if aggregate:
@@ -151,7 +173,7 @@ class InfluenceEstimator:
                     check_finite(name, rows, start, "test gradients")
                 out[start : start + len(rows)] += self._score_block(name, V)
         self._finish_scoring()
-        return out
+        return all_gather_cat(out, self.process_group, dim=-1)
 
     def top_k(self, test_gradients: object, k: int, *, chunk_rows: int | None = None) -> TopK:
         """The k most helpful and k most harmful training examples of each test example,
@@ -159,12 +181,14 @@ class InfluenceEstimator:
         (R_l = V_l H_l^-1, m x d_l), then the training rows are scored ``chunk_rows`` at a time
         over all blocks and merged into the running top k. Memory: m x (chunk_rows + 4k)
         scores plus the R_l, whatever n. Same scores as :meth:`score` up to float rounding.
+        With a process group each rank ranks its shard and the ranks' lists are merged.
         """
         self._check_fitted()
         if k < 1:
             raise DataInfError(f"k must be at least 1, not {k}")
         test = self._test_source(test_gradients)
-        n, m, k = self.n_, test.num_rows, min(k, self.n_)
+        m, k = test.num_rows, min(k, self.n_)
+        lo, hi = self.rows_
         self._start_scoring()
         R = {}
         for name in self._blocks("preconditioning"):
@@ -177,8 +201,8 @@ class InfluenceEstimator:
         step = chunk_rows or min(self._rows(name, m) for name in self.train_.block_names)
         empty = torch.empty(m, 0, dtype=torch.float64, device=self.device_)
         low = high = (empty.long(), empty)
-        for start in range(0, n, step):
-            part = RowRange(self.train_, start, min(n, start + step))
+        for start in range(lo, hi, step):
+            part = RowRange(self.train_, start, min(hi, start + step))
             S = torch.zeros(m, part.num_rows, dtype=torch.float64, device=self.device_)
             for name, r in R.items():
                 for first, G in part.iter_block(name, part.num_rows):
@@ -187,6 +211,11 @@ class InfluenceEstimator:
             index = torch.arange(start, start + part.num_rows, device=self.device_).expand(m, -1)
             low = _merge(low, (index, S), k, largest=False)
             high = _merge(high, (index, S), k, largest=True)
+        if self.process_group is not None:  # the ranks' lists, merged alike on every rank
+            gathered = [tuple(all_gather_cat(t, self.process_group, dim=1) for t in pair)
+                        for pair in (low, high)]
+            low = _merge((empty.long(), empty), gathered[0], k, largest=False)
+            high = _merge((empty.long(), empty), gathered[1], k, largest=True)
         return TopK(low[0], low[1], high[0], high[1])
 
     def self_influence(self) -> torch.Tensor:
@@ -198,10 +227,10 @@ class InfluenceEstimator:
         and atypical examples have large self-influence).
         """
         self._check_fitted()
-        out = torch.zeros(self.n_, dtype=torch.float64, device=self.device_)
+        out = torch.zeros(self.local_.num_rows, dtype=torch.float64, device=self.device_)
         for name in self._blocks("self-influence"):
             out += self._self_influence_block(name)
-        return out
+        return all_gather_cat(out, self.process_group)
 
     # ------------------------------------------------------- for subclasses
     def _precondition(self, name: str, V: torch.Tensor) -> torch.Tensor:
@@ -209,16 +238,18 @@ class InfluenceEstimator:
         raise NotImplementedError
 
     def _score_block(self, name: str, V: torch.Tensor) -> torch.Tensor:
-        """Block l's share of the scores: (m, d_l) test rows -> (m, n) float64,
-        I(k) = -r_j . g_kl with R = :meth:`_precondition` (in R's dtype)."""
+        """Block l's share of the scores of this rank's training rows: (m, d_l) test rows ->
+        (m, n_rank) float64, I(k) = -r_j . g_kl with R = :meth:`_precondition` (in R's dtype)."""
         R = self._precondition(name, V)
-        out = torch.empty(V.shape[0], self.n_, dtype=torch.float64, device=V.device)
+        out = torch.empty(V.shape[0], self.local_.num_rows, dtype=torch.float64,
+                          device=V.device)
         for start, G in self._train_chunks(name, self._rows(name, V.shape[0])):
             # computed as (G R^T)^T: the faster orientation for BLAS here
             out[:, start : start + len(G)] = (G.to(R.dtype) @ R.T).T.neg()
         return out
 
     def _self_influence_block(self, name: str) -> torch.Tensor:
+        """s_k of this rank's rows k (float64, (n_rank,))."""
         raise DataInfError(
             f"{type(self).__name__} does not compute self-influence; use DataInf, Exact or "
             "HessianFree"
@@ -245,14 +276,28 @@ class InfluenceEstimator:
             return UnitNormRows(source, where)
         return source
 
-    def _train_chunks(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Row chunks of training block ``name``, moved to the compute device and dtype."""
-        for start, chunk in self.train_.iter_block(name, rows):
+    def _train_chunks(self, name: str, rows: int,
+                      whole: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """Row chunks of this rank's shard of training block ``name`` (every row when
+        ``whole``), moved to the compute device and dtype; ``start`` counts from the shard's
+        first row."""
+        for start, chunk in (self.train_ if whole else self.local_).iter_block(name, rows):
             yield start, chunk.to(device=self.device_, dtype=self.compute_dtype_)
 
     def _whole_block(self, name: str) -> torch.Tensor:
-        """The whole (n, d_l) training block ``name`` in float64 (for the n x n kernels)."""
-        return torch.cat([G.double() for _, G in self._train_chunks(name, self._rows(name, 1))])
+        """The whole (n, d_l) training block ``name`` in float64 (for the n x n kernels, used
+        when n < d_l: small enough for every rank to hold and factor alike)."""
+        chunks = self._train_chunks(name, self._rows(name, 1), whole=True)
+        return torch.cat([G.double() for _, G in chunks])
+
+    def _mine(self, values: torch.Tensor) -> torch.Tensor:
+        """The entries of this rank's training rows from an (..., n) tensor over all rows."""
+        lo, hi = self.rows_
+        return values[..., lo:hi]
+
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A sum over training rows, completed across the ranks' shards (in place)."""
+        return all_reduce_sum(tensor, self.process_group)
 
     def _rows(self, name: str, test_rows: int) -> int:
         """Training rows per chunk: 64 MiB of float32 per test row, capped at 256 MiB.
@@ -281,7 +326,8 @@ class InfluenceEstimator:
             self.train_.block_names,
             desc=f"{type(self).__name__} {what}",
             unit="block",
-            disable=None if self.progress is None else not self.progress,
+            disable=True if self.rank_ > 0 else (None if self.progress is None
+                                                 else not self.progress),
             leave=False,
         )
 

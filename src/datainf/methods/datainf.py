@@ -34,6 +34,7 @@ class DataInf(InfluenceEstimator):
             # computed as (G V^T)^T: the faster orientation for BLAS here
             C = (G @ V.T) / (lam + sq[start : start + len(G), None]).to(V.dtype)
             weighted_sum.addmm_(C.T, G)
+        self._sum_over_ranks(weighted_sum)  # each rank summed its shard of i
         # R = (V - C G / n) / lambda; the scores are - R G^T                    (m x d)
         return torch.add(V, weighted_sum, alpha=-1.0 / n).mul_(1.0 / lam)
 
@@ -54,11 +55,13 @@ class DataInf(InfluenceEstimator):
             for start, G in self._train_chunks(name, rows):
                 G = G.double()
                 M.addmm_(G.T * w[start : start + len(G)], G)
+            self._sum_over_ranks(M)
             quad = torch.cat(
                 [((G.double() @ M) * G.double()).sum(1) for _, G in self._train_chunks(name, rows)]
             )
         else:
             G = self._whole_block(name)
             K = G @ G.T
-            quad = (K * K) @ w
+            w_all = 1.0 / (lam + (G * G).sum(1))  # every row's weight (sq holds this rank's)
+            quad = self._mine((K * K) @ w_all)
         return (sq - quad / n) / lam

@@ -41,6 +41,7 @@ class Exact(InfluenceEstimator):
                 for _, G in self._train_chunks(name, rows):
                     G = G.double()
                     H.addmm_(G.T, G)
+                self._sum_over_ranks(H)  # each rank summed its shard of the rows
                 H /= n
                 H.diagonal().add_(lam)
                 side = "primal"
@@ -74,11 +75,12 @@ class Exact(InfluenceEstimator):
             return super()._score_block(name, V)
         # dual side: I = -n (K + n lambda I)^-1 G v, without forming H^-1 v (which would
         # subtract nearly equal terms when lambda is small)
+        # (every rank solves for all rows: n < d_l here, and keeps its own)
         n, m = self.n_, V.shape[0]
         GV = torch.empty(n, m, dtype=torch.float64, device=V.device)  # G V^T   (n x m)
-        for start, G in self._train_chunks(name, self._rows(name, m)):
+        for start, G in self._train_chunks(name, self._rows(name, m), whole=True):
             GV[start : start + len(G)] = G.double() @ V.double().T
-        return -n * torch.cholesky_solve(GV, self.factors_[name]).T
+        return self._mine(-n * torch.cholesky_solve(GV, self.factors_[name]).T)
 
     def _self_influence_block(self, name: str) -> torch.Tensor:
         """s_k = g_k^T H^-1 g_k; on the dual side n [(K + n lambda I)^-1 K]_kk."""
@@ -90,4 +92,4 @@ class Exact(InfluenceEstimator):
                 parts.append((G * torch.cholesky_solve(G.T, factor).T).sum(1))
             return torch.cat(parts)
         G = self._whole_block(name)
-        return self.n_ * torch.cholesky_solve(G @ G.T, factor).diagonal()
+        return self._mine(self.n_ * torch.cholesky_solve(G @ G.T, factor).diagonal())

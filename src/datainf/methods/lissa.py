@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DataInfError
+from ..gradients.distributed import all_reduce_max
 from .base import InfluenceEstimator
 from .damping import Damping
 
@@ -76,11 +77,15 @@ class LiSSA(InfluenceEstimator):
         self.seed = seed
 
     def _hvp(self, name: str, X: torch.Tensor) -> torch.Tensor:
-        """H X^T as rows: X (G^T G / n) + lambda X  for X of shape (m, d)."""
-        acc = torch.zeros_like(X)
+        """H X^T as rows: X (G^T G / n) + lambda X  for X of shape (m, d), in float64 (the
+        products in the gradients' dtype, their sums over chunks and ranks in float64, so
+        that the rounding does not build up over the iterations)."""
+        Xc = X.to(self.compute_dtype_)
+        acc = torch.zeros_like(X, dtype=torch.float64)
         for _, G in self._train_chunks(name, self._rows(name, X.shape[0])):
-            acc.addmm_(X @ G.T, G)
-        return acc / self.n_ + self.damping_[name] * X
+            acc += ((Xc @ G.T) @ G).double()
+        self._sum_over_ranks(acc)  # each rank summed its shard of the rows
+        return acc / self.n_ + self.damping_[name] * X.double()
 
     def _fit_blocks(self) -> None:
         if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
@@ -98,7 +103,7 @@ class LiSSA(InfluenceEstimator):
                 s = float(self.scale[name])
             elif self.scale == "trace":
                 # lambda_max(H) <= trace(G^T G / n) + lambda
-                s = float(self.row_sq_norms_[name].mean()) + lam
+                s = self.sq_sums_[name] / self.n_ + lam
             elif self.scale == "power":
                 s = 1.1 * self._largest_eigenvalue(name)
             elif isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool):
@@ -117,7 +122,7 @@ class LiSSA(InfluenceEstimator):
         d = self.train_.block_widths[name]
         generator = torch.Generator().manual_seed(self.seed ^ zlib.crc32(name.encode()))
         u = torch.randn(1, d, generator=generator, dtype=torch.float64)
-        u = (u / u.norm()).to(device=self.device_, dtype=self.compute_dtype_)
+        u = (u / u.norm()).to(device=self.device_)
         estimate = self.damping_[name]
         for _ in range(self.power_iterations):
             Hu = self._hvp(name, u)
@@ -143,14 +148,16 @@ class LiSSA(InfluenceEstimator):
 
     def _precondition(self, name: str, V: torch.Tensor) -> torch.Tensor:
         s = self.scale_[name]
-        v_norm = V.double().norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+        V = V.double()  # the recursion runs in float64 (its products in the gradients' dtype)
+        v_norm = V.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         X = V.clone()
         residual, converged, iterations = math.inf, False, 0
         while iterations < self.max_iterations:
             iterations += 1
             X_next = V + X - self._hvp(name, X) / s  # x_t = v + (I - H/s) x_{t-1}
             # ||v - H x_{t-1}/s|| = ||x_t - x_{t-1}||, relative to ||v||, worst row
-            residual = float(((X_next - X).double().norm(dim=1) / v_norm).max())
+            residual = float(((X_next - X).norm(dim=1) / v_norm).max())
+            residual = all_reduce_max(residual, self.process_group)  # every rank stops alike
             X = X_next
             if residual <= self.tol:
                 converged = True
@@ -158,7 +165,7 @@ class LiSSA(InfluenceEstimator):
             if not math.isfinite(residual) or residual > 1e12:
                 break  # diverging: the scale is too small
         self._record(name, Convergence(iterations, residual, converged))
-        return X / s  # H^-1 v
+        return (X / s).to(self.compute_dtype_)  # H^-1 v
 
     def _record(self, name: str, result: Convergence) -> None:
         """Keep the worst record per block over the test batches of one score() call."""
