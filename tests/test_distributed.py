@@ -1,13 +1,19 @@
 """Several processes (gloo, as torchrun starts them) give what one process gives: the
-estimators' scores of every method, aggregate and pairwise, top-k and self-influence."""
+estimators' scores of every method, aggregate and pairwise, top-k and self-influence; the
+gradient store the ranks fill together; and a rank killed during collection is re-run alone."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 from conftest import random_gradients
 from ranks import run_ranks
 
+from datainf import DataInfError, collect_gradients
 from datainf.gradients.distributed import shard
 from datainf.gradients.store import GradientStore
 from datainf.methods import NAMED, estimator
@@ -76,3 +82,117 @@ def test_shards_cover_the_rows_in_order():
             assert bounds[0][0] == 0 and bounds[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
             assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+# ---------------------------------------------------------------- gradient collection
+class DyingTask:
+    """Classification losses; in rank ``dies`` the process exits (as if killed) at its
+    ``after``-th batch, once rows of earlier batches are committed and the other rank has
+    finished its shard (``wait_for``: its shard file)."""
+
+    num_passes = 1
+
+    def __init__(self, dies: int = -1, after: int = 10**9, rank: int = 0, wait_for=None):
+        from datainf.gradients.tasks import Classification
+
+        self.inner, self.dies, self.after, self.rank, self.calls = Classification(), dies, \
+            after, rank, []
+        self.wait_for = wait_for
+
+    def settings(self) -> dict:
+        return self.inner.settings()
+
+    def losses(self, model, batch, rows, pass_index):
+        self.calls.append(len(rows))
+        if self.rank == self.dies and len(self.calls) > self.after:
+            for _ in range(600):
+                if self.wait_for.exists() and '"rows_complete": 8' in self.wait_for.read_text():
+                    break
+                time.sleep(0.1)
+            os._exit(3)
+        return self.inner.losses(model, batch, rows, pass_index)
+
+
+def collect_worker(rank, group, folder, dies, after):
+    from tiny_models import tiny_bert_classifier
+
+    model = tiny_bert_classifier(dtype=torch.float32)
+    task = DyingTask(dies, after, rank, folder / "ranks" / "shard-00000-of-00002.json")
+    store = collect_gradients(model, text_batches(), task, out=folder / "ranks",
+                              process_group=group, progress=False)
+    assert store.complete
+    in_memory = collect_gradients(model, text_batches(), task, process_group=group)
+    torch.save(in_memory, folder / f"memory{rank}.pt")
+
+
+def text_batches():
+    from test_collect_store import text_batches as batches
+
+    return batches(sizes=(3, 4, 3, 3, 4))  # 17 rows: shards 0..7 and 8..16 cut a batch
+
+
+def test_ranks_collect_one_store_like_one_process(tmp_path):
+    from tiny_models import tiny_bert_classifier
+
+    alone = collect_gradients(tiny_bert_classifier(dtype=torch.float32), text_batches(),
+                              out=tmp_path / "alone", progress=False)
+    run_ranks(collect_worker, 2, tmp_path, tmp_path, -1, 0)
+    store = GradientStore.open(tmp_path / "ranks")
+    assert store.shards == 2 and store.identity == alone.identity
+    for name in alone.block_names:
+        assert relative(store.read_block(name), alone.read_block(name)) < 1e-6, name
+        assert relative(store.row_sq_norms(name), alone.row_sq_norms(name)) < 1e-6, name
+        for rank in range(2):  # in memory: every rank gets every row
+            memory = torch.load(tmp_path / f"memory{rank}.pt")[name]
+            assert relative(memory, alone.read_block(name)) < 1e-6, name
+
+
+def test_a_killed_rank_is_rerun_alone(tmp_path):
+    """Rank 1 dies after committing its first batch of rows; rank 0 finishes its shard. Run
+    alone as rank 1 of 2, only rank 1's missing rows are computed, and the store is complete
+    and equal to one process's."""
+    from tiny_models import tiny_bert_classifier
+
+    model = tiny_bert_classifier(dtype=torch.float32)
+    alone = collect_gradients(model, text_batches(), out=tmp_path / "alone", progress=False)
+    with pytest.raises(mp.ProcessExitedException):
+        run_ranks(collect_worker, 2, tmp_path, tmp_path, 1, 1)
+    with pytest.raises(DataInfError, match=r"has 10 of 17 rows \(shards 1 of 2 are not "):
+        GradientStore.open(tmp_path / "ranks")  # rank 1 wrote 8..9 of 8..16
+    task = DyingTask()
+    store = collect_gradients(model, text_batches(), task, out=tmp_path / "ranks",
+                              shard=(1, 2), progress=False)
+    assert task.calls == [3, 4]  # rows 10-12 and 13-16: none of those written again
+    assert store.complete and GradientStore.open(tmp_path / "ranks").complete
+    for name in alone.block_names:
+        assert relative(store.read_block(name), alone.read_block(name)) < 1e-6, name
+
+
+def test_one_process_finishes_every_shard(tmp_path):
+    """A store made for 3 shards, half written (shard 1 only), is finished by one process
+    alone; the shards are written in any order and each refuses rows out of its order."""
+    from tiny_models import tiny_bert_classifier
+
+    model = tiny_bert_classifier(dtype=torch.float32)
+    alone = collect_gradients(model, text_batches(), out=tmp_path / "alone", progress=False)
+    store = GradientStore.create_or_resume(tmp_path / "s", alone.block_widths, 17,
+                                           alone.identity, shards=3)
+    lo, hi, written, _ = store.shard_progress(1)
+    assert (lo, hi, written) == (5, 11, 0)
+    rows = {name: alone.read_block(name)[5:8] for name in alone.block_names}
+    with pytest.raises(DataInfError, match="next write starts at row 5, not 6"):
+        store.write_rows(6, rows, "x")
+    store.write_rows(5, rows, "not the data's hash")
+    with pytest.raises(DataInfError, match="other data"):  # the hash of rows 5..7 differs
+        collect_gradients(model, text_batches(), out=tmp_path / "s", progress=False)
+    store = GradientStore.create_or_resume(tmp_path / "s", alone.block_widths, 17,
+                                           alone.identity)
+    # shard 0 (rows 0..4) was written before the check of shard 1 failed at row 7
+    assert store.shards == 3 and store.rows_complete == 5 + 3 and not store.finish()
+    (tmp_path / "s" / "shard-00001-of-00003.json").unlink()  # start shard 1 afresh
+    task = DyingTask()
+    finished = collect_gradients(model, text_batches(), task, out=tmp_path / "s",
+                                 progress=False)
+    assert sum(task.calls) == 17 - 5 and finished.complete
+    for name in alone.block_names:
+        assert relative(finished.read_block(name), alone.read_block(name)) < 1e-6, name

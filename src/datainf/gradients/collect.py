@@ -24,6 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataInfError
+from .distributed import (
+    all_gather_cat,
+    barrier,
+    broadcast_flag,
+    collective_device,
+    world,
+)
+from .distributed import shard as shard_rows
 from .tasks import as_task, batch_size
 
 
@@ -229,6 +237,8 @@ def collect_gradients(
     num_examples: int | None = None,
     task_settings: Mapping | None = None,
     progress: bool | None = None,
+    process_group: object | None = None,
+    shard: tuple[int, int] | None = None,
 ):
     """Per-example gradients of the model's trainable LoRA (and head) parameters.
 
@@ -238,80 +248,164 @@ def collect_gradients(
     :mod:`datainf.gradients.tasks`), flattened in the parameter's own layout. A store left
     incomplete by an interrupted run is resumed: only the missing rows are computed. A store
     made for another model, adapter, data or task is refused.
+
+    With a torch.distributed ``process_group`` of W ranks (each passing the same batches),
+    a new store is made for W shards and each rank computes and writes its own (rank r: shard
+    r, see :mod:`datainf.gradients.distributed`); every rank returns the complete store (in
+    memory: every rank gets all rows). ``shard=(r, W)`` does rank r's part in this process
+    alone, without a group: to re-run a rank that died. The shards of an existing store are
+    dealt to the ranks round-robin, so any number of processes can finish it; one process
+    alone finishes every shard.
     """
     task = as_task(task, **dict(task_settings or {}))
     if dtype not in ("float32", "bfloat16"):
         raise DataInfError(f"dtype must be 'float32' or 'bfloat16', not {dtype!r}")
+    if process_group is not None and shard is not None:
+        raise DataInfError("give a process_group or a shard=(rank, world size), not both")
+    rank, size = world(process_group) if shard is None else _checked_shard(shard)
     layers, widths = select_blocks(model, blocks)
-    store, done = None, 0
+    store, n = None, None
     if out is not None:
-        from ..models.hf import model_fingerprint
-        from .store import GradientStore
-
         n = _num_examples(batches, num_examples)
-        identity = {
-            "model": model_fingerprint(model, trainable_values=False),
-            "adapter": adapter_fingerprint(model, widths),
-            "task": task.settings(),
-        }
-        # a row holds the gradients of every pass (e.g. diffusion timesteps), concatenated
-        columns = {name: width * task.num_passes for name, width in widths.items()}
-        store = GradientStore.create_or_resume(out, columns, n, identity, dtype=dtype)
-        done = store.rows_complete
+        store = _open_store(out, model, task, widths, n, dtype, size, rank, process_group)
+        n = store.num_rows
+        todo = [store.shard_progress(s) for s in range(store.shards) if s % size == rank]
+        parts = [(lo, hi, lo + done, digest) for lo, hi, done, digest in todo]
+    elif size > 1:
+        n = _num_examples(batches, num_examples)
+        lo, hi = shard_rows(n, rank, size)
+        parts = [(lo, hi, lo, "")]
+    else:
+        parts = [(0, None, 0, "")]  # every row; n is known at the end
+    # per part: [lo, hi, first row still missing, the written rows' hash, running hasher]
+    parts = [[lo, hi, first, digest, hashlib.sha256()] for lo, hi, first, digest in parts]
     device = next(model.parameters()).device
     torch_dtype = getattr(torch, dtype)
-    hasher = hashlib.sha256()
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in widths}
     row = 0
     bar = tqdm(
-        total=store.num_rows if store else None,
-        initial=done,
+        total=sum(p[1] - p[0] for p in parts) if n is not None else None,
+        initial=sum(p[2] - p[0] for p in parts),
         unit="ex",
         desc="gradients",
-        disable=None if progress is None else not progress,
+        disable=True if rank > 0 else (None if progress is None else not progress),
     )
     with _collecting(model, layers):
         for batch in batches:
             B = batch_size(batch)
             _check_rows(batch, B)
-            for b in range(B):
-                example_digest(hasher, batch, b)
-                if (
-                    store is not None
-                    and row + b + 1 == done
-                    and hasher.hexdigest() != store.data_hash
-                ):
-                    raise DataInfError(
-                        f"the store at {out} was made from other data (its first {done} "
-                        "examples differ from these); use another output folder or delete it"
-                    )
-            if row + B <= done:
-                row += B
-                continue
-            rows = torch.arange(row, row + B)
-            grads = _batch_gradients(model, task, layers, _to_device(batch, device), rows)
-            keep = slice(max(done - row, 0), B)
-            grads = {name: grads[name][keep].to(device="cpu", dtype=torch_dtype) for name in widths}
-            if store is not None:
-                if row + B > store.num_rows:
-                    raise DataInfError(
-                        f"the batches hold more than the {store.num_rows} examples announced"
-                    )
-                store.write_rows(row + keep.start, grads, data_hash=hasher.hexdigest())
-            else:
-                for name in widths:
-                    collected[name].append(grads[name])
-            bar.update(B - keep.start)
+            if n is not None and row + B > n:
+                raise DataInfError(f"the batches hold more than the {n} examples announced")
+            wanted = []  # (part, first row, stop row) to compute in this batch
+            for part in parts:
+                lo, hi, first, digest, hasher = part
+                a, b = max(lo, row), min(row + B if hi is None else hi, row + B)
+                for i in range(a, b):
+                    example_digest(hasher, batch, i - row)
+                    if i + 1 == first and hasher.hexdigest() != digest:
+                        raise DataInfError(
+                            f"the store at {out} was made from other data (its examples "
+                            f"{lo}..{first - 1} differ from these); use another output folder "
+                            "or delete it"
+                        )
+                if max(a, first) < b:
+                    wanted.append((part, max(a, first), b))
+            if wanted:
+                a, b = min(w[1] for w in wanted), max(w[2] for w in wanted)
+                sub = _rows_of(batch, a - row, b - row, B)
+                grads = _batch_gradients(model, task, layers, _to_device(sub, device),
+                                         torch.arange(a, b))
+                for part, first, stop in wanted:
+                    chunk = {name: grads[name][first - a : stop - a].to(device="cpu",
+                                                                        dtype=torch_dtype)
+                             for name in widths}
+                    if store is not None:
+                        store.write_rows(first, chunk, data_hash=part[4].hexdigest())
+                    else:
+                        for name in widths:
+                            collected[name].append(chunk[name])
+                    part[2] = stop
+                    bar.update(stop - first)
             row += B
     bar.close()
+    if n is not None and row != n:
+        kept = f"; the store at {out} keeps the {store.rows_complete} rows written" \
+            if store is not None else ""
+        raise DataInfError(f"the batches held {row} examples but {n} were announced{kept}")
     if store is not None:
-        if row != store.num_rows:
-            raise DataInfError(
-                f"the batches held {row} examples but {store.num_rows} were "
-                f"announced; the store at {out} keeps the {store.rows_complete} "
-                "rows written"
-            )
-        return store
+        return _finished(store, process_group)
     if row == 0:
         raise DataInfError("the batches held no examples")
-    return {name: torch.cat(parts) for name, parts in collected.items()}
+    local = {name: torch.cat(chunks) if chunks else
+             torch.zeros(0, widths[name] * task.num_passes, dtype=torch_dtype)
+             for name, chunks in collected.items()}
+    if size == 1 or shard is not None:
+        return local
+    where = collective_device(process_group)
+    return {name: all_gather_cat(value.to(where), process_group).cpu()
+            for name, value in local.items()}
+
+
+def _checked_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    if (not isinstance(shard, tuple) or len(shard) != 2
+            or not all(isinstance(x, int) for x in shard) or not 0 <= shard[0] < shard[1]):
+        raise DataInfError(f"shard must be (rank, world size) with 0 <= rank < size, not "
+                           f"{shard!r}")
+    return shard
+
+
+def _rows_of(batch: Mapping, a: int, b: int, B: int) -> Mapping:
+    """Examples a..b-1 of a batch of B (the batch itself when that is all of it)."""
+    if (a, b) == (0, B):
+        return batch
+    return {k: v[a:b] if isinstance(v, torch.Tensor) or (isinstance(v, Sequence)
+                                                         and not isinstance(v, str)) else v
+            for k, v in batch.items()}
+
+
+def _open_store(out, model, task, widths, n, dtype, size, rank, group):
+    """The store at ``out``, created for ``size`` shards by rank 0 (the others wait for it and
+    then open it, so that only one process ever creates files)."""
+    from ..models.hf import model_fingerprint
+    from .store import GradientStore
+
+    identity = {
+        "model": model_fingerprint(model, trainable_values=False),
+        "adapter": adapter_fingerprint(model, widths),
+        "task": task.settings(),
+    }
+    # a row holds the gradients of every pass (e.g. diffusion timesteps), concatenated
+    columns = {name: width * task.num_passes for name, width in widths.items()}
+
+    def create():
+        return GradientStore.create_or_resume(out, columns, n, identity, dtype=dtype,
+                                              shards=size)
+
+    if group is None:
+        return create()
+    store, error = None, None
+    if rank == 0:
+        try:
+            store = create()
+        except DataInfError as e:
+            error = e
+    if not broadcast_flag(error is None, group):
+        if error is not None:
+            raise error
+        raise DataInfError(f"rank 0 could not open the gradient store at {out}; see its error")
+    return store if rank == 0 else create()
+
+
+def _finished(store, group):
+    """The store, marked complete if this process wrote its last rows; with a group, after
+    every rank is done (then complete on every rank)."""
+    from .store import GradientStore
+
+    store.finish()
+    if group is None:
+        return store
+    barrier(group)
+    if world(group)[0] == 0:
+        store.finish()  # (done already by whoever wrote last; again, should a file lag)
+    barrier(group)
+    return GradientStore.open(store.path)

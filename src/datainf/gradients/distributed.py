@@ -50,7 +50,7 @@ def all_reduce_max(value: float, group: object | None) -> float:
     """The largest ``value`` over the ranks (for decisions every rank must take alike)."""
     if group is None or world(group)[1] == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=_device(group))
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return float(t)
 
@@ -78,7 +78,7 @@ def broadcast_flag(flag: bool, group: object | None) -> bool:
     """Rank 0's ``flag`` on every rank (a decision taken once, followed by all)."""
     if group is None or world(group)[1] == 1:
         return flag
-    t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=_device(group))
+    t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=collective_device(group))
     dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
     return bool(t)
 
@@ -89,7 +89,7 @@ def barrier(group: object | None) -> None:
         dist.barrier(group=group)
 
 
-def _device(group: object) -> torch.device:
+def collective_device(group: object) -> torch.device:
     """Where a collective's tensors live: CUDA for NCCL, the CPU otherwise."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -17,18 +17,29 @@ writes the rows, forces them to disk and only then commits a new manifest, which
 atomically. A process killed at any point leaves a manifest that describes only durable rows,
 and :meth:`GradientStore.create_or_resume` carries on from there.
 
+Several processes (torch.distributed ranks) fill one store on a shared file system in
+*shards*: a store made for W shards splits its rows as
+:func:`~datainf.gradients.distributed.shard` does, each shard is appended in order by one
+process, which commits its progress to its own ``shard-SSSSS-of-WWWWW.json`` (replaced
+atomically, like the manifest) instead of the manifest. Whoever writes the last missing row
+marks the manifest complete (:meth:`GradientStore.finish`). A process that dies leaves its
+shard's durable rows committed; running it again (alone, or any number of processes) computes
+only the missing rows.
+
 A complete store is a :class:`~datainf.methods.blocks.GradientSource`: estimators read it
 block by block in row chunks that are views of memory maps, so memory does not grow with n.
 
 ``manifest.json`` holds ``format``, ``version``, ``blocks`` (list of ``{name, width, file}``),
 ``norms_file``, ``num_rows``, ``dtype``, ``identity`` (the caller's description of what produced
 the gradients: model and adapter fingerprints, task, data), ``rows_complete``, ``data_hash``,
-``complete``, ``created`` and ``updated`` (UTC, ISO 8601).
+``complete``, ``shards`` (1 when absent), ``created`` and ``updated`` (UTC, ISO 8601). In a
+store of several shards, ``rows_complete`` and ``data_hash`` stay 0 and "" until it is complete.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -41,16 +52,19 @@ import torch
 
 from ..errors import DataInfError
 from ..methods.blocks import _as_matrix, check_finite
+from .distributed import shard
 
 FORMAT = "datainf-gradient-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 NORMS_FILE = "row_sq_norms.f64"
 _MANIFEST_TMP = ".manifest.json.tmp"
+_SHARD_FILE = "shard-{:05d}-of-{:05d}.json"
 # dtype name -> (torch dtype, bytes per element, file suffix)
 DTYPES = {"float32": (torch.float32, 4, "f32"), "bfloat16": (torch.bfloat16, 2, "bf16")}
 # every file name a store writes; a folder holding only these is an interrupted creation
-_OUR_FILES = re.compile(r"block-\d{5,}\.(f32|bf16)|row_sq_norms\.f64|\.manifest\.json\.tmp")
+_OUR_FILES = re.compile(r"block-\d{5,}\.(f32|bf16)|row_sq_norms\.f64|\.manifest\.json\.tmp(\.\d+)?"
+                        r"|\.?shard-\d{5,}-of-\d{5,}\.json(\.tmp)?")
 # how a differing identity key reads in messages ("made for another model")
 _WHAT = {
     "model": "another model",
@@ -73,8 +87,10 @@ class GradientStore:
     num_rows: n, the number of examples the store is made for.
     dtype: "float32" or "bfloat16", how the gradients are stored.
     identity: the JSON dict describing what produced the gradients (checked on resume).
-    rows_complete: rows 0..rows_complete-1 are written and durable.
+    rows_complete: how many rows are written and durable (in one shard: rows
+        0..rows_complete-1).
     data_hash: the running hash the collector passed with the last commit ("" before any).
+    shards: in how many shards the store is filled (see :meth:`shard_progress`).
     """
 
     def __init__(self, path: Path, manifest: dict, writable: bool) -> None:
@@ -87,13 +103,48 @@ class GradientStore:
         self.num_rows: int = manifest["num_rows"]
         self.dtype: str = manifest["dtype"]
         self.identity: dict = json.loads(json.dumps(manifest["identity"]))  # a copy
-        self.rows_complete: int = manifest["rows_complete"]
         self.data_hash: str = manifest["data_hash"]
+        self.shards: int = manifest.get("shards", 1)
+        self._bounds = [shard(self.num_rows, s, self.shards) for s in range(self.shards)]
+        self._read_progress()
+
+    def _read_progress(self) -> None:
+        """Each shard's [rows written, data hash]: from the manifest in a store of one shard,
+        otherwise from the shard files (absent: nothing written yet)."""
+        if self.shards == 1:
+            self._progress = [[self._manifest["rows_complete"], self.data_hash]]
+        else:
+            self._progress = [self._shard_file_progress(s) for s in range(self.shards)]
+        self.rows_complete: int = sum(done for done, _ in self._progress)
+
+    def _shard_file_progress(self, index: int) -> list:
+        file = self.path / _SHARD_FILE.format(index, self.shards)
+        if not file.exists():
+            return [0, ""]
+        try:
+            record = json.loads(file.read_text(encoding="utf-8"))
+            lo, hi = self._bounds[index]
+            done, digest = record["rows_complete"], record["data_hash"]
+            if not (isinstance(done, int) and 0 <= done <= hi - lo and isinstance(digest, str)):
+                raise ValueError(f"rows_complete {done!r} does not fit shard {lo}..{hi - 1}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataInfError(
+                f"{file} of the gradient store is damaged ({e}); delete it and run the "
+                "collection again (that shard is then computed again)"
+            ) from e
+        return [done, digest]
 
     @property
     def complete(self) -> bool:
-        """True when every row is written (rows_complete == num_rows)."""
-        return self.rows_complete == self.num_rows
+        """True when every row is written (and, for several shards, the store finished)."""
+        return bool(self._manifest["complete"])
+
+    def shard_progress(self, index: int) -> tuple[int, int, int, str]:
+        """(start, stop, written, data_hash) of shard ``index``: its rows are start..stop-1,
+        of which start..start+written-1 are durable; ``data_hash`` came with the last commit."""
+        lo, hi = self._bounds[index]
+        done, digest = self._progress[index]
+        return lo, hi, done, digest
 
     def __repr__(self) -> str:
         return (
@@ -110,6 +161,7 @@ class GradientStore:
         num_rows: int,
         identity: dict,
         dtype: str = "float32",
+        shards: int = 1,
     ) -> GradientStore:
         """Create a store for ``num_rows`` examples at ``path``, or reopen it to append.
 
@@ -122,9 +174,10 @@ class GradientStore:
         widths, number of rows, dtype and identity; it is then reopened for appending from
         ``rows_complete`` (it may be complete already). Any difference raises a DataInfError
         naming what differs. A folder with other files and no manifest is never written into.
+        ``shards``: in how many shards a new store is filled (an existing one keeps its own).
         """
         path = Path(path)
-        wanted = _new_manifest(widths, num_rows, identity, dtype)
+        wanted = _new_manifest(widths, num_rows, identity, dtype, shards)
         if (path / MANIFEST).exists():
             stored = _read_manifest(path)
             _check_matches(path, stored, wanted)
@@ -160,14 +213,16 @@ class GradientStore:
 
     # ------------------------------------------------------------ writing
     def write_rows(self, start: int, grads: Mapping[str, torch.Tensor], data_hash: str) -> None:
-        """Append rows start..start+b-1 and commit them, with ``data_hash``, to the manifest.
+        """Append rows start..start+b-1 and commit them, with ``data_hash``, to the manifest
+        (in a store of several shards: to the file of the shard holding them).
 
         ``grads`` maps every block name of the store to a (b, d_l) floating tensor (any device,
-        any float dtype; converted to the store's dtype). ``start`` must equal
-        ``rows_complete``. The rows and their squared norms (float64, of the stored values)
-        are written and forced to disk before the manifest is replaced, so the manifest never
-        claims rows that are not durable. NaN or infinite values raise a DataInfError naming
-        the block and example, and nothing of the chunk is committed.
+        any float dtype; converted to the store's dtype). ``start`` must be the first row not
+        yet written of its shard (of the store: ``rows_complete``), and the rows must not run
+        past the shard. The rows and their squared norms (float64, of the stored values)
+        are written and forced to disk before the commit, so no record ever claims rows that
+        are not durable. NaN or infinite values raise a DataInfError naming the block and
+        example, and nothing of the chunk is committed.
         """
         if not self._writable:
             raise DataInfError(
@@ -181,38 +236,61 @@ class GradientStore:
                 f"the gradient store at {self.path} is complete ({self.num_rows} of "
                 f"{self.num_rows} rows); there is nothing left to write"
             )
-        if start != self.rows_complete:
-            raise DataInfError(
-                f"rows must be written in order: the gradient store at {self.path} holds "
-                f"{self.rows_complete} of {self.num_rows} rows, so the next write starts at row "
-                f"{self.rows_complete}, not {start}"
-            )
-        chunks = self._checked_chunk(start, grads)
+        index = next((s for s, (lo, hi) in enumerate(self._bounds) if lo <= start < hi), 0)
+        lo, hi, done, _ = self.shard_progress(index)
+        if start != lo + done:
+            where = f"shard {index} of the gradient store at {self.path} holds rows {lo}.." \
+                f"{lo + done - 1}" if self.shards > 1 else \
+                f"the gradient store at {self.path} holds {done} of {self.num_rows} rows"
+            raise DataInfError(f"rows must be written in order: {where}, so the next write "
+                               f"starts at row {lo + done}, not {start}")
+        chunks = self._checked_chunk(start, grads, room=hi - start)
         end = start + next(iter(chunks.values())).shape[0]
-        manifest = {
-            **self._manifest,
-            "rows_complete": end,
-            "data_hash": data_hash,
-            "complete": end == self.num_rows,
-            "updated": _now(),
-        }
         try:
             self._write_chunk(start, chunks)
-            _write_manifest(self.path, manifest)
+            if self.shards == 1:
+                manifest = {**self._manifest, "rows_complete": end, "data_hash": data_hash,
+                            "complete": end == self.num_rows, "updated": _now()}
+                _write_manifest(self.path, manifest)
+                self._manifest = manifest
+                self.data_hash = data_hash
+            else:
+                record = {"start": lo, "stop": hi, "rows_complete": end - lo,
+                          "data_hash": data_hash, "updated": _now()}
+                _write_json(self.path / _SHARD_FILE.format(index, self.shards), record)
         except OSError as e:
-            kept = self.rows_complete
+            kept = f"the store keeps its first {start} of {self.num_rows} rows" \
+                if self.shards == 1 else f"shard {index} keeps its rows {lo}..{start - 1}"
             raise DataInfError(
                 f"could not write rows {start}..{end - 1} to the gradient store at {self.path} "
-                f"({e}); the store keeps its first {kept} of {self.num_rows} rows, which are "
-                f"intact. Fix the cause (free disk space, check the disk) and run the "
-                f"collection again: it resumes from row {kept}"
+                f"({e}); {kept}, which are intact. Fix the cause (free disk space, check the "
+                f"disk) and run the collection again: it resumes from row {start}"
             ) from e
-        self._manifest = manifest
-        self.rows_complete = end
-        self.data_hash = data_hash
+        self._progress[index] = [end - lo, data_hash]
+        self.rows_complete += end - start
 
-    def _checked_chunk(self, start: int, grads: Mapping[str, object]) -> dict[str, torch.Tensor]:
-        """Validate one chunk; return it as contiguous CPU tensors of the store's dtype."""
+    def finish(self) -> bool:
+        """Mark a store filled in shards complete once every shard is (whichever process
+        writes the last row does it; doing it twice is harmless). True when complete."""
+        if self.complete or self.shards == 1:
+            return self.complete
+        self._manifest = _read_manifest(self.path)  # finished by another process?
+        self._read_progress()  # the other processes' shards
+        if self.complete:
+            return True
+        if self.rows_complete < self.num_rows:
+            return False
+        hashes = "".join(digest for _, digest in self._progress)
+        manifest = {**self._manifest, "rows_complete": self.num_rows, "complete": True,
+                    "data_hash": hashlib.sha256(hashes.encode()).hexdigest(), "updated": _now()}
+        _write_manifest(self.path, manifest)
+        self._manifest, self.data_hash = manifest, manifest["data_hash"]
+        return True
+
+    def _checked_chunk(self, start: int, grads: Mapping[str, object],
+                       room: int) -> dict[str, torch.Tensor]:
+        """Validate one chunk of at most ``room`` rows; return it as contiguous CPU tensors
+        of the store's dtype."""
         where = f"gradient store {self.path}, rows from {start}"
         if not isinstance(grads, Mapping):
             raise DataInfError(f"{where}: pass a mapping block name -> (rows, d) tensor")
@@ -235,11 +313,11 @@ class GradientStore:
                 )
             if first is None:
                 first = (name, rows)
-                if rows == 0 or start + rows > self.num_rows:
+                if rows == 0 or rows > room:
+                    of = f"of {self.num_rows}" if self.shards == 1 else "in this shard"
                     raise DataInfError(
                         f"{where}: the chunk has {rows} rows but the store has room for "
-                        f"{self.num_rows - start} more (of {self.num_rows}); pass 1 to "
-                        f"{self.num_rows - start} rows"
+                        f"{room} more ({of}); pass 1 to {room} rows"
                     )
             elif rows != first[1]:
                 raise DataInfError(
@@ -330,9 +408,13 @@ class GradientStore:
             raise DataInfError(self._incomplete_message())
 
     def _incomplete_message(self) -> str:
+        missing = [str(s) for s in range(self.shards)
+                   if self._progress[s][0] < self._bounds[s][1] - self._bounds[s][0]]
+        shards = f" (shards {', '.join(missing)} of {self.shards} are not finished)" \
+            if self.shards > 1 else ""
         return (
             f"the gradient store at {self.path} has {self.rows_complete} of {self.num_rows} "
-            "rows; run the collection again to finish it"
+            f"rows{shards}; run the collection again to finish it"
         )
 
     def _check_files(self) -> None:
@@ -355,8 +437,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _new_manifest(widths: Mapping[str, int], num_rows: int, identity: dict, dtype: str) -> dict:
+def _new_manifest(widths: Mapping[str, int], num_rows: int, identity: dict, dtype: str,
+                  shards: int = 1) -> dict:
     """Validate the arguments of create_or_resume and build the manifest of an empty store."""
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        raise DataInfError(f"shards must be a positive integer, not {shards!r}")
     if dtype not in DTYPES:
         raise DataInfError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
     if not isinstance(num_rows, int) or isinstance(num_rows, bool) or num_rows < 1:
@@ -390,6 +475,7 @@ def _new_manifest(widths: Mapping[str, int], num_rows: int, identity: dict, dtyp
         "rows_complete": 0,
         "data_hash": "",
         "complete": False,
+        "shards": shards,
         "created": now,
         "updated": now,
     }
@@ -433,6 +519,9 @@ def _check_manifest_fields(m: dict) -> None:
         raise ValueError(f"rows_complete {done!r} and num_rows {n!r} do not fit")
     if m["complete"] != (done == n) or not isinstance(m["data_hash"], str):
         raise ValueError("complete or data_hash is inconsistent")
+    shards = m.get("shards", 1)
+    if not (isinstance(shards, int) and shards >= 1) or (shards > 1 and 0 < done < n):
+        raise ValueError(f"shards {shards!r} does not fit rows_complete {done!r}")
     if not isinstance(m["identity"], dict) or not m["blocks"]:
         raise ValueError("identity or blocks are missing")
     files = [b["file"] for b in m["blocks"]] + [m["norms_file"]]
@@ -504,14 +593,22 @@ def _short(value: object) -> str:
 
 def _write_manifest(path: Path, manifest: dict) -> None:
     """Replace ``path/manifest.json`` atomically: temp file, fsync, rename, fsync folder."""
-    tmp = path / _MANIFEST_TMP
+    _write_json(path / MANIFEST, manifest)
+
+
+def _write_json(file: Path, record: dict) -> None:
+    """Replace ``file`` atomically: a temp file of this process, fsync, rename, fsync folder
+    (processes finishing a store together never write into one temp file)."""
+    tmp = file.with_name(f".{file.name}.tmp")
+    if file.name == MANIFEST:
+        tmp = file.with_name(f"{_MANIFEST_TMP}.{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False)
+        json.dump(record, f, indent=2, ensure_ascii=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
-    _sync_folder(path)
+    os.replace(tmp, file)
+    _sync_folder(file.parent)
 
 
 # ------------------------------------------------------------------- files
