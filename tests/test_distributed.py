@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -196,3 +198,51 @@ def test_one_process_finishes_every_shard(tmp_path):
     assert sum(task.calls) == 17 - 5 and finished.complete
     for name in alone.block_names:
         assert relative(finished.read_block(name), alone.read_block(name)) < 1e-6, name
+
+
+# ---------------------------------------------------------------- fine-tuning
+def tuned_classifier(folder):
+    """The tiny BERT classifier of ``folder`` with a fresh LoRA adapter (seeded), without
+    dropout."""
+    from datainf.models.hf import add_lora, load_classifier
+
+    torch.manual_seed(1)  # the 3-class head is drawn afresh
+    model, tokenizer = load_classifier(folder, 3)
+    model = add_lora(model, r=2, alpha=4, target_modules=("query", "value"))
+    for module in model.modules():  # each rank draws its own dropout masks: none here
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model, tokenizer
+
+
+def finetune_worker(rank, group, folder, model_folder):
+    from cli_helpers import make_texts
+
+    from datainf.data.text import TextData
+    from datainf.training.finetune import finetune
+
+    texts, labels = make_texts(21, seed=3)
+    classes = sorted(set(labels))
+    data = TextData(texts, np.asarray([classes.index(x) for x in labels]), classes)
+    model, tokenizer = tuned_classifier(model_folder)
+    history = finetune(model, tokenizer, data, epochs=2, batch_size=8, learning_rate=1e-2,
+                       max_length=16, seed=0, progress=False, process_group=group)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"history": history, "trained": trained}, Path(folder) / f"tuned{rank}.pt")
+
+
+def test_ddp_fine_tuning_equals_one_process(tmp_path, tiny_model):
+    """2 ranks (DDP, each on its share of every batch of 8, the last batch of 5) train the
+    adapter one process trains, to float rounding."""
+    run_ranks(finetune_worker, 2, tmp_path, tmp_path, tiny_model)
+    (tmp_path / "alone").mkdir()
+    finetune_worker(0, None, tmp_path / "alone", tiny_model)
+    alone = torch.load(tmp_path / "alone" / "tuned0.pt")
+    start = {n: p.detach() for n, p in tuned_classifier(tiny_model)[0].named_parameters()}
+    for rank in range(2):
+        found = torch.load(tmp_path / f"tuned{rank}.pt")
+        assert np.allclose(found["history"], alone["history"], rtol=1e-6)
+        for name, value in alone["trained"].items():
+            moved = value - start[name]
+            assert moved.abs().max() > 0  # training changed it
+            assert relative(found["trained"][name] - start[name], moved) < 1e-4, name

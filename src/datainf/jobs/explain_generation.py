@@ -131,7 +131,8 @@ def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -
     def batches(order):
         return lm_batches(train, config.batch_size, tokenizer.pad_token_id, order)
 
-    losses = train_loop(model, len(train), batches, lambda b: response_loss(model, b).mean(),
+    losses = train_loop(model, len(train), batches,
+                        lambda module, b: response_loss(module, b).mean(),
                         epochs=config.epochs, batch_size=config.batch_size,
                         learning_rate=config.learning_rate, seed=config.seed,
                         progress=config.progress)

@@ -138,14 +138,18 @@ def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts:
     """LoRA fine-tuning on the noise-prediction loss (random timesteps and noise from a
     generator seeded with ``config.seed``); the adapter is saved to out/adapter whole or not
     at all, with training.json (loss per epoch)."""
-    from ..models.diffusion import noise_prediction_loss
+    from ..models.diffusion import noise_prediction_loss, with_noise
     from ..training.finetune import train_loop
 
     generator = torch.Generator().manual_seed(config.seed)
+
+    def batches(order):  # noise drawn per batch, in the order the loss used to draw it
+        for batch in image_batches(pipeline, pixels, prompts, config.batch_size, order):
+            yield with_noise(batch, pipeline.scheduler, generator)
+
     losses = train_loop(
-        unet, len(prompts),
-        lambda order: image_batches(pipeline, pixels, prompts, config.batch_size, order),
-        lambda b: noise_prediction_loss(unet, pipeline.scheduler, b, generator),
+        unet, len(prompts), batches,
+        lambda module, b: noise_prediction_loss(module, pipeline.scheduler, b, generator),
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         seed=config.seed, progress=config.progress)
     history = {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}

@@ -313,8 +313,8 @@ def pretrain_digit_model(out: str | os.PathLike, *, steps: int, batch_size: int,
             which[torch.rand(len(rows), generator=generator).numpy() < empty_prompt_share] = 10
             yield {"pixel_values": pixels[rows], "encoder_hidden_states": states[which]}
 
-    def loss(batch: dict) -> torch.Tensor:
-        return noise_prediction_loss(unet, scheduler, batch, generator)
+    def loss(module, batch: dict) -> torch.Tensor:
+        return noise_prediction_loss(module, scheduler, batch, generator)
 
     history = train_loop(unet, n, batches, loss, epochs=epochs, batch_size=batch_size,
                          learning_rate=learning_rate, seed=seed, progress=progress,
@@ -335,14 +335,26 @@ def pretrain_digit_model(out: str | os.PathLike, *, steps: int, batch_size: int,
     return history
 
 
+def with_noise(batch: dict, scheduler, generator: torch.Generator) -> dict:
+    """The batch with the noise eps (standard normal, like "pixel_values") and timesteps t
+    (uniform) of its examples drawn from ``generator``: drawn for the whole batch, so that
+    ranks training on shares of it use what one process would."""
+    x0 = batch["pixel_values"]
+    noise = torch.randn(x0.shape, generator=generator)
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),),
+                          generator=generator)
+    return {**batch, "noise": noise, "timesteps": steps}
+
+
 def noise_prediction_loss(unet, scheduler, batch: dict, generator: torch.Generator
                           ) -> torch.Tensor:
     """The training loss: mean over the batch and pixels of (eps_theta(x_t, t, c) - eps)^2,
-    t uniform over the scheduler's steps and eps standard normal, both from ``generator``."""
+    t uniform over the scheduler's steps and eps standard normal: the batch's "noise" and
+    "timesteps" when it has them (see :func:`with_noise`), else drawn from ``generator``."""
     x0 = batch["pixel_values"]
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
-    steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),),
-                          generator=generator).to(x0.device)
+    if "noise" not in batch:
+        batch = with_noise(batch, scheduler, generator)
+    noise, steps = batch["noise"].to(x0), batch["timesteps"].to(x0.device)
     noisy = scheduler.add_noise(x0, noise, steps)
     prediction = unet(noisy, steps, encoder_hidden_states=batch["encoder_hidden_states"]).sample
     target = noise
