@@ -4,7 +4,10 @@ gradient store the ranks fill together; and a rank killed during collection is r
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -246,3 +249,59 @@ def test_ddp_fine_tuning_equals_one_process(tmp_path, tiny_model):
             moved = value - start[name]
             assert moved.abs().max() > 0  # training changed it
             assert relative(found["trained"][name] - start[name], moved) < 1e-4, name
+
+
+# ---------------------------------------------------------------- the command under torchrun
+@pytest.fixture(scope="module")
+def still_model(tmp_path_factory):
+    """The tiny BERT classifier of the CLI tests without dropout: each rank would draw its own
+    dropout masks, so only a model without dropout trains the same adapter on 2 ranks."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from datainf.models.hf import minilm_path
+
+    folder = tmp_path_factory.mktemp("still-bert")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_detect_mislabeled_under_torchrun_equals_one_process(tmp_path, still_model, csv_file):
+    """`torchrun --nproc_per_node 2 -m datainf detect-mislabeled` (gloo): fine-tuning, the
+    gradient stores and every method's scores as one process gives them."""
+    import pandas as pd
+    from cli_helpers import cli, common
+
+    options = ["--data", csv_file, "--noise", "0.2", "--methods",
+               "datainf,exact,lissa,hessian_free,datainf_self"]
+    assert cli(*common(still_model, tmp_path / "one"), *options) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "datainf", "detect-mislabeled", "--quiet",
+               *map(str, common(still_model, tmp_path / "two")), *map(str, options)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("training examples scored") == 1  # rank 0 reports, alone
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["training"]["epoch_losses"] == pytest.approx(one["training"]["epoch_losses"],
+                                                            rel=1e-5)
+    for split in ("train", "val"):
+        a = GradientStore.open(tmp_path / "one" / "gradients" / split)
+        b = GradientStore.open(tmp_path / "two" / "gradients" / split)
+        assert b.shards == 2
+        for name in a.block_names:
+            assert relative(b.read_block(name), a.read_block(name)) < 1e-5, (split, name)
+    a, b = (pd.read_csv(tmp_path / run / "scores.csv") for run in ("one", "two"))
+    for method in ("datainf", "exact", "lissa", "hessian_free", "datainf_self", "loss"):
+        found, alone = (torch.tensor(x[f"{method}_score"].to_numpy()) for x in (b, a))
+        assert relative(found, alone) < 1e-5, method  # measured here: < 1e-6
+        assert one["methods"][method]["auc"] == pytest.approx(two["methods"][method]["auc"],
+                                                              abs=0.01)

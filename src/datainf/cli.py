@@ -61,6 +61,7 @@ def _run_config(args: argparse.Namespace):
         methods=tuple(args.methods.split(",")), blocks=args.blocks, grouping=args.grouping,
         damping=args.damping, rank_by=args.rank_by, top=args.top, drop_top=args.drop_top,
         out=args.out, progress=False if args.quiet else None,
+        process_group=getattr(args, "process_group", None),
     )
 
 
@@ -70,6 +71,8 @@ def _detect_mislabeled(args: argparse.Namespace) -> None:
     _quiet_libraries()
     config = _run_config(args)
     summary = run(config)
+    if summary is None:  # a rank of a torchrun run other than 0: rank 0 reports
+        return
     best = {k: v for k, v in summary["methods"].items() if "auc" in v}
     line = ", ".join(f"{v['label']} {v['auc']:.3f}" for v in best.values())
     print(f"datainf: {summary['n_train']} training examples scored; "
@@ -648,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     130 interrupted."""
     args = build_parser().parse_args(argv)
     try:
+        _join_torchrun(args)
         args.run(args)
     except DataInfError as error:
         print(f"datainf: error: {error}", file=sys.stderr)
@@ -667,7 +671,47 @@ def main(argv: list[str] | None = None) -> int:
               "it to the datainf issue tracker with the command and the traceback above",
               file=sys.stderr)
         return 1
+    finally:
+        _leave_torchrun(args)
     return 0
+
+
+# the commands that run on several processes under torchrun
+TORCHRUN_COMMANDS = ("detect-mislabeled",)
+
+
+def _join_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL for --device cuda, each
+    rank on GPU LOCAL_RANK; gloo on CPUs) for the command to share its work; ranks other
+    than 0 stay quiet (rank 0 reports)."""
+    from .gradients.distributed import (
+        init_from_environment,
+        launched_by_torchrun,
+        rank_device,
+        world,
+    )
+
+    if not launched_by_torchrun():
+        return
+    if args.command not in TORCHRUN_COMMANDS:
+        raise DataInfError(
+            f"`datainf {args.command}` does not run on several processes yet (it would do the "
+            f"same work on each); run it as one process, or use one of "
+            f"{', '.join(TORCHRUN_COMMANDS)} under torchrun")
+    device = getattr(args, "device", "cpu")
+    args.process_group = init_from_environment(device)
+    args.device = rank_device(device)
+    if world(args.process_group)[0] > 0:
+        args.quiet = True
+
+
+def _leave_torchrun(args: argparse.Namespace) -> None:
+    """Leave the process group joined by :func:`_join_torchrun`."""
+    if getattr(args, "process_group", None) is not None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

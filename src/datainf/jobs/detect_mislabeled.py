@@ -32,11 +32,14 @@ import torch
 
 from ..data.text import TextData, load_splits
 from ..errors import DataInfError
+from ..gradients.distributed import world
 from ..methods.blocks import blocks_matching, blocks_pattern, group_by_module, names_matching
 from ..metrics import detection_auc
 from .runs import (
     Stages,
     check_numbers,
+    is_main,
+    main_first,
     record_run,
     run_folder,
     save_adapter,
@@ -103,6 +106,9 @@ class Config:
     out: str = "runs/detect-mislabeled"
     progress: bool | None = None
     stage_seconds: dict = field(default_factory=dict)
+    # torch.distributed: the ranks share fine-tuning (DDP), gradients (a shard each) and
+    # scoring; rank 0 writes the outputs. None: one process
+    process_group: object | None = None
 
     EXPENSIVE = ("data", "text_columns", "label_column", "id_column", "val_data", "val_fraction",
                  "train_size", "val_size", "noise", "model", "adapter", "lora_r", "lora_alpha",
@@ -269,7 +275,7 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
         finetune(model, tokenizer, train, epochs=config.epochs,
                  batch_size=config.batch_size, learning_rate=rate,
                  max_length=config.max_length, seed=config.seed + round_, progress=progress,
-                 on_epoch=after_epoch)
+                 on_epoch=after_epoch, process_group=config.process_group)
         history["rounds"] += 1
         if history["stopped_on_val_loss"] or not is_weak(history["val_accuracy"][-1], val):
             break
@@ -285,7 +291,8 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
                 if name in best["state"]:
                     param.copy_(best["state"][name])
         history["kept_epoch"] = best["epoch"]
-    save_adapter(model, out, history)
+    if is_main(config.process_group):
+        save_adapter(model, out, history)
     return history
 
 
@@ -311,7 +318,8 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def predictions(config: Config, model, tokenizer, train: TextData, val: TextData,
                 out: Path) -> tuple[Predictions, bool]:
-    """(predictions, reused), cached in out/predictions.npz for the model's weights."""
+    """(predictions, reused), cached in out/predictions.npz for the model's weights (written
+    by rank 0 only)."""
     from ..models.hf import model_fingerprint
     from ..training.finetune import predict
 
@@ -326,9 +334,10 @@ def predictions(config: Config, model, tokenizer, train: TextData, val: TextData
     for split, data in (("train", train), ("val", val)):
         found[f"{split}_loss"], found[f"{split}_probs"] = predict(
             model, tokenizer, data, batch_size=config.batch_size, max_length=config.max_length)
-    tmp = out / "predictions.tmp.npz"
-    np.savez(tmp, model=fingerprint, **found)
-    os.replace(tmp, path)
+    if is_main(config.process_group):
+        tmp = out / "predictions.tmp.npz"
+        np.savez(tmp, model=fingerprint, **found)
+        os.replace(tmp, path)
     return Predictions(**found), False
 
 
@@ -346,7 +355,8 @@ def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, 
         reused = reused and GradientStore.is_complete(path)
         batches = text_batches(tokenizer, data, config.batch_size, config.max_length)
         stores[split] = collect_gradients(model, batches, "classification", out=str(path),
-                                          progress=progress)
+                                          progress=progress,
+                                          process_group=config.process_group)
     return stores["train"], stores["val"], reused
 
 
@@ -359,7 +369,8 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     val = blocks_matching(val_store, config.blocks)
     if config.grouping == "module":
         train, val = group_by_module(train), group_by_module(val)
-    kwargs = {"damping": config.damping, "progress": False, "device": config.device}
+    kwargs = {"damping": config.damping, "progress": False, "device": config.device,
+              "process_group": config.process_group}
     scores, seconds, notes = {}, {}, {}
     for method in config.methods:
         start = time.perf_counter()
@@ -524,22 +535,25 @@ def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepare
     stages = Stages(config.stage_seconds, lambda message: _say(config, message), config.out)
     train, val, data_info = stages.timed("data", load_data, config)
     check_data(config, train, val)
-    for note in data_info.get("notes", []):
+    for note in data_info.get("notes", []) if is_main(config.process_group) else []:
         warn(note)
     record = run_record(config, train)
-    with run_folder(Path(config.out), record) as out:
+    group = config.process_group
+    with run_folder(Path(config.out), record, group) as out:
         model, tokenizer, source, history = stages.timed("model", load_model, config, train,
                                                          out)
-        record_run(out, record)
-        for name in OUTPUTS:  # never leave results of other settings next to this run's
-            (out / name).unlink(missing_ok=True)
+        if is_main(group):
+            record_run(out, record)
+            for name in OUTPUTS:  # never leave results of other settings next to this run's
+                (out / name).unlink(missing_ok=True)
         if source == "new":
             history = stages.timed("fine-tuning", train_adapter, config, model, tokenizer,
                                    train, val, out, config.progress)
         elif source == "reused":
             stages.reuse("fine-tuning")
-        preds, again = stages.timed("predictions", predictions, config, model, tokenizer,
-                                    train, val, out)
+        with main_first(group):  # the other ranks then read rank 0's predictions
+            preds, again = stages.timed("predictions", predictions, config, model, tokenizer,
+                                        train, val, out)
         if again:
             stages.reuse("predictions")
         train_store = val_store = None
@@ -553,19 +567,22 @@ def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepare
                        train_store, val_store, stages)
 
 
-def run(config: Config) -> dict:
-    """Run every stage; returns the summary (also written to out/summary.json)."""
+def run(config: Config) -> dict | None:
+    """Run every stage; returns the summary (also written to out/summary.json). With a
+    process group, rank 0 writes the outputs and returns the summary; other ranks None."""
     with prepared(config) as p:
         scores, seconds, notes, blocks = p.stages.timed("scoring", score_all, config,
                                                         p.train_store, p.val_store,
                                                         p.preds.train_loss)
+        if not is_main(config.process_group):
+            return None
         quality = model_quality(p.preds, p.val)
         if quality["weak"]:
             warn(quality["warning"])
         extra = {"val_accuracy": round(quality["val_accuracy"], 4), "model_quality": quality,
                  "training": p.history, "adapter": p.source, "reused_stages": p.stages.reused,
                  "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))},
-                 "data": p.data_info}
+                 "data": p.data_info, "processes": world(config.process_group)[1]}
         return p.stages.timed("report", write_outputs, config, p.out, p.train, p.val, p.preds,
                               scores, seconds, notes, extra)
 

@@ -15,20 +15,65 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 from pathlib import Path
 
 from ..errors import DataInfError
+from ..gradients.distributed import broadcast_flag, world
 
 LOCK = ".lock"
 
 
 @contextmanager
-def run_folder(out: Path, record: dict) -> Iterator[Path]:
+def run_folder(out: Path, record: dict, group: object | None = None) -> Iterator[Path]:
     """``out``, locked for this run, after checking that it is new, empty or holds a run made
     with the same expensive settings (``record``). Nothing is written but the lock file; a
-    folder this run created is removed again when the run fails before :func:`record_run`."""
+    folder this run created is removed again when the run fails before :func:`record_run`.
+
+    With a process group, rank 0 does all this and holds the lock for the ranks of the run;
+    the others go on once it has (and stop if it could not)."""
+    if world(group)[0] > 0:
+        if not broadcast_flag(False, group):
+            raise DataInfError(f"rank 0 could not claim --out {out} (see its error); this "
+                               "rank stops too")
+        yield out
+        return
+    with ExitStack() as stack:
+        try:
+            folder = stack.enter_context(_locked_run_folder(out, record))
+        except BaseException:
+            broadcast_flag(False, group)
+            raise
+        broadcast_flag(True, group)
+        yield folder
+
+
+@contextmanager
+def main_first(group: object | None) -> Iterator[None]:
+    """Runs the body on rank 0 first (it writes what the other ranks then read), then on the
+    other ranks; when rank 0 fails, the others stop with a DataInfError instead of waiting.
+    Without a group: just the body."""
+    if world(group)[0] > 0:
+        if not broadcast_flag(False, group):
+            raise DataInfError("rank 0 stopped (see its error); this rank stops too")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        broadcast_flag(False, group)
+        raise
+    broadcast_flag(True, group)
+
+
+def is_main(group: object | None) -> bool:
+    """Whether this process writes a run's outputs (rank 0, or the only process)."""
+    return world(group)[0] == 0
+
+
+@contextmanager
+def _locked_run_folder(out: Path, record: dict) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise DataInfError(f"--out {out} is a file; choose a folder")
     created = not out.exists()
@@ -140,8 +185,9 @@ def settings_json(settings: object, names: Iterable[str] | None = None,
                   leave_out: tuple[str, ...] = ()) -> dict:
     """Attributes of the dataclass ``settings`` as JSON values (tuples as lists): ``names``,
     or every field but ``leave_out``. What run.json compares and summaries record."""
-    if names is None:
-        names = [f.name for f in fields(settings) if f.name not in leave_out]
+    if names is None:  # (a process group is how a run is done, not a setting)
+        names = [f.name for f in fields(settings)
+                 if f.name not in leave_out and f.name != "process_group"]
     return {k: list(v) if isinstance(v, tuple) else v
             for k, v in ((k, getattr(settings, k)) for k in names)}
 
