@@ -305,3 +305,49 @@ def test_detect_mislabeled_under_torchrun_equals_one_process(tmp_path, still_mod
         assert relative(found, alone) < 1e-5, method  # measured here: < 1e-6
         assert one["methods"][method]["auc"] == pytest.approx(two["methods"][method]["auc"],
                                                               abs=0.01)
+
+
+def torchrun(arguments: list[str]) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m datainf ARGUMENTS`` (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "datainf", *map(str, arguments)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("command", ["explain-generation", "explain-image"])
+def test_explain_under_torchrun_equals_one_process(tmp_path, command, request):
+    """The explain commands on 2 ranks: the same top lists and score matrices as one
+    process (the drawn or generated queries are rank 0's)."""
+    from datainf.cli import main
+
+    if command == "explain-generation":
+        import test_explain_generation as t
+
+        model = request.getfixturevalue("tiny_chat_model")
+        train, queries = t.files.__wrapped__(tmp_path)
+        arguments = ["explain-generation", "--train", train, "--queries", queries, "--model",
+                     model, "--epochs", "1", "--batch-size", "4", "--max-new-tokens", "3"]
+    else:
+        import test_explain_image as t
+
+        model = request.getfixturevalue("tiny_digit_pipeline")
+        train, queries = t.folders.__wrapped__(tmp_path, t.mnist_digits())
+        arguments = ["explain-image", "--pipeline", model, "--train-dir", train, "--queries",
+                     queries, "--epochs", "1", "--batch-size", "4", "--timesteps", "25,525",
+                     "--sampling-steps", "3"]
+    arguments += ["--methods", "datainf,exact,lissa,hessian_free,cosine", "--quiet"]
+    assert main([*arguments, "--out", str(tmp_path / "one")]) == 0
+    done = torchrun([*arguments, "--out", tmp_path / "two"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("scored against") == 1  # rank 0 reports, alone
+    one, two = (np.load(tmp_path / run / "scores.npz") for run in ("one", "two"))
+    for method in ("datainf", "exact", "lissa", "hessian_free", "cosine"):
+        assert relative(torch.tensor(two[method]), torch.tensor(one[method])) < 1e-5, method
+    lines = [(tmp_path / run / "top.jsonl").read_text().splitlines() for run in ("one", "two")]
+    for a, b in zip(*lines, strict=True):
+        a, b = json.loads(a), json.loads(b)
+        for method in ("datainf", "hessian_free"):
+            assert [x["train"] for x in a[method]["helpful"]] == \
+                [x["train"] for x in b[method]["helpful"]]

@@ -255,6 +255,8 @@ def _explain_generation(args: argparse.Namespace) -> None:
     config = _lm_config(args, train=args.train, queries=args.queries, adapter=args.adapter,
                         top=args.top, matrix=not args.no_matrix, out=args.out)
     summary = run(config)
+    if summary is None:  # a rank of a torchrun run other than 0: rank 0 reports
+        return
     print(f"datainf: {summary['n_train']} training examples scored against "
           f"{summary['n_queries']} queries; report: {config.out}/report.html")
 
@@ -269,7 +271,8 @@ def _lm_config(args: argparse.Namespace, **settings):
         batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, seed=args.seed,
         device=args.device, methods=tuple(args.methods.split(",")), blocks=args.blocks,
-        damping=args.damping, progress=False if args.quiet else None, **settings)
+        damping=args.damping, progress=False if args.quiet else None,
+        process_group=getattr(args, "process_group", None), **settings)
 
 
 EXPLAIN_IMAGE_EPILOG = """\
@@ -364,6 +367,8 @@ def _explain_image(args: argparse.Namespace) -> None:
                            adapter=args.adapter, top=args.top, matrix=not args.no_matrix,
                            out=args.out)
     summary = run(config)
+    if summary is None:  # a rank of a torchrun run other than 0: rank 0 reports
+        return
     print(f"datainf: {summary['n_train']} training images scored against "
           f"{summary['n_queries']} queries; report: {config.out}/report.html")
 
@@ -382,7 +387,8 @@ def _image_config(args: argparse.Namespace, **settings):
         batch_size=args.batch_size, learning_rate=args.learning_rate, timesteps=timesteps,
         sampling_steps=args.sampling_steps, guidance=args.guidance, seed=args.seed,
         device=args.device, methods=tuple(args.methods.split(",")), blocks=args.blocks,
-        damping=args.damping, progress=False if args.quiet else None, **settings)
+        damping=args.damping, progress=False if args.quiet else None,
+        process_group=getattr(args, "process_group", None), **settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -677,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the commands that run on several processes under torchrun
-TORCHRUN_COMMANDS = ("detect-mislabeled",)
+TORCHRUN_COMMANDS = ("detect-mislabeled", "explain-generation", "explain-image")
 
 
 def _join_torchrun(args: argparse.Namespace) -> None:

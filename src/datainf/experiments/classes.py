@@ -22,7 +22,8 @@ def score_classes(p, job, train_classes: np.ndarray, test_classes: np.ndarray
     the method's notes (LiSSA: converged); ``tops`` as :func:`score_queries` gives them."""
     with matrix_folder(p.out) as folder:
         tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
-                                              p.query_store, folder=folder, **job.scoring())
+                                              p.query_store, folder=folder,
+                                              **{**job.scoring(), "matrix": True})
         metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
                                       test_classes) for m in job.methods}
     table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),

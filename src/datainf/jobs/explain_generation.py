@@ -34,7 +34,9 @@ from .runs import (
     adapter_digest,
     check_numbers,
     fingerprint,
+    is_main,
     keyed_folder,
+    main_first,
     record_run,
     run_folder,
     save_adapter,
@@ -135,9 +137,10 @@ def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -
                         lambda module, b: response_loss(module, b).mean(),
                         epochs=config.epochs, batch_size=config.batch_size,
                         learning_rate=config.learning_rate, seed=config.seed,
-                        progress=config.progress)
+                        progress=config.progress, process_group=config.process_group)
     history = {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
-    save_adapter(model, out, history)
+    if is_main(config.process_group):
+        save_adapter(model, out, history)
     return history
 
 
@@ -203,7 +206,7 @@ def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path):
     reused = GradientStore.is_complete(path)
     batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id)
     store = collect_gradients(model, batches, "causal_lm", out=str(path),
-                              progress=config.progress)
+                              progress=config.progress, process_group=config.process_group)
     return store, reused
 
 
@@ -279,16 +282,18 @@ def prepared(config: Config):
                          what="--train")
     queries = read_chat_jsonl(config.queries, need_response=False, what="--queries")
     record = {**config.expensive(), "train_fingerprint": fingerprint(config.train)}
-    with run_folder(Path(config.out), record) as out:
+    group = config.process_group
+    with run_folder(Path(config.out), record, group) as out:
         model, tokenizer, source = stages.timed("model", load_model, config, out)
         encoded_train = encode_all(tokenizer, train, [e.response for e in train],
                                    max_length=config.max_length, what="--train")
         # the prompts alone must fit too, with room for an answer
         encode_all(tokenizer, queries, [q.response for q in queries],
                    max_length=config.max_length, what="--queries")
-        record_run(out, record)
-        for name in OUTPUTS:  # never leave results of other settings next to this run's
-            (out / name).unlink(missing_ok=True)
+        if is_main(group):
+            record_run(out, record)
+            for name in OUTPUTS:  # never leave results of other settings next to this run's
+                (out / name).unlink(missing_ok=True)
         history = None
         if source == "new":
             history = stages.timed("fine-tuning", train_adapter, config, model, tokenizer,
@@ -296,9 +301,10 @@ def prepared(config: Config):
         elif source == "reused":
             stages.reuse("fine-tuning")
             history = json.loads((out / "adapter" / "training.json").read_text())
-        folder = _query_folder(out, config, source)
-        responses, generated = stages.timed("answers", query_answers, config, model,
-                                            tokenizer, queries, folder)
+        with main_first(group):  # rank 0 answers; the others read its answers.json
+            folder = _query_folder(out, config, source)
+            responses, generated = stages.timed("answers", query_answers, config, model,
+                                                tokenizer, queries, folder)
         encoded_queries = encode_all(tokenizer, queries, responses,
                                      max_length=config.max_length + config.max_new_tokens,
                                      what="--queries")
@@ -324,11 +330,15 @@ def _query_folder(out: Path, config: Config, source: str) -> Path:
         "adapter_fingerprint": adapter_digest(adapter)})
 
 
-def run(config: Config) -> dict:
-    """Every stage; returns the summary (also written to out/summary.json)."""
-    with prepared(config) as p, matrix_folder(p.out, config.matrix) as folder:
+def run(config: Config) -> dict | None:
+    """Every stage; returns the summary (also written to out/summary.json). With a process
+    group, rank 0 writes the outputs and returns the summary; other ranks None."""
+    main = is_main(config.process_group)
+    with prepared(config) as p, matrix_folder(p.out, config.matrix and main) as folder:
         tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
                                               p.query_store, folder=folder, **config.scoring())
+        if not main:
+            return None
         extra = {"adapter": p.source, "training": p.history, "reused_stages": p.stages.reused}
         return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
                               p.responses, p.generated, tops, seconds, notes, folder, extra)

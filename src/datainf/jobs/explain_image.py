@@ -37,7 +37,9 @@ from .runs import (
     adapter_digest,
     check_numbers,
     fingerprint,
+    is_main,
     keyed_folder,
+    main_first,
     record_run,
     run_folder,
     save_adapter,
@@ -151,9 +153,10 @@ def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts:
         unet, len(prompts), batches,
         lambda module, b: noise_prediction_loss(module, pipeline.scheduler, b, generator),
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-        seed=config.seed, progress=config.progress)
+        seed=config.seed, progress=config.progress, process_group=config.process_group)
     history = {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
-    save_adapter(unet, out, history)
+    if is_main(config.process_group):
+        save_adapter(unet, out, history)
     return history
 
 
@@ -210,7 +213,7 @@ def gradients(config: Config, pipeline, unet, images: np.ndarray, prompts: list[
     # batches are encoded as they are needed (latents of a VAE, text states), not all at once
     store = collect_gradients(unet, image_batches(pipeline, pixels, prompts, config.batch_size),
                               task, out=str(path), num_examples=len(prompts),
-                              progress=config.progress)
+                              progress=config.progress, process_group=config.process_group)
     return store, reused
 
 
@@ -304,12 +307,14 @@ def prepared(config: Config):
     train = stages.timed("data", read_image_folder, config.train_dir, what="--train-dir")
     queries = read_image_folder(config.queries, what="--queries", need_image=False)
     record = {**config.expensive(), "train_fingerprint": fingerprint(config.train_dir)}
-    with run_folder(Path(config.out), record) as out:
+    group = config.process_group
+    with run_folder(Path(config.out), record, group) as out:
         pipeline, unet, source = stages.timed("model", load_model, config, out)
         train_images = fitted_images(config, pipeline, train, "--train-dir")
-        record_run(out, record)
-        for name in OUTPUTS:  # never leave results of other settings next to this run's
-            (out / name).unlink(missing_ok=True)
+        if is_main(group):
+            record_run(out, record)
+            for name in OUTPUTS:  # never leave results of other settings next to this run's
+                (out / name).unlink(missing_ok=True)
         prompts = [e.text for e in train]
         history = None
         if source == "new":
@@ -319,9 +324,10 @@ def prepared(config: Config):
         elif source == "reused":
             stages.reuse("fine-tuning")
             history = json.loads((out / "adapter" / "training.json").read_text())
-        folder = _query_folder(out, config, source)
-        q_images, q_files, seeds = stages.timed("query images", query_images, config,
-                                                pipeline, unet, queries, folder)
+        with main_first(group):  # rank 0 draws the queries; the others read its files
+            folder = _query_folder(out, config, source)
+            q_images, q_files, seeds = stages.timed("query images", query_images, config,
+                                                    pipeline, unet, queries, folder)
         train_store, again = stages.timed("gradients", gradients, config, pipeline, unet,
                                           train_images, prompts, out / "gradients" / "train")
         query_store, again_q = stages.timed("query gradients", gradients, config, pipeline,
@@ -345,11 +351,15 @@ def _query_folder(out: Path, config: Config, source: str) -> Path:
         "adapter_fingerprint": adapter_digest(adapter)})
 
 
-def run(config: Config) -> dict:
-    """Every stage; returns the summary (also written to out/summary.json)."""
-    with prepared(config) as p, matrix_folder(p.out, config.matrix) as folder:
+def run(config: Config) -> dict | None:
+    """Every stage; returns the summary (also written to out/summary.json). With a process
+    group, rank 0 writes the outputs and returns the summary; other ranks None."""
+    main = is_main(config.process_group)
+    with prepared(config) as p, matrix_folder(p.out, config.matrix and main) as folder:
         tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
                                               p.query_store, folder=folder, **config.scoring())
+        if not main:
+            return None
         drawn = p.stages.timed("samples", samples, config, p.pipeline, p.unet,
                                [e.text for e in p.train])
         extra = {"pipeline": str(p.pipeline.path), "image_size": p.pipeline.image_size,

@@ -41,11 +41,15 @@ class PairwiseOptions:
     matrix: bool = True                 # write scores.npz (m x n per method)
     query_batch: int = 64               # queries scored together (memory: query_batch x n)
     device: str = "cpu"
+    # torch.distributed: the ranks share fine-tuning, gradients and scoring; rank 0 writes
+    # the outputs. None: one process
+    process_group: object | None = None
 
     def scoring(self) -> dict:
         """The options of :func:`score_queries`."""
         return {"methods": self.methods, "damping": self.damping, "blocks": self.blocks,
-                "top": self.top, "query_batch": self.query_batch, "device": self.device}
+                "top": self.top, "query_batch": self.query_batch, "device": self.device,
+                "matrix": self.matrix, "process_group": self.process_group}
 
     def check_scoring(self) -> None:
         """Refuses unknown methods and a bad --blocks pattern (numbers: the job's check)."""
@@ -58,14 +62,16 @@ class PairwiseOptions:
 
 def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping: float,
                   blocks: str | None, top: int, query_batch: int, device: str,
-                  folder: Path | None) -> tuple[dict, dict, dict]:
+                  matrix: bool, folder: Path | None,
+                  process_group: object | None = None) -> tuple[dict, dict, dict]:
     """(tops, seconds, notes) per method: ``tops[method][j]`` = {"helpful": [(i, score)],
     "harmful": [(i, score)]}, the ``top`` most helpful and most harmful training examples of
-    query j; the method's seconds; notes (LiSSA: whether it converged). With ``folder``, the
+    query j; the method's seconds; notes (LiSSA: whether it converged). With ``matrix``, the
     (m, n) float64 score matrix too, written as folder/METHOD.npy a batch of queries at a
-    time; memory holds ``query_batch`` x n scores, never the whole matrix. Without
-    ``folder``, the engine's ``top_k`` scores the training rows a chunk at a time: memory does
-    not grow with n at all."""
+    time (not written when ``folder`` is None: the ranks other than 0); memory holds
+    ``query_batch`` x n scores, never the whole matrix. Without ``matrix``, the engine's
+    ``top_k`` scores the training rows a chunk at a time: memory does not grow with n at all.
+    With a process group, every rank takes the same path and gets the same lists."""
     train = blocks_matching(train_store, blocks)
     queries = blocks_matching(query_store, blocks)
     n, m = train.num_rows, queries.num_rows
@@ -75,31 +81,33 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
     notes: dict[str, dict] = {}
     for method in methods:
         start = time.perf_counter()
-        est = estimator(method, damping=damping, progress=False, device=device)
+        est = estimator(method, damping=damping, progress=False, device=device,
+                        process_group=process_group)
         est.fit(train)
-        matrix = None
-        if folder is not None:
-            matrix = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
-                                               dtype=np.float64, shape=(m, n))
+        written = None
+        if matrix and folder is not None:
+            written = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
+                                                dtype=np.float64, shape=(m, n))
         tops[method] = []
         converged = True
         for first in range(0, m, query_batch):
             last = min(m, first + query_batch)
             with warnings.catch_warnings():  # LiSSA's convergence is reported in the summary
                 warnings.simplefilter("ignore", RuntimeWarning)
-                if matrix is None:  # the engine's top k: memory does not grow with n
+                if not matrix:  # the engine's top k: memory does not grow with n
                     top = est.top_k(RowRange(queries, first, last), k)
                 else:
                     scores = est.score(RowRange(queries, first, last))  # (q, n)
-                    matrix[first:last] = scores.cpu().numpy()
+                    if written is not None:
+                        written[first:last] = scores.cpu().numpy()
                     top = top_k_of(scores, k)
                 tops[method] += _entries(top)
             converged = converged and getattr(est, "converged_", True)
         if method == "lissa":
             notes[method] = {"converged": bool(converged)}
-        if matrix is not None:
-            matrix.flush()
-            del matrix
+        if written is not None:
+            written.flush()
+            del written
         seconds[method] = time.perf_counter() - start
     return tops, seconds, notes
 
