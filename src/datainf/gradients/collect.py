@@ -28,7 +28,6 @@ from .distributed import (
     all_gather_cat,
     barrier,
     broadcast_flag,
-    collective_device,
     world,
 )
 from .distributed import shard as shard_rows
@@ -341,9 +340,7 @@ def collect_gradients(
              for name, chunks in collected.items()}
     if size == 1 or shard is not None:
         return local
-    where = collective_device(process_group)
-    return {name: all_gather_cat(value.to(where), process_group).cpu()
-            for name, value in local.items()}
+    return {name: all_gather_cat(value, process_group) for name, value in local.items()}
 
 
 def _checked_shard(shard: tuple[int, int]) -> tuple[int, int]:

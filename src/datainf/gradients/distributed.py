@@ -42,7 +42,13 @@ def shard(num_rows: int, rank: int, size: int) -> tuple[int, int]:
 def all_reduce_sum(tensor: torch.Tensor, group: object | None) -> torch.Tensor:
     """Sum ``tensor`` over the ranks of ``group`` in place (every rank gets the same sum)."""
     if group is not None and world(group)[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        where = collective_device(group)
+        if tensor.device == where:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        else:  # e.g. CPU tensors in an NCCL group: through the GPU and back
+            moved = tensor.to(where)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=group)
+            tensor.copy_(moved)
     return tensor
 
 
@@ -60,6 +66,7 @@ def all_gather_cat(tensor: torch.Tensor, group: object | None, dim: int = 0) -> 
     differ (they are padded for the collective and cut again). Every rank gets the result."""
     if group is None or world(group)[1] == 1:
         return tensor
+    home, tensor = tensor.device, tensor.to(collective_device(group))
     size = world(group)[1]
     length = torch.tensor([tensor.shape[dim]], dtype=torch.int64, device=tensor.device)
     lengths = [torch.zeros_like(length) for _ in range(size)]
@@ -71,7 +78,9 @@ def all_gather_cat(tensor: torch.Tensor, group: object | None, dim: int = 0) -> 
     padded = torch.cat([tensor, tensor.new_zeros(shape)], dim=dim).contiguous()
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, lengths, strict=True)], dim=dim)
+    joined = torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, lengths, strict=True)],
+                       dim=dim)
+    return joined.to(home)
 
 
 def broadcast_flag(flag: bool, group: object | None) -> bool:
@@ -91,7 +100,7 @@ def barrier(group: object | None) -> None:
 
 def collective_device(group: object) -> torch.device:
     """Where a collective's tensors live: CUDA for NCCL, the CPU otherwise."""
-    if dist.get_backend(group) == "nccl":
+    if group is not None and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -17,7 +17,6 @@ from ..data.text import TextData, text_batches
 from ..gradients.distributed import (
     all_reduce_sum,
     broadcast_flag,
-    collective_device,
     shard,
     world,
 )
@@ -117,8 +116,7 @@ def train_loop(
                                   size_all / size])
             bar.update(1)
             bar.set_postfix(loss=f"{sums[0] / sums[1]:.3f}")
-        sums = all_reduce_sum(sums.to(collective_device(process_group))
-                              if size > 1 else sums, process_group).cpu()
+        sums = all_reduce_sum(sums, process_group)
         history.append(float(sums[0] / sums[1]))
         if on_epoch is not None:
             model.eval()
