@@ -17,7 +17,10 @@ def _demo(args: argparse.Namespace) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # LiSSA's non-convergence is reported
-        result = run_demo(n_train=args.n_train, seed=args.seed)
+        result = run_demo(n_train=args.n_train, seed=args.seed,
+                          process_group=getattr(args, "process_group", None))
+    if not _main_rank(args):  # rank 0 of a torchrun run reports
+        return
     print(f"Softmax regression on generated clusters: {result['n_train']} training examples, "
           f"{result['flipped']} with flipped labels, {result['n_val']} validation examples, "
           f"seed {result['seed']}.")
@@ -133,7 +136,8 @@ def _experiment(args: argparse.Namespace) -> None:
     settings = Settings(base=config, ranks=ranks, runs=runs, out=out, cache=args.cache,
                         extra=extra)
     EXPERIMENTS[args.experiment](settings)
-    print(f"datainf: experiment {args.experiment} done; report: {out}/report.html")
+    if _main_rank(args):
+        print(f"datainf: experiment {args.experiment} done; report: {out}/report.html")
 
 
 class Parser(argparse.ArgumentParser):
@@ -514,16 +518,19 @@ def _generation_experiment(args: argparse.Namespace) -> None:
     study = Study(task=args.task, seed=args.data_seed,
                   job=_lm_config(args, out=str(out / "run"), top=3))
     if args.quick:
+        from .jobs.runs import main_first
         from .models.hf import tiny_chat_model
 
-        model = tiny_chat_model(out / "tiny-model")
+        with main_first(study.job.process_group):  # built once, by rank 0 under torchrun
+            model = tiny_chat_model(out / "tiny-model")
         quick = GENERATION_QUICK
         study = replace(study, per_class=quick["per_class"],
                         test_per_class=quick["test_per_class"],
                         job=replace(study.job, model=str(model), epochs=quick["epochs"],
                                     max_new_tokens=quick["max_new_tokens"]))
     run(study)
-    print(f"datainf: experiment generation ({args.task}) done; report: {out}/report.html")
+    if _main_rank(args):
+        print(f"datainf: experiment generation ({args.task}) done; report: {out}/report.html")
 
 
 DIFFUSION_QUICK = {"per_class_train": 4, "per_class_test": 2, "classes": 3, "epochs": 1,
@@ -565,17 +572,20 @@ def _diffusion_experiment(args: argparse.Namespace) -> None:
     study = Study(task=args.task, seed=args.data_seed,
                   job=_image_config(args, out=str(out / "run"), top=3))
     if args.quick:
+        from .jobs.runs import main_first
         from .models.diffusion import tiny_digit_pipeline
 
+        with main_first(study.job.process_group):  # built once, by rank 0 under torchrun
+            pipeline = tiny_digit_pipeline(out / "tiny-pipeline")
         q = DIFFUSION_QUICK
         study = replace(study, per_class_train=q["per_class_train"],
                         per_class_test=q["per_class_test"], classes=q["classes"],
-                        job=replace(study.job, pipeline=str(tiny_digit_pipeline(
-                            out / "tiny-pipeline")), epochs=q["epochs"],
+                        job=replace(study.job, pipeline=str(pipeline), epochs=q["epochs"],
                             batch_size=q["batch_size"], timesteps=q["timesteps"],
                             sampling_steps=q["sampling_steps"]))
     run(study)
-    print(f"datainf: experiment diffusion ({args.task}) done; report: {out}/report.html")
+    if _main_rank(args):
+        print(f"datainf: experiment diffusion ({args.task}) done; report: {out}/report.html")
 
 
 def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
@@ -683,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # the commands that run on several processes under torchrun
-TORCHRUN_COMMANDS = ("detect-mislabeled", "explain-generation", "explain-image")
+TORCHRUN_COMMANDS = ("detect-mislabeled", "explain-generation", "explain-image", "experiment",
+                     "demo")
 
 
 def _join_torchrun(args: argparse.Namespace) -> None:
@@ -709,6 +720,13 @@ def _join_torchrun(args: argparse.Namespace) -> None:
     args.device = rank_device(device)
     if world(args.process_group)[0] > 0:
         args.quiet = True
+
+
+def _main_rank(args: argparse.Namespace) -> bool:
+    """Whether this process reports: rank 0 under torchrun, or the only process."""
+    from .gradients.distributed import world
+
+    return world(getattr(args, "process_group", None))[0] == 0
 
 
 def _leave_torchrun(args: argparse.Namespace) -> None:

@@ -65,17 +65,20 @@ def run_demo(
     dim: int = 64,
     noise: float = 0.2,
     seed: int = 0,
+    process_group: object | None = None,
 ) -> dict:
-    """Train, collect gradients, score with every method; returns AUCs and seconds per method."""
+    """Train, collect gradients, score with every method; returns AUCs and seconds per method.
+    With a process group, the ranks share the scoring (every rank gets the results)."""
     x, y, flipped, x_val, y_val = make_problem(n_train, n_val, classes, dim, noise, seed)
     W = train_softmax(x, y, classes)
     train, val = per_example_gradients(W, x, y), per_example_gradients(W, x_val, y_val)
     results = {}
+    shared = {"process_group": process_group}
     methods = {
-        "DataInf": DataInf(),
-        "Exact": Exact(),
-        "LiSSA": LiSSA(),
-        "Hessian-free": HessianFree(),
+        "DataInf": DataInf(**shared),
+        "Exact": Exact(**shared),
+        "LiSSA": LiSSA(**shared),
+        "Hessian-free": HessianFree(**shared),
     }
     for label, est in methods.items():
         start = time.perf_counter()
@@ -85,7 +88,7 @@ def run_demo(
         if label == "LiSSA":
             results[label]["converged"] = est.converged_
     start = time.perf_counter()
-    self_scores = DataInf().fit(train).self_influence()
+    self_scores = DataInf(**shared).fit(train).self_influence()
     results["DataInf self-influence"] = {"auc": detection_auc(self_scores, flipped),
                                          "seconds": time.perf_counter() - start}
     return {"n_train": n_train, "n_val": n_val, "flipped": int(flipped.sum()), "seed": seed,

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import DataInfError
 from ..jobs.detect_mislabeled import METHODS, REFERENCES, Config, Prepared, prepared, score_all
-from ..jobs.runs import settings_json
+from ..jobs.runs import is_main, settings_json
 from ..metrics import mean_interval
 
 LABELS = {**METHODS, **REFERENCES}
@@ -103,7 +103,10 @@ def shown(value: dict | None, digits: str = ".3f") -> str:
 
 
 def write_outputs(settings: Settings, name: str, summary: dict, table, html: str) -> None:
-    """summary.json, NAME.csv and report.html in ``settings.out``; summary.json last."""
+    """summary.json, NAME.csv and report.html in ``settings.out``; summary.json last (by
+    rank 0 alone when the runs share a process group)."""
+    if not is_main(settings.base.process_group):
+        return
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     base = settings_json(settings.base, leave_out=("stage_seconds",))

@@ -24,7 +24,7 @@ import numpy as np
 from ..data.image_tasks import make_image_task
 from ..data.images import save_png
 from ..jobs import explain_image
-from ..jobs.runs import write_atomic
+from ..jobs.runs import is_main, main_first, write_atomic
 from ..metrics import frechet_distance
 from ..report import image_uri, stage_line
 from .classes import score_classes, table_html
@@ -52,13 +52,15 @@ class Study:
     shown: int = 3           # test images shown with their top training images
 
 
-def write_task(study: Study, data: Path) -> tuple[list[dict], list[dict]]:
-    """The task's rows, written as ImageFolders data/train and data/test (28 x 28 PNGs)."""
+def write_task(study: Study, data: Path, write: bool = True
+               ) -> tuple[list[dict], list[dict]]:
+    """The task's rows, written (unless ``write`` is False) as ImageFolders data/train and
+    data/test (28 x 28 PNGs)."""
     train_n, test_n = SIZES[study.task]
     train, test = make_image_task(study.task, per_class_train=study.per_class_train or train_n,
                                   per_class_test=study.per_class_test or test_n,
                                   classes=study.classes, seed=study.seed)
-    for name, rows in (("train", train), ("test", test)):
+    for name, rows in (("train", train), ("test", test)) if write else ():
         folder = data / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -78,13 +80,16 @@ def run(study: Study) -> dict:
 
     out = Path(study.job.out).parent
     data = out / "data"
-    train, test = write_task(study, data)
+    group = study.job.process_group
+    with main_first(group):  # rank 0 writes the images the others read
+        train, test = write_task(study, data, write=is_main(group))
     job = replace(study.job, train_dir=str(data / "train"), queries=str(data / "test"))
     train_classes = np.array([r["class"] for r in train])
     test_classes = np.array([r["class"] for r in test])
     with explain_image.prepared(job) as p:
         table, methods, tops = score_classes(p, job, train_classes, test_classes)
-        quality = p.stages.timed("samples", _samples, job, p, train, test)
+        with main_first(group):  # rank 0 draws the samples; the others read them
+            quality = p.stages.timed("samples", _samples, job, p, train, test)
         history = p.history
         stage_seconds = {k: round(v, 1) for k, v in job.stage_seconds.items()}
         reused = list(p.stages.reused)
@@ -99,7 +104,8 @@ def run(study: Study) -> dict:
         "methods": methods,
         "paper": {m: {"auc": a, "recall": r} for m, (a, r) in PAPER.get(study.task, {}).items()},
     }
-    write_files(out, "diffusion", summary, table, _report(summary, shown, quality))
+    if is_main(group):
+        write_files(out, "diffusion", summary, table, _report(summary, shown, quality))
     return summary
 
 

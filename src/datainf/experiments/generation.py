@@ -20,7 +20,7 @@ import numpy as np
 
 from ..data.synthetic import make_task
 from ..jobs import explain_generation as generation
-from ..jobs.runs import write_atomic
+from ..jobs.runs import is_main, main_first, write_atomic
 from ..report import stage_line
 from .classes import score_classes, table_html
 from .common import page, write_files
@@ -52,16 +52,20 @@ def run(study: Study) -> dict:
     (``--out``) and returns the summary."""
     out = Path(study.job.out).parent
     data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
+    group = study.job.process_group
     train, test = make_task(study.task, per_class=study.per_class,
                             test_per_class=study.test_per_class, seed=study.seed)
-    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
-        write_atomic(data / name, "".join(json.dumps(_chat(r)) + "\n" for r in rows))
+    with main_first(group):  # rank 0 writes the data the others read
+        if is_main(group):
+            data.mkdir(parents=True, exist_ok=True)
+            for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+                write_atomic(data / name, "".join(json.dumps(_chat(r)) + "\n" for r in rows))
     job = replace(study.job, train=str(data / "train.jsonl"), queries=str(data / "test.jsonl"))
     train_classes = np.array([r["class"] for r in train])
     test_classes = np.array([r["class"] for r in test])
     with generation.prepared(job) as p:
-        accuracy = p.stages.timed("accuracy", _accuracy, job, p)
+        with main_first(group):  # rank 0 answers; the others read its accuracy.json
+            accuracy = p.stages.timed("accuracy", _accuracy, job, p)
         table, methods, tops = score_classes(p, job, train_classes, test_classes)
         history = p.history
         stage_seconds = {k: round(v, 1) for k, v in job.stage_seconds.items()}
@@ -75,7 +79,8 @@ def run(study: Study) -> dict:
         "methods": methods,
         "paper": {m: {"auc": a, "recall": r} for m, (a, r) in PAPER.get(study.task, {}).items()},
     }
-    write_files(out, "generation", summary, table, _report(summary, examples))
+    if is_main(group):
+        write_files(out, "generation", summary, table, _report(summary, examples))
     return summary
 
 
