@@ -201,6 +201,10 @@ def test_one_process_finishes_every_shard(tmp_path):
     assert sum(task.calls) == 17 - 5 and finished.complete
     for name in alone.block_names:
         assert relative(finished.read_block(name), alone.read_block(name)) < 1e-6, name
+    (tmp_path / "s" / "shard-00002-of-00003.json").unlink()  # a complete store stays so
+    task = DyingTask()
+    again = collect_gradients(model, text_batches(), task, out=tmp_path / "s", progress=False)
+    assert again.complete and task.calls == []
 
 
 # ---------------------------------------------------------------- fine-tuning

@@ -252,7 +252,8 @@ def collect_gradients(
     a new store is made for W shards and each rank computes and writes its own (rank r: shard
     r, see :mod:`datainf.gradients.distributed`); every rank returns the complete store (in
     memory: every rank gets all rows). ``shard=(r, W)`` does rank r's part in this process
-    alone, without a group: to re-run a rank that died. The shards of an existing store are
+    alone, without a group: to re-run a rank that died (in memory: that shard's rows are
+    returned). The shards of an existing store are
     dealt to the ranks round-robin, so any number of processes can finish it; one process
     alone finishes every shard.
     """
@@ -301,7 +302,7 @@ def collect_gradients(
                 a, b = max(lo, row), min(row + B if hi is None else hi, row + B)
                 for i in range(a, b):
                     example_digest(hasher, batch, i - row)
-                    if i + 1 == first and hasher.hexdigest() != digest:
+                    if i + 1 == first and digest is not None and hasher.hexdigest() != digest:
                         raise DataInfError(
                             f"the store at {out} was made from other data (its examples "
                             f"{lo}..{first - 1} differ from these); use another output folder "

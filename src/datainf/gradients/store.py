@@ -119,8 +119,9 @@ class GradientStore:
 
     def _shard_file_progress(self, index: int) -> list:
         file = self.path / _SHARD_FILE.format(index, self.shards)
-        if not file.exists():
-            return [0, ""]
+        if not file.exists():  # (a complete store's shard: written, its data hash unknown)
+            lo, hi = self._bounds[index]
+            return [hi - lo, None] if self._manifest["complete"] else [0, ""]
         try:
             record = json.loads(file.read_text(encoding="utf-8"))
             lo, hi = self._bounds[index]
@@ -141,7 +142,8 @@ class GradientStore:
 
     def shard_progress(self, index: int) -> tuple[int, int, int, str]:
         """(start, stop, written, data_hash) of shard ``index``: its rows are start..stop-1,
-        of which start..start+written-1 are durable; ``data_hash`` came with the last commit."""
+        of which start..start+written-1 are durable; ``data_hash`` came with the last commit
+        (None for a complete store whose shard file was deleted)."""
         lo, hi = self._bounds[index]
         done, digest = self._progress[index]
         return lo, hi, done, digest
