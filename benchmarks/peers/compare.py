@@ -167,6 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the equality checks only, small")
     parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--sets", default="quick,bbc,qqp", help="which comparison sets")
     parser.add_argument("--no-install", action="store_true",
                         help="use the peers' environments as they are")
     args = parser.parse_args()
@@ -177,14 +178,17 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     rows: list[dict] = []
     everything = {p: PEER_METHODS[p] for p in peers}
-    train, test = generated(200, 20, {"a": 64, "b": 48, "c": 16}, seed=0)
-    run_set("quick", train, test, peers, everything, rows)
-    if not args.quick:
+    sets = ("quick",) if args.quick else tuple(args.sets.split(","))
+    if "quick" in sets:
+        train, test = generated(200, 20, {"a": 64, "b": 48, "c": 16}, seed=0)
+        run_set("quick", train, test, peers, everything, rows)
+    if "bbc" in sets:
         bbc = from_run(ROOT / "runs" / "detect-mislabeled")
         if bbc is None:
             print("\nbbc: skipped (no runs/detect-mislabeled: run `make run` first)")
         else:
             run_set("bbc", *bbc, peers, {p: ("datainf", "exact") for p in peers}, rows)
+    if "qqp" in sets:
         widths = {f"layer{i}.lora_{ab}": 4096 for i in range(24) for ab in "AB"}
         train, test = generated(4500, 100, widths, seed=1, dtype=torch.float32)
         run_set("qqp", train, test, peers, {p: ("datainf",) for p in peers}, rows)

@@ -47,17 +47,19 @@ def main() -> None:
 
         return AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
 
-    def loaders(blocks):
+    def loaders(blocks, batch=None):
         x, y = inputs({k: data["train"][k] for k in blocks})
         x_test, y_test = inputs({k: data["test"][k] for k in blocks})
-        return (DataLoader(TensorDataset(x, y), batch_size=len(x)),
+        return (DataLoader(TensorDataset(x, y), batch_size=batch or len(x)),
                 DataLoader(TensorDataset(x_test, y_test), batch_size=len(x_test)))
 
     found = {}
     for method in data["methods"]:
         start = time.perf_counter()
         if method == "datainf":
-            train, test = loaders(widths)
+            # (DataInf keeps every training row; batches of 256 only bound the memory of
+            # computing them: at n = 4500 x 196,608 one batch ran out of 24 GB)
+            train, test = loaders(widths, batch=256)
             attributor = IFAttributorDataInf(task_of(model), regularization=lam)
             attributor.cache(train)
             scores = attributor.attribute(train, test)
