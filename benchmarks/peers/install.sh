@@ -38,7 +38,7 @@ for name in "${names[@]}"; do
     fi
     if [ "$name" = kronfluence ] || [ "$name" = bergson ] || [ "$name" = cleanlab ]; then
         # the whole-pipeline peers load the same model, adapter and data through datainf
-        "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" -e "$root[hf]" 2>&1 \
+        "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" -e "$root[hf,report]" 2>&1 \
             | { grep -v "is ignored: it is neither a file" || true; }
         "$venv/bin/python" -m pip install -q --no-deps -r "$root/requirements-assets.txt" 2>&1 \
             | { grep -v "is ignored: it is neither a file" || true; }

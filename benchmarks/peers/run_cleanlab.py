@@ -1,0 +1,87 @@
+"""cleanlab against datainf on the default detect-mislabeled task, as cleanlab prescribes:
+out-of-fold predicted probabilities from K LoRA fine-tunes (each on K-1 folds of the noisy
+training set, the same recipe as detect-mislabeled's: model, LoRA, epochs, rounds, early stop
+on the validation set), then ``cleanlab.rank.get_label_quality_scores`` (self-confidence) and
+``cleanlab.filter.find_label_issues``. Run in cleanlab's own environment (with datainf
+installed to load the same data and fine-tune the same way). Both timed in this process, ours
+first: the whole detect-mislabeled pipeline (one fine-tune, predictions, gradients, DataInf).
+
+    benchmarks/peers/.venvs/cleanlab/bin/python benchmarks/peers/run_cleanlab.py \
+        runs/detect-mislabeled OUT.json [K]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    from datainf.jobs import detect_mislabeled as job
+    from datainf.metrics import detection_auc
+    from datainf.training.finetune import predict
+
+    run, out = Path(sys.argv[1]), sys.argv[2]
+    folds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    record = json.loads((run / "run.json").read_text())
+    names = {f.name for f in dataclasses.fields(job.Config)}
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()
+                if k in names}
+    with tempfile.TemporaryDirectory(dir=run.parent) as folder:
+        # ---- ours: the whole pipeline, DataInf only
+        config = job.Config(**settings, methods=("datainf",), out=str(Path(folder) / "ours"),
+                            progress=False)
+        start = time.perf_counter()
+        summary = job.run(config)
+        our_seconds = time.perf_counter() - start
+        train, val, _ = job.load_data(config)
+
+        # ---- cleanlab: K-fold out-of-fold probabilities, then its label quality
+        start = time.perf_counter()
+        rng = np.random.default_rng(config.seed)
+        fold_of = np.empty(len(train), dtype=int)
+        for label in np.unique(train.labels):  # stratified by the (noisy) label
+            members = rng.permutation(np.flatnonzero(train.labels == label))
+            fold_of[members] = np.arange(len(members)) % folds
+        probs = np.zeros((len(train), len(train.classes)))
+        for k in range(folds):
+            held = np.flatnonzero(fold_of == k)
+            fit = job.Config(**settings, out=str(Path(folder) / f"fold{k}"), progress=False)
+            Path(fit.out).mkdir()
+            model, tokenizer, _, _ = job.load_model(fit, train, Path(fit.out))
+            job.train_adapter(fit, model, tokenizer, train.subset(np.flatnonzero(fold_of != k)),
+                              val, Path(fit.out), False)
+            _, probs[held] = predict(model, tokenizer, train.subset(held),
+                                     batch_size=fit.batch_size, max_length=fit.max_length)
+            print(f"fold {k + 1} of {folds}: {time.perf_counter() - start:.0f} s", flush=True)
+        quality = get_label_quality_scores(train.labels, probs)
+        issues = find_label_issues(train.labels, probs)
+        their_seconds = time.perf_counter() - start
+    flipped = train.flipped
+    result = {
+        "n_train": len(train), "folds": folds,
+        "ours": {"seconds": our_seconds, "auc": summary["methods"]["datainf"]["auc"],
+                 "stage_seconds": summary["stage_seconds"]},
+        "cleanlab": {"seconds": their_seconds, "auc": detection_auc(-quality, flipped),
+                     "issues_found": int(issues.sum()),
+                     "issues_precision": float(flipped[issues].mean()) if issues.any() else None,
+                     "issues_recall": float(issues[flipped].mean()),
+                     "out_of_fold_accuracy": float((probs.argmax(1) == train.labels).mean())},
+    }
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    torch.set_num_threads(torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()
