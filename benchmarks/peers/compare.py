@@ -175,7 +175,6 @@ def main() -> None:
     if not args.no_install:
         subprocess.run(["bash", str(HERE / "install.sh"), *peers], check=True)
     WORK.mkdir(exist_ok=True)
-    torch.set_num_threads(torch.get_num_threads())
     rows: list[dict] = []
     everything = {p: PEER_METHODS[p] for p in peers}
     sets = ("quick",) if args.quick else tuple(args.sets.split(","))

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def main() -> None:
@@ -80,7 +79,6 @@ def main() -> None:
     }
     Path(out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    torch.set_num_threads(torch.get_num_threads())
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ def main() -> None:
     from datainf.models.hf import load_adapter, load_classifier
 
     run, out = Path(sys.argv[1]), sys.argv[2]
-    torch.set_num_threads(torch.get_num_threads())
     record = json.loads((run / "run.json").read_text())
     names = {f.name for f in dataclasses.fields(Config)}
     config = Config(**{k: tuple(v) if isinstance(v, list) else v

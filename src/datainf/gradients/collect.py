@@ -270,22 +270,19 @@ def collect_gradients(
         store = _open_store(out, model, task, widths, n, dtype, size, rank, process_group)
         n = store.num_rows
         todo = [store.shard_progress(s) for s in range(store.shards) if s % size == rank]
-        parts = [(lo, hi, lo + done, digest) for lo, hi, done, digest in todo]
+        parts = [_Part(lo, hi, lo + done, digest) for lo, hi, done, digest in todo]
     elif size > 1:
         n = _num_examples(batches, num_examples)
-        lo, hi = shard_rows(n, rank, size)
-        parts = [(lo, hi, lo, "")]
+        parts = [_Part(*shard_rows(n, rank, size))]
     else:
-        parts = [(0, None, 0, "")]  # every row; n is known at the end
-    # per part: [lo, hi, first row still missing, the written rows' hash, running hasher]
-    parts = [[lo, hi, first, digest, hashlib.sha256()] for lo, hi, first, digest in parts]
+        parts = [_Part(0, None)]  # every row; n is known at the end
     device = next(model.parameters()).device
     torch_dtype = getattr(torch, dtype)
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in widths}
     row = 0
     bar = tqdm(
-        total=sum(p[1] - p[0] for p in parts) if n is not None else None,
-        initial=sum(p[2] - p[0] for p in parts),
+        total=sum(p.stop - p.start for p in parts) if n is not None else None,
+        initial=sum(p.first - p.start for p in parts),
         unit="ex",
         desc="gradients",
         disable=True if rank > 0 else (None if progress is None else not progress),
@@ -298,18 +295,19 @@ def collect_gradients(
                 raise DataInfError(f"the batches hold more than the {n} examples announced")
             wanted = []  # (part, first row, stop row) to compute in this batch
             for part in parts:
-                lo, hi, first, digest, hasher = part
-                a, b = max(lo, row), min(row + B if hi is None else hi, row + B)
+                a = max(part.start, row)
+                b = row + B if part.stop is None else min(part.stop, row + B)
                 for i in range(a, b):
-                    example_digest(hasher, batch, i - row)
-                    if i + 1 == first and digest is not None and hasher.hexdigest() != digest:
+                    example_digest(part.hasher, batch, i - row)
+                    if (i + 1 == part.first and part.digest is not None
+                            and part.hasher.hexdigest() != part.digest):
                         raise DataInfError(
                             f"the store at {out} was made from other data (its examples "
-                            f"{lo}..{first - 1} differ from these); use another output folder "
-                            "or delete it"
+                            f"{part.start}..{part.first - 1} differ from these); use another "
+                            "output folder or delete it"
                         )
-                if max(a, first) < b:
-                    wanted.append((part, max(a, first), b))
+                if max(a, part.first) < b:
+                    wanted.append((part, max(a, part.first), b))
             if wanted:
                 a, b = min(w[1] for w in wanted), max(w[2] for w in wanted)
                 sub = _rows_of(batch, a - row, b - row, B)
@@ -320,11 +318,11 @@ def collect_gradients(
                                                                         dtype=torch_dtype)
                              for name in widths}
                     if store is not None:
-                        store.write_rows(first, chunk, data_hash=part[4].hexdigest())
+                        store.write_rows(first, chunk, data_hash=part.hasher.hexdigest())
                     else:
                         for name in widths:
                             collected[name].append(chunk[name])
-                    part[2] = stop
+                    part.first = stop
                     bar.update(stop - first)
             row += B
     bar.close()
@@ -342,6 +340,23 @@ def collect_gradients(
     if size == 1 or shard is not None:
         return local
     return {name: all_gather_cat(value, process_group) for name, value in local.items()}
+
+
+@dataclass
+class _Part:
+    """Rows start..stop-1 (stop None: to the end) that this process fills: ``first`` is the
+    first one still missing, ``digest`` the hash committed with the rows before it (None:
+    unknown), ``hasher`` the running hash of the part's examples read so far."""
+
+    start: int
+    stop: int | None
+    first: int = -1
+    digest: str | None = ""
+    hasher: object = field(default_factory=hashlib.sha256)
+
+    def __post_init__(self) -> None:
+        if self.first < 0:
+            self.first = self.start
 
 
 def _checked_shard(shard: tuple[int, int]) -> tuple[int, int]:

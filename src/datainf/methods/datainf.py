@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..gradients.distributed import all_gather_cat
 from .base import InfluenceEstimator
 
 
@@ -62,6 +63,6 @@ class DataInf(InfluenceEstimator):
         else:
             G = self._whole_block(name)
             K = G @ G.T
-            w_all = 1.0 / (lam + (G * G).sum(1))  # every row's weight (sq holds this rank's)
+            w_all = all_gather_cat(w, self.process_group)  # every row's (w: this rank's)
             quad = self._mine((K * K) @ w_all)
         return (sq - quad / n) / lam
