@@ -51,4 +51,4 @@ def test_quick_equality_with_the_peers():
     done = subprocess.run([sys.executable, str(PEERS / "compare.py"), "--quick",
                            "--no-install"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert done.stdout.count("| quick |") == 5
+    assert done.stdout.count("| quick |") == 6  # pyDVL and dattri: DataInf, Exact, LiSSA

@@ -1,5 +1,8 @@
-"""datainf side by side with the peers, on the same per-example gradients: equality where the
-mathematics is the same, and the speed of the influence step.
+"""datainf side by side with pyDVL, dattri, kronfluence, bergson and cleanlab, in one run.
+
+On the same per-example gradients: equality where the mathematics is the same, and the speed
+of the influence step; on the same fine-tuned model: the time and detection AUC of finding the
+mislabeled examples.
 
     .venv/bin/python benchmarks/peers/compare.py            # installs the peers, every set
     .venv/bin/python benchmarks/peers/compare.py --quick    # the equality checks at CI size
@@ -13,7 +16,13 @@ numbers to rounding (the quick and bbc sets; qqp is float32). Sets:
 - ``bbc``: the default detect-mislabeled run's stores (runs/detect-mislabeled: MiniLM-L6 +
   LoRA r 4 on BBC News, n = 900, m = 100 validation examples), when that run exists;
 - ``qqp``: generated at the paper's QQP size, n = 4500, 48 blocks of 4096, m = 100, in
-  float32 everywhere (3.5 GB a copy; DataInf only: the speed of the influence step).
+  float32 everywhere (3.5 GB a copy; DataInf only: the speed of the influence step). pyDVL
+  only: dattri's DataInf at this size runs out of 24 GB with the training rows in one batch and
+  takes ~95 min in batches (run it with ``--sets qqp --peers dattri``);
+- ``pipeline``: the whole-pipeline peers on the default detect-mislabeled run (made first when
+  missing): kronfluence's EK-FAC and bergson's projected gradient cosine against our influence
+  step on the same adapter (run_kronfluence.py, run_bergson.py), cleanlab's K-fold
+  out-of-fold label quality against our whole pipeline, fine-tuning included (run_cleanlab.py).
 
 Conventions, reconciled here (each comparison is after these documented factors only; the
 factor measured by least squares is printed beside it):
@@ -31,6 +40,7 @@ factor measured by least squares is printed beside it):
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -42,8 +52,21 @@ import torch
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 WORK = HERE / "work"
-PEERS = ("pydvl", "dattri")
-PEER_METHODS = {"pydvl": ("datainf", "exact", "lissa"), "dattri": ("datainf", "exact")}
+PEERS = ("pydvl", "dattri", "kronfluence", "bergson", "cleanlab")
+GRADIENT_PEERS = ("pydvl", "dattri")
+QQP_PEERS = ("pydvl",)  # dattri: ~95 min at this size (see above)
+RUN = ROOT / "runs" / "detect-mislabeled"
+FOLDS = 5  # cleanlab's default cv_n_folds
+# whole-pipeline peer -> (what it runs, what of ours it is timed against)
+PIPELINE = {
+    "kronfluence": ("EK-FAC factors + pairwise scores (its default damping)",
+                    "influence step: gradients + DataInf"),
+    "bergson": ("gradients projected to 16 x 16 a module, cosine with the mean validation "
+                "gradient", "influence step: gradients + DataInf"),
+    "cleanlab": (f"{FOLDS}-fold out-of-fold LoRA fine-tunes + label quality",
+                 "whole pipeline: fine-tune + gradients + DataInf"),
+}
+PEER_METHODS = {"pydvl": ("datainf", "exact", "lissa"), "dattri": ("datainf", "exact", "lissa")}
 # (peer, method) -> (how theirs relates to ours, the factor f(n) with theirs = f(n) x ours)
 CONVENTIONS = {("pydvl", "datainf"): ("-ours / n", lambda n: -1.0 / n)}
 OPPOSITE = ("-ours", lambda n: -1.0)
@@ -62,12 +85,10 @@ def generated(n: int, m: int, widths: dict[str, int], seed: int,
     return rows(n), rows(m)
 
 
-def from_run(run: Path) -> tuple[dict, dict] | None:
+def from_run(run: Path) -> tuple[dict, dict]:
     """The train and validation stores of a detect-mislabeled run, in float64."""
     from datainf.gradients.store import GradientStore
 
-    if not (run / "gradients" / "val" / "manifest.json").exists():
-        return None
     stores = [GradientStore.open(run / "gradients" / split) for split in ("train", "val")]
     return tuple({name: s.read_block(name).double().clone() for name in s.block_names}
                  for s in stores)
@@ -122,11 +143,17 @@ def run_set(label: str, train: dict, test: dict, peers: tuple[str, ...], methods
         if not wanted:
             continue
         lissa = {"iterations": 2000, "scale": None}
-        if "lissa" in wanted:  # one scale both use: 1.1 x the largest eigenvalue, any block
+        if "lissa" in wanted:
+            # one scale both use (1.1 x the largest eigenvalue of any block), and as many
+            # passes as ours needs to reach a residual of 1e-10 (dattri has no stopping rule)
             from datainf.methods import LiSSA
 
             est = LiSSA(damping=damping, progress=False).fit(train)
             lissa["scale"] = max(est.scale_.values())
+            est = LiSSA(damping=damping, progress=False, scale=lissa["scale"], tol=1e-10,
+                        max_iterations=lissa["iterations"]).fit(train)
+            est.score(test)
+            lissa["iterations"] = max(c.iterations for c in est.convergence_.values())
         dtype = next(iter(train.values())).dtype
         dataset = {"train": train, "test": test, "damping": damping, "methods": wanted,
                    "dtype": str(dtype).removeprefix("torch."),
@@ -152,6 +179,45 @@ def run_set(label: str, train: dict, test: dict, peers: tuple[str, ...], methods
                   f"({theirs[method]['seconds'] / seconds:.1f}x)")
 
 
+def ensure_run(run: Path) -> None:
+    """The default detect-mislabeled run at ``run``, made now if it is not there."""
+    if (run / "summary.json").exists():
+        return
+    print(f"\nno finished run at {run}: running the default detect-mislabeled first")
+    subprocess.run([sys.executable, "-m", "datainf", "detect-mislabeled", "--out", str(run),
+                    "--quiet"], check=True)
+
+
+def run_pipeline(run: Path, peers: tuple[str, ...], rows: list[dict]) -> None:
+    """Each whole-pipeline peer's runner on ``run``, in its environment; a row each."""
+    for name in (p for p in peers if p in PIPELINE):
+        out = WORK / f"pipeline-{name}.json"
+        python = HERE / ".venvs" / name / "bin" / "python"
+        extra = [str(FOLDS)] if name == "cleanlab" else []
+        print(f"\npipeline: {name} ...", flush=True)
+        subprocess.run([str(python), str(HERE / f"run_{name}.py"), str(run), str(out), *extra],
+                       check=True, stdout=subprocess.DEVNULL)
+        result = json.loads(out.read_text())
+        what, ours_what = PIPELINE[name]
+        row = {"peer": name, "what": what, "peer_seconds": result[name]["seconds"],
+               "peer_auc": result[name]["auc"], "ours": ours_what,
+               "our_seconds": result["ours"]["seconds"], "our_auc": result["ours"]["auc"]}
+        rows.append(row)
+        print(f"  {name}: {row['peer_seconds']:.1f} s, AUC {row['peer_auc']:.3f}; ours "
+              f"{row['our_seconds']:.1f} s, AUC {row['our_auc']:.3f} "
+              f"({row['peer_seconds'] / row['our_seconds']:.2f}x)")
+
+
+def pipeline_markdown(rows: list[dict]) -> str:
+    lines = ["| peer | what it runs | peer s | peer AUC | ours, timed | our s | our AUC "
+             "| peer / ours |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['peer']} | {r['what']} | {r['peer_seconds']:.1f} | "
+                     f"{r['peer_auc']:.3f} | {r['ours']} | {r['our_seconds']:.1f} | "
+                     f"{r['our_auc']:.3f} | {r['peer_seconds'] / r['our_seconds']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| set | peer | method | theirs = | damping | Pearson | max rel. diff "
              "| peer s | our s | peer / ours |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -166,34 +232,46 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the equality checks only, small")
-    parser.add_argument("--peers", default=",".join(PEERS))
-    parser.add_argument("--sets", default="quick,bbc,qqp", help="which comparison sets")
+    parser.add_argument("--peers", help=f"some of {','.join(PEERS)} (default: all; the qqp "
+                        f"set then runs {','.join(QQP_PEERS)} only)")
+    parser.add_argument("--sets", default="quick,bbc,qqp,pipeline",
+                        help="which comparison sets")
     parser.add_argument("--no-install", action="store_true",
                         help="use the peers' environments as they are")
     args = parser.parse_args()
-    peers = tuple(args.peers.split(","))
+    sets = ("quick",) if args.quick else tuple(args.sets.split(","))
+    peers = tuple(args.peers.split(",")) if args.peers else PEERS
+    if unknown := set(peers) - set(PEERS):
+        parser.error(f"unknown peers {sorted(unknown)}; choose from {','.join(PEERS)}")
+    if args.quick or "pipeline" not in sets:
+        peers = tuple(p for p in peers if p in GRADIENT_PEERS)
     if not args.no_install:
         subprocess.run(["bash", str(HERE / "install.sh"), *peers], check=True)
     WORK.mkdir(exist_ok=True)
+    started = time.perf_counter()
     rows: list[dict] = []
-    everything = {p: PEER_METHODS[p] for p in peers}
-    sets = ("quick",) if args.quick else tuple(args.sets.split(","))
+    everything = {p: PEER_METHODS[p] for p in GRADIENT_PEERS}
     if "quick" in sets:
         train, test = generated(200, 20, {"a": 64, "b": 48, "c": 16}, seed=0)
         run_set("quick", train, test, peers, everything, rows)
+    if "bbc" in sets or "pipeline" in sets:
+        ensure_run(RUN)
     if "bbc" in sets:
-        bbc = from_run(ROOT / "runs" / "detect-mislabeled")
-        if bbc is None:
-            print("\nbbc: skipped (no runs/detect-mislabeled: run `make run` first)")
-        else:
-            run_set("bbc", *bbc, peers, {p: ("datainf", "exact") for p in peers}, rows)
+        run_set("bbc", *from_run(RUN), peers, {p: ("datainf", "exact") for p in peers}, rows)
     if "qqp" in sets:
         widths = {f"layer{i}.lora_{ab}": 4096 for i in range(24) for ab in "AB"}
         train, test = generated(4500, 100, widths, seed=1, dtype=torch.float32)
-        run_set("qqp", train, test, peers, {p: ("datainf",) for p in peers}, rows)
-    table = markdown(rows)
+        qqp_peers = peers if args.peers else QQP_PEERS
+        run_set("qqp", train, test, qqp_peers, {p: ("datainf",) for p in peers}, rows)
+        del train, test
+    pipeline: list[dict] = []
+    if "pipeline" in sets:
+        run_pipeline(RUN, peers, pipeline)
+    table = markdown(rows) + ("\n" + pipeline_markdown(pipeline) if pipeline else "")
     (WORK / "peers.md").write_text(table)
     print("\n" + table)
+    print(f"everything above: {time.perf_counter() - started:.0f} s "
+          "(installation not counted)")
     bad = [r for r in rows if r["max_rel_diff"] > 1e-5]
     if bad:
         print("NOT EQUAL to 1e-5: " + ", ".join(f"{r['set']} {r['peer']} {r['method']}"

@@ -31,10 +31,11 @@ for name in "${names[@]}"; do
     python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" "$spec" torch numpy 2>&1 \
         | { grep -v "is ignored: it is neither a file" || true; }
-    if [ "$name" = kronfluence ]; then
-        # kronfluence does not use torchvision, but pulls one built for another torch, which
-        # breaks transformers' import ("operator torchvision::nms does not exist")
-        "$venv/bin/python" -m pip uninstall -q -y torchvision
+    if [ "$name" = kronfluence ] || [ "$name" = bergson ]; then
+        # neither uses torchvision/torchaudio, but they pull ones built for another torch,
+        # which break transformers' import ("operator torchvision::nms does not exist")
+        "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio 2>&1 \
+            | { grep -v "not installed" || true; }
     fi
     if [ "$name" = kronfluence ] || [ "$name" = bergson ] || [ "$name" = cleanlab ]; then
         # the whole-pipeline peers load the same model, adapter and data through datainf

@@ -10,7 +10,13 @@ layer's Hessian (no per-block value), so the comparison set uses one lambda for 
 ``IFAttributorDataInf`` is DataInf with each parameter tensor a layer;
 ``IFAttributorExplicit`` inverts the Hessian of every parameter it is given together (cross
 terms included), so it runs once per block, on a model of that block alone, and the blocks'
-scores are summed: the block-diagonal exact influence.
+scores are summed: the block-diagonal exact influence. ``IFAttributorLiSSA`` likewise runs
+block by block; its recursion x_t = v + (1 - d) x_{t-1} - H_batch x_{t-1} / s, H^-1 v ~= x_T / s,
+is ours with d = lambda / s (its ``damping`` is relative to its ``scaling``), on batches drawn
+without replacement: with a batch of all n rows every step sees the whole Hessian, as ours.
+It casts the data to float32 before every Hessian-vector product
+(``IFAttributorLiSSA.lissa_collate_fn``, called by class name): replaced here by one that keeps
+the data's dtype.
 """
 
 from __future__ import annotations
@@ -29,8 +35,17 @@ from gradient_model import GradientModel, inputs, squared_error  # noqa: E402
 def main() -> None:
     source, out = sys.argv[1], sys.argv[2]
     data = torch.load(source)
-    from dattri.algorithm.influence_function import IFAttributorDataInf, IFAttributorExplicit
+    from dattri.algorithm.influence_function import (
+        IFAttributorDataInf,
+        IFAttributorExplicit,
+        IFAttributorLiSSA,
+    )
     from dattri.task import AttributionTask
+
+    def keep_dtype(sampled):  # dattri's casts the data to float32
+        return sampled[0], tuple(sampled[1:])
+
+    IFAttributorLiSSA.lissa_collate_fn = staticmethod(keep_dtype)
 
     torch.set_default_dtype(getattr(torch, data.get("dtype", "float64")))
     widths = {name: block.shape[1] for name, block in data["train"].items()}
@@ -63,14 +78,20 @@ def main() -> None:
             attributor = IFAttributorDataInf(task_of(model), regularization=lam)
             attributor.cache(train)
             scores = attributor.attribute(train, test)
-        elif method == "exact":
+        elif method in ("exact", "lissa"):
             # block by block, each block its own model (dattri's layer_name path fails under
             # torch 2.13's functorch: it writes transformed tensors into a plain buffer)
             scores = 0
             for name, d in widths.items():
                 train, test = loaders([name])
-                attributor = IFAttributorExplicit(task_of(GradientModel({name: d})),
-                                                  regularization=lam)
+                task = task_of(GradientModel({name: d}))
+                if method == "exact":
+                    attributor = IFAttributorExplicit(task, regularization=lam)
+                else:
+                    s = data["lissa_scale"]
+                    attributor = IFAttributorLiSSA(
+                        task, batch_size=len(train.dataset), damping=lam / s, scaling=s,
+                        recursion_depth=data["lissa_iterations"])
                 attributor.cache(train)
                 scores = scores + attributor.attribute(train, test)
         else:

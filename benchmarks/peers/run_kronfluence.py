@@ -2,8 +2,8 @@
 fine-tuned adapter, data and label noise), run in kronfluence's own environment (which has
 datainf installed to load them). Both are timed in this process, ours first:
 
-- ours: per-example gradients of the training and validation examples (collect_gradients,
-  in memory) + DataInf's influence on the mean validation loss;
+- ours: per-example gradients of the training and validation examples (in memory) +
+  DataInf's influence on the mean validation loss (finished_run.py);
 - kronfluence: EK-FAC factors on the training set + pairwise scores of every validation
   example against every training example (its recommended damping), averaged over the
   validation examples.
@@ -17,7 +17,6 @@ detection AUC ranks training examples by MINUS its mean score (most harmful firs
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -27,43 +26,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from finished_run import FinishedRun  # noqa: E402
+
 
 def main() -> None:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
     from kronfluence.task import Task
 
-    from datainf import DataInf, collect_gradients
-    from datainf.data.text import text_batches
-    from datainf.jobs.detect_mislabeled import Config, load_data
-    from datainf.metrics import detection_auc
-    from datainf.models.hf import load_adapter, load_classifier
+    from datainf.metrics import spearman
 
-    run, out = Path(sys.argv[1]), sys.argv[2]
-    record = json.loads((run / "run.json").read_text())
-    names = {f.name for f in dataclasses.fields(Config)}
-    config = Config(**{k: tuple(v) if isinstance(v, list) else v
-                       for k, v in record.items() if k in names})
-    train, val, _ = load_data(config)
-
-    def model_and_tokenizer():
-        base, tokenizer = load_classifier(config.model, len(train.classes),
-                                          id2label=dict(enumerate(train.classes)))
-        return load_adapter(base, run / "adapter").eval(), tokenizer
-
-    # ---- ours: gradients (train, val) + DataInf on the mean validation loss
-    model, tokenizer = model_and_tokenizer()
-    start = time.perf_counter()
-    grads = {split: collect_gradients(model, text_batches(tokenizer, data, config.batch_size,
-                                                          config.max_length),
-                                      "classification", progress=False)
-             for split, data in (("train", train), ("val", val))}
-    ours = DataInf(progress=False).fit(grads["train"]).score(grads["val"], aggregate=True)
-    our_seconds = time.perf_counter() - start
-    del grads
+    run, out = FinishedRun(Path(sys.argv[1])), sys.argv[2]
+    config, train, val = run.config, run.train, run.val
+    ours, our_seconds = run.ours()
 
     # ---- kronfluence: EK-FAC factors + pairwise scores
-    model, tokenizer = model_and_tokenizer()
+    model, tokenizer = run.model_and_tokenizer()
     tracked = [name for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear)
                and any(p.requires_grad for p in module.parameters(recurse=False))]
@@ -118,11 +98,10 @@ def main() -> None:
     theirs = -scores["all_modules"].double().mean(0)  # (n,), most harmful highest
     result = {
         "n_train": len(train), "n_val": len(val), "tracked_modules": len(tracked),
-        "ours": {"seconds": our_seconds, "auc": detection_auc(ours, train.flipped)},
+        "ours": {"seconds": our_seconds, "auc": run.auc(ours)},
         "kronfluence": {"seconds": their_seconds, "factor_seconds": factor_seconds,
-                        "auc": detection_auc(theirs, train.flipped)},
-        "spearman_with_ours": float(torch.corrcoef(torch.stack([
-            ours.argsort().argsort().double(), theirs.argsort().argsort().double()]))[0, 1]),
+                        "auc": run.auc(theirs)},
+        "spearman_with_ours": spearman(ours, theirs),
     }
     Path(out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
