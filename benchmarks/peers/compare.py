@@ -19,10 +19,11 @@ numbers to rounding (the quick and bbc sets; qqp is float32). Sets:
   float32 everywhere (3.5 GB a copy; DataInf only: the speed of the influence step). pyDVL
   only: dattri's DataInf at this size runs out of 24 GB with the training rows in one batch and
   takes ~95 min in batches (run it with ``--sets qqp --peers dattri``);
-- ``pipeline``: the whole-pipeline peers on the default detect-mislabeled run (made first when
-  missing): kronfluence's EK-FAC and bergson's projected gradient cosine against our influence
-  step on the same adapter (run_kronfluence.py, run_bergson.py), cleanlab's K-fold
-  out-of-fold label quality against our whole pipeline, fine-tuning included (run_cleanlab.py).
+- ``pipeline``: the whole-pipeline peers on the default detect-mislabeled run: cleanlab's K-fold
+  out-of-fold label quality against our whole pipeline, fine-tuning included (run_cleanlab.py;
+  where runs/detect-mislabeled is missing, the run of ours it times becomes it), then
+  kronfluence's EK-FAC and bergson's projected gradient cosine against our influence step on
+  the same adapter (run_kronfluence.py, run_bergson.py).
 
 Conventions, reconciled here (each comparison is after these documented factors only; the
 factor measured by least squares is printed beside it):
@@ -58,13 +59,13 @@ QQP_PEERS = ("pydvl",)  # dattri: ~95 min at this size (see above)
 RUN = ROOT / "runs" / "detect-mislabeled"
 FOLDS = 5  # cleanlab's default cv_n_folds
 # whole-pipeline peer -> (what it runs, what of ours it is timed against)
-PIPELINE = {
+PIPELINE = {  # in this order: cleanlab's runner makes the default run where it is missing
+    "cleanlab": (f"{FOLDS}-fold out-of-fold LoRA fine-tunes + label quality",
+                 "whole pipeline: `datainf detect-mislabeled`"),
     "kronfluence": ("EK-FAC factors + pairwise scores (its default damping)",
                     "influence step: gradients + DataInf"),
     "bergson": ("gradients projected to 16 x 16 a module, cosine with the mean validation "
                 "gradient", "influence step: gradients + DataInf"),
-    "cleanlab": (f"{FOLDS}-fold out-of-fold LoRA fine-tunes + label quality",
-                 "whole pipeline: fine-tune + gradients + DataInf"),
 }
 PEER_METHODS = {"pydvl": ("datainf", "exact", "lissa"), "dattri": ("datainf", "exact", "lissa")}
 # (peer, method) -> (how theirs relates to ours, the factor f(n) with theirs = f(n) x ours)
@@ -136,7 +137,7 @@ def run_set(label: str, train: dict, test: dict, peers: tuple[str, ...], methods
     one = float(np.mean(list(per_block.values())))  # a single lambda, for dattri
     print(f"\n{label}: n = {n}, m = {m}, {len(widths)} blocks, {sum(widths.values())} "
           "parameters")
-    for name in peers:
+    for name in (p for p in peers if p in PEER_METHODS):
         single = name == "dattri"
         damping = {k: one for k in per_block} if single else per_block
         wanted = [x for x in methods.get(name, ()) if x in PEER_METHODS[name]]
@@ -145,7 +146,8 @@ def run_set(label: str, train: dict, test: dict, peers: tuple[str, ...], methods
         lissa = {"iterations": 2000, "scale": None}
         if "lissa" in wanted:
             # one scale both use (1.1 x the largest eigenvalue of any block), and as many
-            # passes as ours needs to reach a residual of 1e-10 (dattri has no stopping rule)
+            # passes as ours needs to reach a residual of 1e-10 (dattri's fixed depth; pyDVL
+            # stops at its own tolerance, up to 2000)
             from datainf.methods import LiSSA
 
             est = LiSSA(damping=damping, progress=False).fit(train)
@@ -157,7 +159,8 @@ def run_set(label: str, train: dict, test: dict, peers: tuple[str, ...], methods
         dtype = next(iter(train.values())).dtype
         dataset = {"train": train, "test": test, "damping": damping, "methods": wanted,
                    "dtype": str(dtype).removeprefix("torch."),
-                   "lissa_iterations": lissa["iterations"], "lissa_scale": lissa["scale"]}
+                   "lissa_iterations": lissa["iterations"], "lissa_max_iterations": 2000,
+                   "lissa_scale": lissa["scale"]}
         theirs = peer(name, dataset, label)
         for method in wanted:
             mine, seconds = ours(method, train, test, damping,
@@ -190,13 +193,20 @@ def ensure_run(run: Path) -> None:
 
 def run_pipeline(run: Path, peers: tuple[str, ...], rows: list[dict]) -> None:
     """Each whole-pipeline peer's runner on ``run``, in its environment; a row each."""
-    for name in (p for p in peers if p in PIPELINE):
+    for name in (p for p in PIPELINE if p in peers):
+        if name != "cleanlab":
+            ensure_run(run)
         out = WORK / f"pipeline-{name}.json"
         python = HERE / ".venvs" / name / "bin" / "python"
         extra = [str(FOLDS)] if name == "cleanlab" else []
-        print(f"\npipeline: {name} ...", flush=True)
-        subprocess.run([str(python), str(HERE / f"run_{name}.py"), str(run), str(out), *extra],
-                       check=True, stdout=subprocess.DEVNULL)
+        log = WORK / f"pipeline-{name}.log"
+        print(f"\npipeline: {name} (its output: {log.relative_to(ROOT)}) ...", flush=True)
+        with log.open("w") as sink:
+            done = subprocess.run([str(python), str(HERE / f"run_{name}.py"), str(run),
+                                   str(out), *extra], stdout=sink, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            sys.exit(f"{name}'s runner failed (exit {done.returncode}); the end of its "
+                     f"output:\n{log.read_text()[-3000:]}")
         result = json.loads(out.read_text())
         what, ours_what = PIPELINE[name]
         row = {"peer": name, "what": what, "peer_seconds": result[name]["seconds"],
@@ -254,9 +264,11 @@ def main() -> None:
     if "quick" in sets:
         train, test = generated(200, 20, {"a": 64, "b": 48, "c": 16}, seed=0)
         run_set("quick", train, test, peers, everything, rows)
-    if "bbc" in sets or "pipeline" in sets:
-        ensure_run(RUN)
+    pipeline: list[dict] = []
+    if "pipeline" in sets:  # cleanlab first: where RUN is missing, its run of ours makes it
+        run_pipeline(RUN, peers, pipeline)
     if "bbc" in sets:
+        ensure_run(RUN)
         run_set("bbc", *from_run(RUN), peers, {p: ("datainf", "exact") for p in peers}, rows)
     if "qqp" in sets:
         widths = {f"layer{i}.lora_{ab}": 4096 for i in range(24) for ab in "AB"}
@@ -264,9 +276,6 @@ def main() -> None:
         qqp_peers = peers if args.peers else QQP_PEERS
         run_set("qqp", train, test, qqp_peers, {p: ("datainf",) for p in peers}, rows)
         del train, test
-    pipeline: list[dict] = []
-    if "pipeline" in sets:
-        run_pipeline(RUN, peers, pipeline)
     table = markdown(rows) + ("\n" + pipeline_markdown(pipeline) if pipeline else "")
     (WORK / "peers.md").write_text(table)
     print("\n" + table)

@@ -4,10 +4,15 @@ training set, the same recipe as detect-mislabeled's: model, LoRA, epochs, round
 on the validation set), then ``cleanlab.rank.get_label_quality_scores`` (self-confidence) and
 ``cleanlab.filter.find_label_issues``. Run in cleanlab's own environment (with datainf
 installed to load the same data and fine-tune the same way). Both timed in this process, ours
-first: the whole detect-mislabeled pipeline (one fine-tune, predictions, gradients, DataInf).
+first: the whole detect-mislabeled pipeline, as `datainf detect-mislabeled` runs it (one
+fine-tune, predictions, gradients, every default method, the report).
 
     benchmarks/peers/.venvs/cleanlab/bin/python benchmarks/peers/run_cleanlab.py \
-        runs/detect-mislabeled OUT.json [K]
+        RUN OUT.json [K]
+
+RUN: a finished detect-mislabeled run, whose settings both use (ours then runs into a
+temporary folder); where RUN does not exist, both use the default settings and ours runs into
+RUN, which is then the default run (compare.py uses it so, instead of running it twice).
 """
 
 from __future__ import annotations
@@ -32,14 +37,17 @@ def main() -> None:
 
     run, out = Path(sys.argv[1]), sys.argv[2]
     folds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
-    record = json.loads((run / "run.json").read_text())
-    names = {f.name for f in dataclasses.fields(job.Config)}
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()
-                if k in names}
+    settings = {}
+    if run.exists():
+        record = json.loads((run / "run.json").read_text())
+        names = {f.name for f in dataclasses.fields(job.Config)}
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()
+                    if k in names}
+    run.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=run.parent) as folder:
-        # ---- ours: the whole pipeline, DataInf only
-        config = job.Config(**settings, methods=("datainf",), out=str(Path(folder) / "ours"),
-                            progress=False)
+        # ---- ours: the whole pipeline
+        ours_out = Path(folder) / "ours" if settings else run
+        config = job.Config(**settings, out=str(ours_out), progress=False)
         start = time.perf_counter()
         summary = job.run(config)
         our_seconds = time.perf_counter() - start

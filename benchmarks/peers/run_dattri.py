@@ -72,9 +72,12 @@ def main() -> None:
     for method in data["methods"]:
         start = time.perf_counter()
         if method == "datainf":
-            # (DataInf keeps every training row; batches of 256 only bound the memory of
-            # computing them: at n = 4500 x 196,608 one batch ran out of 24 GB)
-            train, test = loaders(widths, batch=256)
+            # the training rows in one batch, unless they take over 1 GB: at n = 4500 x
+            # 196,608 one batch ran out of 24 GB. In batches its attribute() recomputes the
+            # test transformation for every batch (O(n m d) each)
+            n, d = len(next(iter(data["train"].values()))), sum(widths.values())
+            size = n * d * torch.get_default_dtype().itemsize
+            train, test = loaders(widths, batch=256 if size > 2**30 else None)
             attributor = IFAttributorDataInf(task_of(model), regularization=lam)
             attributor.cache(train)
             scores = attributor.attribute(train, test)

@@ -55,9 +55,9 @@ def main() -> None:
         elif method == "exact":
             est = DirectInfluence(model, squared_error, damping, block_structure=blocks)
         elif method == "lissa":
-            est = LissaInfluence(model, squared_error, damping, maxiter=data["lissa_iterations"],
-                                 rtol=1e-10, scale=data["lissa_scale"],
-                                 block_structure=blocks)
+            est = LissaInfluence(model, squared_error, damping,
+                                 maxiter=data["lissa_max_iterations"], rtol=1e-10,
+                                 scale=data["lissa_scale"], block_structure=blocks)
         else:
             continue
         est = est.fit(loader)
