@@ -115,6 +115,7 @@ def peer(name: str, dataset: dict, label: str) -> dict:
     python = HERE / ".venvs" / name / "bin" / "python"
     subprocess.run([str(python), str(HERE / f"run_{name}.py"), str(source), str(out)],
                    check=True)
+    source.unlink()  # 3.5 GB at the QQP size
     return torch.load(out)
 
 
