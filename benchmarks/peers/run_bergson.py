@@ -8,8 +8,9 @@ model), each randomly projected to 16 x 16 per module, no preconditioner; the qu
 of the unit-normalised validation gradients (PreprocessConfig aggregation "mean"), and each
 training example is scored on the fly by its cosine with it (bergson's Scorer): gradient
 cosine similarity. bergson computes causal-LM losses itself; for this classifier its
-collector's forward/backward is given the classifier's summed cross-entropy (the per-example
-gradients are then those of each example's loss, as ours).
+collector's forward/backward is given the classifier's summed cross-entropy, so that its
+per-example gradients are those of each example's loss: checked (untimed) by collecting the
+validation examples' gradients unprojected and comparing them with ours, module by module.
 
     benchmarks/peers/.venvs/bergson/bin/python benchmarks/peers/run_bergson.py \
         runs/detect-mislabeled OUT.json
@@ -42,7 +43,6 @@ def main() -> None:
         GradientProcessor,
         IndexConfig,
         InMemoryCollector,
-        PreprocessConfig,
         Scorer,
     )
     from bergson.process_grads import normalize_and_aggregate_grads
@@ -50,6 +50,8 @@ def main() -> None:
     from bergson.utils.worker_utils import extract_peft_target_modules
     from datasets import Dataset
 
+    from datainf import collect_gradients
+    from datainf.data.text import text_batches
     from datainf.metrics import spearman
 
     run, out = FinishedRun(Path(sys.argv[1])), sys.argv[2]
@@ -78,10 +80,10 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return losses.detach()
 
-    def collect(data: Dataset, scorer=None) -> InMemoryCollector:
-        cfg = IndexConfig(run_path=str(Path(folder) / "run"), projection_dim=PROJECTION_DIM)
+    def collect(data: Dataset, scorer=None, projection: int = PROJECTION_DIM):
+        cfg = IndexConfig(run_path=str(Path(folder) / "run"), projection_dim=projection)
         cfg.partial_run_path.mkdir(exist_ok=True)  # where it saves a token count
-        processor = GradientProcessor(projection_dim=PROJECTION_DIM)
+        processor = GradientProcessor(projection_dim=projection or None)
         collector = InMemoryCollector(model=model.base_model, cfg=cfg, processor=processor,
                                       target_modules=targets, data=data, scorer=scorer)
         batches = [list(range(i, min(i + config.batch_size, len(data))))
@@ -93,24 +95,32 @@ def main() -> None:
         return collector
 
     train_set, val_set = dataset(run.train), dataset(run.val)
-    folder = tempfile.mkdtemp()
-    start = time.perf_counter()
-    queries = collect(val_set).gradients
-    modules = sorted(queries)
-    query = normalize_and_aggregate_grads(queries, modules, unit_normalize=True,
-                                          device=torch.device("cpu"), aggregate_grads="mean")
-    preprocess = PreprocessConfig(unit_normalize=True, aggregation="mean")
-    scorer = Scorer(query, modules, InMemorySequenceScoreWriter(len(train_set), 1),
-                    torch.device("cpu"), torch.float32,
-                    unit_normalize=preprocess.unit_normalize)
-    theirs = -collect(train_set, scorer).scores[:, 0].double()  # most harmful highest
-    their_seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        queries = collect(val_set).gradients
+        modules = sorted(queries)
+        query = normalize_and_aggregate_grads(queries, modules, unit_normalize=True,
+                                              device=torch.device("cpu"),
+                                              aggregate_grads="mean")
+        scorer = Scorer(query, modules, InMemorySequenceScoreWriter(len(train_set), 1),
+                        torch.device("cpu"), torch.float32, unit_normalize=True)
+        theirs = -collect(train_set, scorer).scores[:, 0].double()  # most harmful highest
+        their_seconds = time.perf_counter() - start
+        # not timed: bergson's unprojected gradients of the validation examples against ours
+        unprojected = collect(val_set, projection=0).gradients
+    fresh, _ = run.model_and_tokenizer()
+    mine = collect_gradients(fresh, text_batches(tokenizer, run.val, config.batch_size,
+                                                 config.max_length),
+                             "classification", progress=False)
+    differences = [float((unprojected[m] - mine[f"base_model.{m}.weight"]).abs().max()
+                         / mine[f"base_model.{m}.weight"].abs().max()) for m in modules]
     result = {
         "n_train": len(run.train), "n_val": len(run.val), "tracked_modules": len(targets),
         "projection_dim": PROJECTION_DIM,
         "ours": {"seconds": our_seconds, "auc": run.auc(ours)},
         "bergson": {"seconds": their_seconds, "auc": run.auc(theirs)},
         "spearman_with_ours": spearman(ours, theirs),
+        "unprojected_gradients_max_rel_diff": max(differences),
     }
     Path(out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
