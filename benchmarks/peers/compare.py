@@ -219,25 +219,22 @@ def run_pipeline(run: Path, peers: tuple[str, ...], rows: list[dict]) -> None:
               f"({row['peer_seconds'] / row['our_seconds']:.2f}x)")
 
 
-def pipeline_markdown(rows: list[dict]) -> str:
-    lines = ["| peer | what it runs | peer s | peer AUC | ours, timed | our s | our AUC "
-             "| peer / ours |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['peer']} | {r['what']} | {r['peer_seconds']:.1f} | "
-                     f"{r['peer_auc']:.3f} | {r['ours']} | {r['our_seconds']:.1f} | "
-                     f"{r['our_auc']:.3f} | {r['peer_seconds'] / r['our_seconds']:.2f}x |")
+def markdown(columns: dict[str, str], rows: list[dict]) -> str:
+    """A markdown table: ``columns`` maps each header to a format string of a row's fields."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(f.format(**r, ratio=r["peer_seconds"] / r["our_seconds"])
+                                for f in columns.values()) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| set | peer | method | theirs = | damping | Pearson | max rel. diff "
-             "| peer s | our s | peer / ours |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['set']} | {r['peer']} | {r['method']} | {r['relation']} | "
-                     f"{r['damping']} | {r['pearson']:.9f} | {r['max_rel_diff']:.1e} | "
-                     f"{r['peer_seconds']:.3f} | {r['our_seconds']:.3f} | "
-                     f"{r['peer_seconds'] / r['our_seconds']:.1f}x |")
-    return "\n".join(lines) + "\n"
+GRADIENT_TABLE = {"set": "{set}", "peer": "{peer}", "method": "{method}",
+                  "theirs =": "{relation}", "damping": "{damping}", "Pearson": "{pearson:.9f}",
+                  "max rel. diff": "{max_rel_diff:.1e}", "peer s": "{peer_seconds:.3f}",
+                  "our s": "{our_seconds:.3f}", "peer / ours": "{ratio:.1f}x"}
+PIPELINE_TABLE = {"peer": "{peer}", "what it runs": "{what}", "peer s": "{peer_seconds:.1f}",
+                  "peer AUC": "{peer_auc:.3f}", "ours, timed": "{ours}",
+                  "our s": "{our_seconds:.1f}", "our AUC": "{our_auc:.3f}",
+                  "peer / ours": "{ratio:.2f}x"}
 
 
 def main() -> None:
@@ -277,7 +274,9 @@ def main() -> None:
         qqp_peers = peers if args.peers else QQP_PEERS
         run_set("qqp", train, test, qqp_peers, {p: ("datainf",) for p in peers}, rows)
         del train, test
-    table = markdown(rows) + ("\n" + pipeline_markdown(pipeline) if pipeline else "")
+    table = markdown(GRADIENT_TABLE, rows)
+    if pipeline:
+        table += "\n" + markdown(PIPELINE_TABLE, pipeline)
     (WORK / "peers.md").write_text(table)
     print("\n" + table)
     print(f"everything above: {time.perf_counter() - started:.0f} s "
