@@ -39,6 +39,7 @@ def files(folder):
     ("--learning-rate", "-1", "--learning-rate must be positive"),
     ("--device", "cuda", "--device cuda: this torch has no CUDA device"),
     ("--device", "gpu", "--device 'gpu' is not a device name"),
+    ("--damping-rule", "fixed", "--damping-rule must be one of relative, absolute, not 'fixed'"),
     ("--adapter", "nowhere", "the adapter folder nowhere does not exist"),
 ])
 def test_bad_setting_leaves_out_usable(tiny_model, csv_file, tmp_path, capsys, no_training,

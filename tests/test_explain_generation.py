@@ -137,6 +137,21 @@ def test_end_to_end(tiny_chat_model, files, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == adapter
 
 
+def test_absolute_damping_rule(tiny_chat_model, files, tmp_path):
+    """--damping-rule absolute: the score matrix is DataInf's with one lambda for every block."""
+    from datainf import Damping, DataInf
+    from datainf.gradients.store import GradientStore
+
+    out = tmp_path / "run"
+    assert run(tiny_chat_model, *files, out, "--methods", "datainf", "--damping-rule",
+               "absolute", "--damping", "1e-3") == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["damping_rule"] == "absolute"
+    train = GradientStore.open(out / "gradients" / "train")
+    queries = GradientStore.open(out / "query" / "gradients")
+    expected = DataInf(Damping(absolute=1e-3)).fit(train).score(queries).numpy()
+    assert np.allclose(np.load(out / "scores.npz")["datainf"], expected, rtol=1e-5, atol=0)
+
+
 def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
     """Queries scored one at a time (the streaming path) give the scores of one batch."""
     from dataclasses import replace

@@ -64,6 +64,29 @@ def test_rerun_reuses_adapter_and_gradients(tiny_model, csv_file, tmp_path):
                            first["datainf_score"])
 
 
+def test_absolute_damping_rule(tiny_model, csv_file, tmp_path):
+    """--damping-rule absolute: one lambda = --damping for every block (rescoring a finished
+    run: the fine-tune and gradients are reused)."""
+    from datainf import Damping, DataInf, Exact
+    from datainf.gradients.store import GradientStore
+
+    out = tmp_path / "run"
+    args = ["--data", csv_file, *common(tiny_model, out), "--methods", "datainf,exact"]
+    assert cli(*args) == 0
+    relative = pd.read_csv(out / "scores.csv")
+    assert cli(*args, "--damping-rule", "absolute", "--damping", "1e-3") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["damping_rule"] == "absolute"
+    assert summary["config"]["damping"] == 1e-3
+    table = pd.read_csv(out / "scores.csv")
+    train = GradientStore.open(out / "gradients" / "train")
+    val = GradientStore.open(out / "gradients" / "val")
+    for name, cls in (("datainf", DataInf), ("exact", Exact)):
+        scores = cls(Damping(absolute=1e-3)).fit(train).score(val, aggregate=True).numpy()
+        assert np.allclose(table[f"{name}_score"], scores, rtol=1e-6)
+        assert not np.allclose(table[f"{name}_score"], relative[f"{name}_score"], rtol=1e-3)
+
+
 def test_no_noise_gives_ranking_without_auc(tiny_model, csv_file, tmp_path):
     out = tmp_path / "run"
     assert cli("--data", csv_file, "--noise", "0", "--methods", "datainf",

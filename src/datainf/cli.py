@@ -11,6 +11,10 @@ from typing import NoReturn
 
 from .errors import DataInfError
 
+DAMPING_HELP = "the damping constant: see --damping-rule"
+DAMPING_RULE_HELP = ("relative: lambda_l = DAMPING x the mean squared gradient entry of block l "
+                     "(the paper's); absolute: lambda_l = DAMPING for every block")
+
 
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
@@ -62,7 +66,8 @@ def _run_config(args: argparse.Namespace):
         learning_rate=rate if args.learning_rate is None else args.learning_rate,
         max_length=args.max_length, device=args.device, seed=args.seed,
         methods=tuple(args.methods.split(",")), blocks=args.blocks, grouping=args.grouping,
-        damping=args.damping, rank_by=args.rank_by, top=args.top, drop_top=args.drop_top,
+        damping=args.damping, damping_rule=args.damping_rule, rank_by=args.rank_by,
+        top=args.top, drop_top=args.drop_top,
         out=args.out, progress=False if args.quiet else None,
         process_group=getattr(args, "process_group", None),
     )
@@ -248,8 +253,9 @@ def _add_lm_options(g: argparse.ArgumentParser) -> None:
                    "of ours with gradients scaled to unit norm: datainf_normalized, cosine")
     s.add_argument("--blocks", help="regular expression: only the matching gradient blocks "
                    "count (e.g. 'layers\\.2[0-9]\\.')")
-    s.add_argument("--damping", type=float, default=G.damping,
-                   help="lambda_l = DAMPING x mean squared gradient entry of block l")
+    s.add_argument("--damping", type=float, default=G.damping, help=DAMPING_HELP)
+    s.add_argument("--damping-rule", default=G.damping_rule, metavar="{relative,absolute}",
+                   help=DAMPING_RULE_HELP)
 
 
 def _explain_generation(args: argparse.Namespace) -> None:
@@ -275,7 +281,8 @@ def _lm_config(args: argparse.Namespace, **settings):
         batch_size=args.batch_size, learning_rate=args.learning_rate,
         max_length=args.max_length, max_new_tokens=args.max_new_tokens, seed=args.seed,
         device=args.device, methods=tuple(args.methods.split(",")), blocks=args.blocks,
-        damping=args.damping, progress=False if args.quiet else None,
+        damping=args.damping, damping_rule=args.damping_rule,
+        progress=False if args.quiet else None,
         process_group=getattr(args, "process_group", None), **settings)
 
 
@@ -359,8 +366,9 @@ def _add_image_options(g: argparse.ArgumentParser) -> None:
                    "of ours with gradients scaled to unit norm: datainf_normalized, cosine")
     s.add_argument("--blocks", help="regular expression: only the matching gradient blocks "
                    "count (e.g. 'attn2')")
-    s.add_argument("--damping", type=float, default=I.damping,
-                   help="lambda_l = DAMPING x mean squared gradient entry of block l")
+    s.add_argument("--damping", type=float, default=I.damping, help=DAMPING_HELP)
+    s.add_argument("--damping-rule", default=I.damping_rule, metavar="{relative,absolute}",
+                   help=DAMPING_RULE_HELP)
 
 
 def _explain_image(args: argparse.Namespace) -> None:
@@ -391,7 +399,8 @@ def _image_config(args: argparse.Namespace, **settings):
         batch_size=args.batch_size, learning_rate=args.learning_rate, timesteps=timesteps,
         sampling_steps=args.sampling_steps, guidance=args.guidance, seed=args.seed,
         device=args.device, methods=tuple(args.methods.split(",")), blocks=args.blocks,
-        damping=args.damping, progress=False if args.quiet else None,
+        damping=args.damping, damping_rule=args.damping_rule,
+        progress=False if args.quiet else None,
         process_group=getattr(args, "process_group", None), **settings)
 
 
@@ -657,8 +666,9 @@ def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
     s.add_argument("--grouping", choices=("tensor", "module"), default=C.grouping,
                    help="one block per LoRA tensor (the paper's) or per module (A and B "
                    "together)")
-    s.add_argument("--damping", type=float, default=C.damping,
-                   help="relative damping constant (lambda_l = c x mean squared gradient)")
+    s.add_argument("--damping", type=float, default=C.damping, help=DAMPING_HELP)
+    s.add_argument("--damping-rule", default=C.damping_rule, metavar="{relative,absolute}",
+                   help=DAMPING_RULE_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:

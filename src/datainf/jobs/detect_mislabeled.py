@@ -34,6 +34,7 @@ from ..data.text import TextData, load_splits
 from ..errors import DataInfError
 from ..gradients.distributed import world
 from ..methods.blocks import blocks_matching, blocks_pattern, group_by_module, names_matching
+from ..methods.damping import damping_rule
 from ..metrics import detection_auc
 from .runs import (
     Stages,
@@ -97,6 +98,7 @@ class Config:
     blocks: str | None = None
     grouping: str = "tensor"            # "tensor" (the paper's) or "module"
     damping: float = 0.1
+    damping_rule: str = "relative"      # or "absolute" (methods.damping.damping_rule)
     rank_by: str = "datainf"            # the score that orders suspects.csv and the report
     top: int = 50                       # suspects listed in the report and suspects.csv
     drop_top: int | None = None         # write cleaned.csv without the top K suspects
@@ -152,6 +154,7 @@ def check_settings(config: Config) -> None:
     check_numbers(config, {"epochs": 1, "max_epochs": 1, "patience": 0, "batch_size": 1,
                            "lora_r": 1, "max_length": 2, "top": 1, "train_size": 2,
                            "val_size": 1}, ("learning_rate", "damping", "lora_alpha"))
+    damping_rule(config.damping_rule, config.damping)  # refuses an unknown rule
     if config.drop_top is not None and config.drop_top < 0:
         raise DataInfError(f"--drop-top must be 0 or more, not {config.drop_top}")
     if not 0 <= config.noise < 1:
@@ -369,8 +372,8 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     val = blocks_matching(val_store, config.blocks)
     if config.grouping == "module":
         train, val = group_by_module(train), group_by_module(val)
-    kwargs = {"damping": config.damping, "progress": False, "device": config.device,
-              "process_group": config.process_group}
+    kwargs = {"damping": damping_rule(config.damping_rule, config.damping), "progress": False,
+              "device": config.device, "process_group": config.process_group}
     scores, seconds, notes = {}, {}, {}
     for method in config.methods:
         start = time.perf_counter()

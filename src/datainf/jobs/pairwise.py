@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import DataInfError
 from ..methods import NAMED, TopK, estimator, top_k_of
 from ..methods.blocks import RowRange, blocks_matching, blocks_pattern
+from ..methods.damping import Damping, damping_rule
 
 # DataInf (the paper's), DataInf on unit gradients (the best cheap method on all three of the
 # generation study's tasks, README) and the Hessian-free baseline; --methods adds the others.
@@ -37,6 +38,7 @@ class PairwiseOptions:
     methods: tuple[str, ...] = DEFAULT_METHODS
     blocks: str | None = None           # regular expression: only matching blocks count
     damping: float = 0.1
+    damping_rule: str = "relative"      # or "absolute" (methods.damping.damping_rule)
     top: int = 5                        # most helpful and most harmful listed per query
     matrix: bool = True                 # write scores.npz (m x n per method)
     query_batch: int = 64               # queries scored together (memory: query_batch x n)
@@ -47,7 +49,8 @@ class PairwiseOptions:
 
     def scoring(self) -> dict:
         """The options of :func:`score_queries`."""
-        return {"methods": self.methods, "damping": self.damping, "blocks": self.blocks,
+        return {"methods": self.methods,
+                "damping": damping_rule(self.damping_rule, self.damping), "blocks": self.blocks,
                 "top": self.top, "query_batch": self.query_batch, "device": self.device,
                 "matrix": self.matrix, "process_group": self.process_group}
 
@@ -58,9 +61,10 @@ class PairwiseOptions:
             raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(NAMED)}")
         if self.blocks is not None:
             blocks_pattern(self.blocks)
+        damping_rule(self.damping_rule, 1.0)  # refuses an unknown rule
 
 
-def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping: float,
+def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping: Damping,
                   blocks: str | None, top: int, query_batch: int, device: str,
                   matrix: bool, folder: Path | None,
                   process_group: object | None = None) -> tuple[dict, dict, dict]:

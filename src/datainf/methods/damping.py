@@ -71,6 +71,18 @@ class Damping:
         return damping
 
 
+DAMPING_RULES = ("relative", "absolute")
+
+
+def damping_rule(rule: str, value: float) -> Damping:
+    """The commands' ``--damping-rule`` and ``--damping``: "relative" (lambda_l = value x block
+    l's mean squared gradient entry, the paper's) or "absolute" (lambda_l = value, every block)."""
+    if rule not in DAMPING_RULES:
+        raise DataInfError(f"--damping-rule must be one of {', '.join(DAMPING_RULES)}, "
+                           f"not {rule!r}")
+    return Damping(**{rule: value})
+
+
 def as_damping(damping: float | Mapping[str, float] | Damping) -> Damping:
     """A number means the relative constant; a mapping means per-block values."""
     if isinstance(damping, Damping):
