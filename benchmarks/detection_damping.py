@@ -14,13 +14,11 @@ better than our default DataInf (benchmarks/peers).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 
 from datainf import Damping, DataInf, Exact, HessianFree
 from datainf.gradients.store import GradientStore
-from datainf.jobs.detect_mislabeled import Config, load_data
+from datainf.jobs.detect_mislabeled import Config, load_data, recorded_settings
 from datainf.metrics import detection_auc
 
 
@@ -28,10 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", nargs="?", default="runs/detect-mislabeled", type=Path)
     run = parser.parse_args().run
-    record = json.loads((run / "run.json").read_text())
-    names = {f.name for f in dataclasses.fields(Config)}
-    config = Config(**{k: tuple(v) if isinstance(v, list) else v
-                       for k, v in record.items() if k in names})
+    config = Config(**recorded_settings(run))
     flipped = load_data(config)[0].flipped
     train, val = ({name: s.read_block(name) for name in s.block_names}
                   for s in (GradientStore.open(run / "gradients" / split)

@@ -41,6 +41,12 @@ def test_end_to_end_outputs(tiny_model, csv_file, tmp_path, capsys):
     val = GradientStore.open(out / "gradients" / "val")
     scores = DataInf().fit(train).score(val, aggregate=True).numpy()
     assert np.allclose(table["datainf_score"], scores, rtol=1e-6)
+    # the settings read back from run.json make the same run (as the peer benchmarks use it)
+    from datainf.jobs.detect_mislabeled import Config, recorded_settings
+
+    record = json.loads((out / "run.json").read_text())
+    del record["data_fingerprint"]
+    assert Config(**recorded_settings(out)).expensive() == record
 
 
 def test_rerun_reuses_adapter_and_gradients(tiny_model, csv_file, tmp_path):

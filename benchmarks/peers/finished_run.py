@@ -4,8 +4,6 @@ our influence step on it, timed. Imported in the peer's environment, which has d
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -16,13 +14,10 @@ class FinishedRun:
     """``run``: the --out folder of a finished ``datainf detect-mislabeled``."""
 
     def __init__(self, run: Path):
-        from datainf.jobs.detect_mislabeled import Config, load_data
+        from datainf.jobs.detect_mislabeled import Config, load_data, recorded_settings
 
         self.run = run
-        record = json.loads((run / "run.json").read_text())
-        names = {f.name for f in dataclasses.fields(Config)}
-        self.config = Config(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in record.items() if k in names})
+        self.config = Config(**recorded_settings(run))
         self.train, self.val, _ = load_data(self.config)
 
     def model_and_tokenizer(self) -> tuple[torch.nn.Module, object]:

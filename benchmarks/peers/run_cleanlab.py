@@ -17,7 +17,6 @@ RUN, which is then the default run (compare.py uses it so, instead of running it
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import tempfile
@@ -37,12 +36,7 @@ def main() -> None:
 
     run, out = Path(sys.argv[1]), sys.argv[2]
     folds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
-    settings = {}
-    if run.exists():
-        record = json.loads((run / "run.json").read_text())
-        names = {f.name for f in dataclasses.fields(job.Config)}
-        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()
-                    if k in names}
+    settings = job.recorded_settings(run) if run.exists() else {}
     run.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=run.parent) as folder:
         # ---- ours: the whole pipeline

@@ -209,6 +209,14 @@ def run_record(config: Config, train: TextData) -> dict:
     return {**config.expensive(), "data_fingerprint": train.fingerprint()}
 
 
+def recorded_settings(out: Path) -> dict:
+    """The settings the run.json of a run at ``out`` records, as Config keyword arguments
+    (data, model and fine-tuning; the others keep their defaults)."""
+    record = json.loads((Path(out) / "run.json").read_text())
+    names = {f.name for f in dataclasses.fields(Config)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names}
+
+
 # ---------------------------------------------------------------- stage 2: adapter
 def load_model(config: Config, train: TextData, out: Path):
     """The classifier with its LoRA adapter, before any training: (model, tokenizer, source,
