@@ -45,6 +45,14 @@ class GradientModel(torch.nn.Module):
         return {name: f"blocks.{_safe(name)}.theta" for name in self.names}
 
 
+def read_set(path: str) -> tuple[dict, dict[str, int]]:
+    """A comparison set written by compare.py, and its block widths (name -> d_l). Sets torch's
+    default dtype to the set's, so that models and inputs made next are in it."""
+    data = torch.load(path)
+    torch.set_default_dtype(getattr(torch, data.get("dtype", "float64")))
+    return data, {name: block.shape[1] for name, block in data["train"].items()}
+
+
 def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1/2 (prediction - target)^2, averaged over the examples given."""
     return 0.5 * ((prediction.reshape(-1) - target.reshape(-1)) ** 2).mean()

@@ -29,12 +29,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gradient_model import GradientModel, inputs, squared_error  # noqa: E402
+from gradient_model import GradientModel, inputs, read_set, squared_error  # noqa: E402
 
 
 def main() -> None:
-    source, out = sys.argv[1], sys.argv[2]
-    data = torch.load(source)
+    data, widths = read_set(sys.argv[1])
     from dattri.algorithm.influence_function import (
         IFAttributorDataInf,
         IFAttributorExplicit,
@@ -47,8 +46,6 @@ def main() -> None:
 
     IFAttributorLiSSA.lissa_collate_fn = staticmethod(keep_dtype)
 
-    torch.set_default_dtype(getattr(torch, data.get("dtype", "float64")))
-    widths = {name: block.shape[1] for name, block in data["train"].items()}
     model = GradientModel(widths)
     lam = {float(v) for v in data["damping"].values()}
     if len(lam) != 1:
@@ -101,7 +98,7 @@ def main() -> None:
             continue
         found[method] = {"scores": scores.detach().T.contiguous(),
                          "seconds": time.perf_counter() - start}
-    torch.save(found, out)
+    torch.save(found, sys.argv[2])
 
 
 if __name__ == "__main__":

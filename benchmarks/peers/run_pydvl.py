@@ -23,20 +23,17 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gradient_model import GradientModel, inputs, squared_error  # noqa: E402
+from gradient_model import GradientModel, inputs, read_set, squared_error  # noqa: E402
 
 
 def main() -> None:
-    source, out = sys.argv[1], sys.argv[2]
-    data = torch.load(source)
+    data, widths = read_set(sys.argv[1])
     from pydvl.influence.torch import (
         DirectInfluence,
         InverseHarmonicMeanInfluence,
         LissaInfluence,
     )
 
-    torch.set_default_dtype(getattr(torch, data.get("dtype", "float64")))
-    widths = {name: block.shape[1] for name, block in data["train"].items()}
     model = GradientModel(widths)
     names = model.parameter_names()
     blocks = OrderedDict((name, [names[name]]) for name in widths)
@@ -63,7 +60,7 @@ def main() -> None:
         est = est.fit(loader)
         scores = est.influences(x_test, y_test, x, y, mode="up")
         found[method] = {"scores": scores.detach(), "seconds": time.perf_counter() - start}
-    torch.save(found, out)
+    torch.save(found, sys.argv[2])
 
 
 if __name__ == "__main__":
