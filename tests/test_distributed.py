@@ -17,6 +17,14 @@ import torch
 import torch.multiprocessing as mp
 from conftest import random_gradients
 from ranks import run_ranks
+from tolerances import (
+    FLOAT32_PASS,
+    FLOAT64,
+    ONE_FLOAT32_ROUNDING,
+    assert_same_ranking,
+    float32_passes,
+    relative,
+)
 
 from datainf import DataInfError, collect_gradients
 from datainf.gradients.distributed import shard
@@ -30,8 +38,8 @@ SELF = ("datainf", "exact", "hessian_free", "datainf_normalized", "cosine")
 
 def results(method: str, train, test, group=None) -> dict[str, torch.Tensor]:
     """Everything an estimator computes from ``train`` for ``test``. In float64, LiSSA runs
-    its 400 iterations (its float32 rounding grows with them: on a float32 store it stops at
-    its default tolerance)."""
+    its 400 iterations to a residual of 1e-10; on a float32 store it runs its default 200
+    (unconverged here: the bound of the comparison grows with the iterations)."""
     float64 = isinstance(train, dict)
     kwargs = {"max_iterations": 400, "tol": 1e-10} if method == "lissa" and float64 else {}
     est = estimator(method, progress=False, process_group=group, **kwargs).fit(train)
@@ -52,10 +60,6 @@ def engine_worker(rank, group, folder, source):
     torch.save(found, folder / f"rank{rank}.pt")
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.mark.filterwarnings("ignore:LiSSA did not converge")
 @pytest.mark.parametrize(("source", "size"), [("memory", 3), ("store", 2)])
 def test_ranks_score_like_one_process(tmp_path, source, size):
@@ -69,15 +73,19 @@ def test_ranks_score_like_one_process(tmp_path, source, size):
     run_ranks(engine_worker, size, tmp_path, tmp_path, source)
     for method in NAMED:
         alone = results(method, train, test)
+        # the same sums split over ranks (see tests/tolerances.py): float64 in memory; on the
+        # float32 store one float32 pass per score, LiSSA one per iteration (200, unconverged)
+        bound = FLOAT64 if source == "memory" else \
+            float32_passes(200) if method == "lissa" else FLOAT32_PASS
         for rank in range(size):
             found = torch.load(tmp_path / f"rank{rank}.pt")[method]
             assert set(found) == set(alone)
             for key, value in alone.items():
                 if key in ("helpful", "harmful"):
-                    assert torch.equal(found[key], value), (method, key, rank)
+                    assert_same_ranking(found[key], value, alone["score"], bound)
                 else:
                     assert found[key].shape == value.shape
-                    assert relative(found[key], value) < 1e-6, (method, key, rank)
+                    assert relative(found[key], value) < bound, (method, key, rank)
 
 
 def test_shards_cover_the_rows_in_order():
@@ -121,7 +129,7 @@ class DyingTask:
 def collect_worker(rank, group, folder, dies, after):
     from tiny_models import tiny_bert_classifier
 
-    model = tiny_bert_classifier(dtype=torch.float32)
+    model = tiny_bert_classifier()
     task = DyingTask(dies, after, rank, folder / "ranks" / "shard-00000-of-00002.json")
     store = collect_gradients(model, text_batches(), task, out=folder / "ranks",
                               process_group=group, progress=False)
@@ -139,17 +147,19 @@ def text_batches():
 def test_ranks_collect_one_store_like_one_process(tmp_path):
     from tiny_models import tiny_bert_classifier
 
-    alone = collect_gradients(tiny_bert_classifier(dtype=torch.float32), text_batches(),
+    alone = collect_gradients(tiny_bert_classifier(), text_batches(),
                               out=tmp_path / "alone", progress=False)
     run_ranks(collect_worker, 2, tmp_path, tmp_path, -1, 0)
     store = GradientStore.open(tmp_path / "ranks")
     assert store.shards == 2 and store.identity == alone.identity
+    bound = ONE_FLOAT32_ROUNDING
     for name in alone.block_names:
-        assert relative(store.read_block(name), alone.read_block(name)) < 1e-6, name
-        assert relative(store.row_sq_norms(name), alone.row_sq_norms(name)) < 1e-6, name
+        # float64 gradients batched otherwise, each rounded once to float32 (tolerances.py)
+        assert relative(store.read_block(name), alone.read_block(name)) < bound, name
+        assert relative(store.row_sq_norms(name), alone.row_sq_norms(name)) < bound, name
         for rank in range(2):  # in memory: every rank gets every row
             memory = torch.load(tmp_path / f"memory{rank}.pt")[name]
-            assert relative(memory, alone.read_block(name)) < 1e-6, name
+            assert relative(memory, alone.read_block(name)) < bound, name
 
 
 def test_a_killed_rank_is_rerun_alone(tmp_path):
@@ -158,7 +168,7 @@ def test_a_killed_rank_is_rerun_alone(tmp_path):
     and equal to one process's."""
     from tiny_models import tiny_bert_classifier
 
-    model = tiny_bert_classifier(dtype=torch.float32)
+    model = tiny_bert_classifier()
     alone = collect_gradients(model, text_batches(), out=tmp_path / "alone", progress=False)
     with pytest.raises(mp.ProcessExitedException):
         run_ranks(collect_worker, 2, tmp_path, tmp_path, 1, 1)
@@ -170,7 +180,7 @@ def test_a_killed_rank_is_rerun_alone(tmp_path):
     assert task.calls == [3, 4]  # rows 10-12 and 13-16: none of those written again
     assert store.complete and GradientStore.open(tmp_path / "ranks").complete
     for name in alone.block_names:
-        assert relative(store.read_block(name), alone.read_block(name)) < 1e-6, name
+        assert relative(store.read_block(name), alone.read_block(name)) < ONE_FLOAT32_ROUNDING, name
 
 
 def test_one_process_finishes_every_shard(tmp_path):
@@ -178,7 +188,7 @@ def test_one_process_finishes_every_shard(tmp_path):
     alone; the shards are written in any order and each refuses rows out of its order."""
     from tiny_models import tiny_bert_classifier
 
-    model = tiny_bert_classifier(dtype=torch.float32)
+    model = tiny_bert_classifier()
     alone = collect_gradients(model, text_batches(), out=tmp_path / "alone", progress=False)
     store = GradientStore.create_or_resume(tmp_path / "s", alone.block_widths, 17,
                                            alone.identity, shards=3)
@@ -200,7 +210,8 @@ def test_one_process_finishes_every_shard(tmp_path):
                                  progress=False)
     assert sum(task.calls) == 17 - 5 and finished.complete
     for name in alone.block_names:
-        assert relative(finished.read_block(name), alone.read_block(name)) < 1e-6, name
+        assert relative(finished.read_block(name), alone.read_block(name)) < \
+            ONE_FLOAT32_ROUNDING, name
     (tmp_path / "s" / "shard-00002-of-00003.json").unlink()  # a complete store stays so
     task = DyingTask()
     again = collect_gradients(model, text_batches(), task, out=tmp_path / "s", progress=False)
@@ -209,12 +220,12 @@ def test_one_process_finishes_every_shard(tmp_path):
 
 # ---------------------------------------------------------------- fine-tuning
 def tuned_classifier(folder):
-    """The tiny BERT classifier of ``folder`` with a fresh LoRA adapter (seeded), without
-    dropout."""
+    """The tiny BERT classifier of ``folder`` in float64 with a fresh LoRA adapter (seeded),
+    without dropout."""
     from datainf.models.hf import add_lora, load_classifier
 
     torch.manual_seed(1)  # the 3-class head is drawn afresh
-    model, tokenizer = load_classifier(folder, 3)
+    model, tokenizer = load_classifier(folder, 3, torch_dtype=torch.float64)
     model = add_lora(model, r=2, alpha=4, target_modules=("query", "value"))
     for module in model.modules():  # each rank draws its own dropout masks: none here
         if isinstance(module, torch.nn.Dropout):
@@ -240,7 +251,9 @@ def finetune_worker(rank, group, folder, model_folder):
 
 def test_ddp_fine_tuning_equals_one_process(tmp_path, tiny_model):
     """2 ranks (DDP, each on its share of every batch of 8, the last batch of 5) train the
-    adapter one process trains, to float rounding."""
+    adapter one process trains, to float64 rounding: the same steps with the gradients summed
+    in another order; AdamW's update m / (sqrt(v) + eps) keeps relative errors relative, so 6
+    steps stay far inside FLOAT64 (tolerances.py)."""
     run_ranks(finetune_worker, 2, tmp_path, tmp_path, tiny_model)
     (tmp_path / "alone").mkdir()
     finetune_worker(0, None, tmp_path / "alone", tiny_model)
@@ -248,11 +261,11 @@ def test_ddp_fine_tuning_equals_one_process(tmp_path, tiny_model):
     start = {n: p.detach() for n, p in tuned_classifier(tiny_model)[0].named_parameters()}
     for rank in range(2):
         found = torch.load(tmp_path / f"tuned{rank}.pt")
-        assert np.allclose(found["history"], alone["history"], rtol=1e-6)
+        assert relative(found["history"], alone["history"]) < FLOAT64
         for name, value in alone["trained"].items():
             moved = value - start[name]
             assert moved.abs().max() > 0  # training changed it
-            assert relative(found["trained"][name] - start[name], moved) < 1e-4, name
+            assert relative(found["trained"][name] - start[name], moved) < FLOAT64, name
 
 
 # ---------------------------------------------------------------- the command under torchrun

@@ -113,7 +113,7 @@ def train_loop(
             optimizer.step()
             schedule.step()
             sums += torch.tensor([float(value.detach()) * weight * size_all / size,
-                                  size_all / size])
+                                  size_all / size], dtype=torch.float64)
             bar.update(1)
             bar.set_postfix(loss=f"{sums[0] / sums[1]:.3f}")
         sums = all_reduce_sum(sums, process_group)
