@@ -22,6 +22,7 @@ from tolerances import (
     FLOAT64,
     ONE_FLOAT32_ROUNDING,
     assert_same_ranking,
+    auc_rounding_bound,
     float32_passes,
     relative,
 )
@@ -308,20 +309,27 @@ def test_detect_mislabeled_under_torchrun_equals_one_process(tmp_path, still_mod
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
-    assert two["training"]["epoch_losses"] == pytest.approx(one["training"]["epoch_losses"],
-                                                            rel=1e-5)
+    # float32 throughout: 3 epochs of at most 8 steps (60 rows, batches of 8) with the gradients
+    # summed in another order, then the gradient pass and the scoring pass, each adding at most
+    # one float32 pass's rounding (tests/tolerances.py); measured here <= 1e-6
+    bound = float32_passes(3 * 8 + 2)
+    assert relative(two["training"]["epoch_losses"], one["training"]["epoch_losses"]) < bound
     for split in ("train", "val"):
         a = GradientStore.open(tmp_path / "one" / "gradients" / split)
         b = GradientStore.open(tmp_path / "two" / "gradients" / split)
         assert b.shards == 2
         for name in a.block_names:
-            assert relative(b.read_block(name), a.read_block(name)) < 1e-5, (split, name)
+            assert relative(b.read_block(name), a.read_block(name)) < bound, (split, name)
     a, b = (pd.read_csv(tmp_path / run / "scores.csv") for run in ("one", "two"))
     for method in ("datainf", "exact", "lissa", "hessian_free", "datainf_self", "loss"):
-        found, alone = (torch.tensor(x[f"{method}_score"].to_numpy()) for x in (b, a))
-        assert relative(found, alone) < 1e-5, method  # measured here: < 1e-6
-        assert one["methods"][method]["auc"] == pytest.approx(two["methods"][method]["auc"],
-                                                              abs=0.01)
+        found, alone = (x[f"{method}_score"].to_numpy() for x in (b, a))
+        # LiSSA repeats its float32 pass up to its 200 iterations on top
+        rtol = bound + float32_passes(200) if method == "lissa" else bound
+        assert relative(found, alone) < rtol, method
+        # the AUCs (rounded to 4 places) differ only by pairs of near-tied scores
+        moved = auc_rounding_bound(alone, a["flipped"].to_numpy(), rtol)
+        assert abs(one["methods"][method]["auc"] - two["methods"][method]["auc"]) <= \
+            moved + 1e-4, method
 
 
 def torchrun(arguments: list[str]) -> subprocess.CompletedProcess:
@@ -360,14 +368,17 @@ def test_explain_under_torchrun_equals_one_process(tmp_path, command, request):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("scored against") == 1  # rank 0 reports, alone
     one, two = (np.load(tmp_path / run / "scores.npz") for run in ("one", "two"))
+    # float32: one epoch of 3 steps (12 or 10 examples, batches of 4), the gradient and scoring
+    # passes (tests/tolerances.py); LiSSA's up to 200 iterations on top
+    bound = float32_passes(3 + 2)
     for method in ("datainf", "exact", "lissa", "hessian_free", "cosine"):
-        assert relative(torch.tensor(two[method]), torch.tensor(one[method])) < 1e-5, method
+        rtol = bound + float32_passes(200) if method == "lissa" else bound
+        assert relative(two[method], one[method]) < rtol, method
     lines = [(tmp_path / run / "top.jsonl").read_text().splitlines() for run in ("one", "two")]
-    for a, b in zip(*lines, strict=True):
-        a, b = json.loads(a), json.loads(b)
-        for method in ("datainf", "hessian_free"):
-            assert [x["train"] for x in a[method]["helpful"]] == \
-                [x["train"] for x in b[method]["helpful"]]
+    for method in ("datainf", "hessian_free"):
+        found, expected = ([[x["train"] for x in json.loads(line)[method]["helpful"]]
+                            for line in run] for run in (lines[1], lines[0]))
+        assert_same_ranking(found, expected, one[method], bound)
 
 
 @pytest.mark.slow
