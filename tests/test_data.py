@@ -240,6 +240,7 @@ def test_missing_local_model_fails_at_once(tmp_path, monkeypatch):
         with pytest.raises(DataInfError, match=f"the model folder {name} does not exist; pass an "
                            "existing folder, 'minilm'"):
             models._resolve(name)
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
     assert models._resolve("org/name") == "org/name"  # a hub name is passed on
 
 

@@ -184,7 +184,7 @@ def test_folder_without_config(offline, tmp_path):
 
 
 def test_hub_name_offline_is_a_clear_error(offline):
-    with pytest.raises(DataInfError, match="network"):
+    with pytest.raises(DataInfError, match="the model hub cannot be reached from here"):
         load_classifier("datainf-no-such-org/no-such-model", 2)
 
 

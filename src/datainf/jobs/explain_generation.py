@@ -89,7 +89,7 @@ def check_settings(config: Config) -> None:
     from .detect_mislabeled import check_device
 
     check_device(config.device)
-    check_model_name(config.model)
+    check_model_name(config.model, ("smollm2",))
     if config.adapter is not None:
         check_adapter_folder(config.adapter)
 

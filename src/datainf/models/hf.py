@@ -19,9 +19,13 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -144,8 +148,47 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
-def _resolve(name_or_path: str | os.PathLike) -> str:
-    """A special name, a local folder (checked), or a hub name (passed on as is)."""
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the model hub answers here: False at once with ``HF_HUB_OFFLINE`` set, else one
+    TCP connection to its endpoint, no retries, at most ``timeout`` seconds (name lookup
+    included). Behind an HTTP(S) proxy the hub is assumed reachable (the proxy decides)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    if url.scheme in urllib.request.getproxies():
+        return True
+    port = url.port or (443 if url.scheme == "https" else 80)
+    answered: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            answered.append(False)
+
+    worker = threading.Thread(target=attempt, daemon=True)  # a hung name lookup is left behind
+    worker.start()
+    worker.join(timeout)
+    return bool(answered and answered[0])
+
+
+def _alternatives(first: str, offline_names: tuple[str, ...]) -> str:
+    """"a local folder, 'minilm' or 'smollm2'": ``first`` and the quoted names, as a list."""
+    items = [first, *(f"'{n}'" for n in offline_names)]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _resolve(name_or_path: str | os.PathLike,
+             offline_names: tuple[str, ...] = ("minilm", "smollm2")) -> str:
+    """A special name, a local folder (checked), or a hub name (passed on as is when the hub
+    answers; refused at once when it does not). ``offline_names``: the shipped models to
+    suggest."""
     name = os.fspath(name_or_path)
     if name == "minilm":
         return str(minilm_path())
@@ -163,8 +206,14 @@ def _resolve(name_or_path: str | os.PathLike) -> str:
         return str(path)
     if looks_like_local_path(name_or_path):
         raise DataInfError(
-            f"the model folder {name} does not exist; pass an existing folder, 'minilm', "
-            "'smollm2', or a hub name (needs network access)"
+            f"the model folder {name} does not exist; pass "
+            f"{_alternatives('an existing folder', (*offline_names, 'a hub name'))}"
+            .replace("'a hub name'", "a hub name (needs network access)")
+        )
+    if not hub_reachable():
+        raise DataInfError(
+            f"no local folder {name}, and the model hub cannot be reached from here; pass "
+            f"{_alternatives('a local folder', offline_names)}"
         )
     return name
 
@@ -238,8 +287,16 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = _resolve(name_or_path)
-    model = _from_pretrained(AutoModelForCausalLM, name, dtype=torch_dtype)
+    name = _resolve(name_or_path, ("smollm2",))
+    model, info = _from_pretrained(AutoModelForCausalLM, name, dtype=torch_dtype,
+                                   output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # e.g. an encoder (BERT) given a freshly initialised LM head
+        raise DataInfError(
+            f"{os.fspath(name_or_path)} is not a causal language model: its checkpoint has no "
+            f"weights for {len(missing)} tensors of {type(model).__name__} ({missing[0]}, ...), "
+            "which would start random; pass a causal LM checkpoint such as 'smollm2'"
+        )
     tokenizer = _from_pretrained(AutoTokenizer, name)
     _ensure_pad_token(model, tokenizer)
     return model.eval(), tokenizer
@@ -389,13 +446,16 @@ def model_fingerprint(
     return h.hexdigest()
 
 
-def check_model_name(name_or_path: str | os.PathLike) -> None:
+def check_model_name(name_or_path: str | os.PathLike,
+                     offline_names: tuple[str, ...] = ("minilm", "smollm2")) -> None:
     """Refuse, at once, a model name that cannot be loaded: a missing asset package, a local
-    folder that does not exist or has no config.json. Loads and converts nothing."""
+    folder that does not exist or has no config.json, a hub name while the hub cannot be
+    reached (within seconds). Loads and converts nothing. ``offline_names``: the shipped models
+    the message suggests."""
     if os.fspath(name_or_path) == "smollm2":
         smollm2_gguf()
     else:
-        _resolve(name_or_path)
+        _resolve(name_or_path, offline_names)
 
 
 def tiny_chat_model(folder: str | os.PathLike) -> Path:
