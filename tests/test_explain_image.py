@@ -122,12 +122,18 @@ def test_end_to_end(tiny_digit_pipeline, folders, tmp_path, capsys):
     assert (out / "query" / "generated" / "line-3-seed-11.png").is_file()
     for j, row in enumerate(rows):
         for method in scores.files:
-            order = np.argsort(scores[method][j], kind="stable")
-            assert [x["train"] for x in row[method]["helpful"]] == list(order[:3])
-            assert [x["train"] for x in row[method]["harmful"]] == list(order[::-1][:3])
-            assert row[method]["helpful"][0]["file_name"] == f"{500 * order[0]:04d}.png"
+            s = scores[method][j]
+            order = np.argsort(s, kind="stable")  # only negative scores help, positive harm
+            helpful = [i for i in order[:3] if s[i] < 0]
+            assert [x["train"] for x in row[method]["helpful"]] == helpful
+            assert [x["train"] for x in row[method]["harmful"]] == \
+                [i for i in order[::-1][:3] if s[i] > 0]
+            assert [x["file_name"] for x in row[method]["helpful"]] == \
+                [f"{500 * i:04d}.png" for i in helpful]
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 + 3 * 3 * 6 + 2 * 8
+    listed = sum(len(row[m]["helpful"]) + len(row[m]["harmful"]) for row in rows
+                 for m in scores.files)
+    assert page.count("data:image/png;base64,") == 3 + listed + 2 * 8
     # a repeat reuses the adapter and both stores; new scores only
     first = scores["datainf"].copy()
     assert run(tiny_digit_pipeline, *folders, out, "--methods", "datainf") == 0

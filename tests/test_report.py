@@ -71,7 +71,7 @@ def test_drop_top_writes_a_cleaned_copy(tiny_model, csv_with_ids, tmp_path):
     assert len(cleaned) == 60 - 5 and not dropped & set(cleaned["row"])
     assert list(cleaned.columns) == ["row", "id", "text", "label"]
     kept = original.drop(index=sorted(dropped))
-    # the user's own labels, not the injected noise, in file order
+    # the user's own labels (no noise on a user's file by default), in file order
     assert list(cleaned["label"]) == list(kept["label"])
     assert list(cleaned["text"]) == list(kept["text"])
     summary = json.loads((out / "summary.json").read_text())

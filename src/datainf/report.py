@@ -91,14 +91,14 @@ def write_report(summary: dict, table, suspects, scores: dict, flipped: np.ndarr
                   f"<td class='{'disagree' if r['suggested_label'] else ''}'>{says}</td>",
                   f"<td>{r[f'{rank_by}_score']:.4g}</td>"]
         if has_auc:
-            cells += [f"<td>{e(str(r['original_label']))}</td>",
+            cells += [f"<td>{e(str(r['trained_label']))}</td>",
                       f"<td>{'yes' if r['flipped'] else ''}</td>"]
         cells.append(f"<td class='text'>{short}</td>")
         suspect_rows.append("<tr>" + "".join(cells) + "</tr>")
     suspect_head = ("<tr><th>rank</th><th>row</th>" + ("<th>id</th>" if has_id else "")
                     + "<th>given label</th><th>model says (probability)</th>"
                     + f"<th>score ({e(labels[rank_by])})</th>"
-                    + ("<th>original label</th><th>flipped</th>" if has_auc else "")
+                    + ("<th>trained on (--noise)</th><th>flipped</th>" if has_auc else "")
                     + "<th>text</th></tr>")
 
     breakdown = "".join(
@@ -185,6 +185,19 @@ scores): edit the labels you agree with in your own file, by row.</li>
 """
 
 
+NONE_LISTED = {
+    "helpful": "none: no training example has a negative score (none lowers this query's loss)",
+    "harmful": "none: no training example has a positive score (every one lowers this query's "
+               "loss)",
+}
+
+
+def _none_note(lists: dict, side: str) -> str:
+    """Why a query's list of helpful or harmful examples is empty (only examples with a score of
+    that side's sign are listed)."""
+    return "" if lists[side] else f"<p class='note'>{NONE_LISTED[side]}</p>"
+
+
 def explain_generation_page(summary: dict, rows: list[dict], methods: list[str]) -> str:
     """The explain-generation report: per query, its prompt and response, and for each method
     the most helpful and most harmful training examples side by side."""
@@ -206,8 +219,9 @@ def explain_generation_page(summary: dict, rows: list[dict], methods: list[str])
         blocks = "".join(
             f"<tr><th colspan='2'>{e(summary['methods'][m]['label'])}</th></tr>"
             f"<tr><td><b>most helpful</b> (most negative)<ol>{examples(row[m]['helpful'])}"
-            f"</ol></td><td><b>most harmful</b> (most positive)<ol>"
-            f"{examples(row[m]['harmful'])}</ol></td></tr>" for m in methods)
+            f"</ol>{_none_note(row[m], 'helpful')}</td><td><b>most harmful</b> (most positive)"
+            f"<ol>{examples(row[m]['harmful'])}</ol>{_none_note(row[m], 'harmful')}</td></tr>"
+            for m in methods)
         sections.append(
             f"<h3>Query {row['query'] + 1} <span class='note'>(line {row['line']})"
             f"{_keys(row)}</span></h3><p>{turns(row['prompt'])}<br><b>response</b> ({said}): "
@@ -272,8 +286,9 @@ def explain_image_page(summary: dict, rows: list[dict], methods: list[str], trai
                 else "given")
         blocks = "".join(
             f"<tr><th>{e(summary['methods'][m]['label'])}</th><td><b>most helpful</b> (most "
-            f"negative)<div class='grid'>{grid(row[m]['helpful'])}</div></td><td><b>most "
-            f"harmful</b> (most positive)<div class='grid'>{grid(row[m]['harmful'])}</div>"
+            f"negative)<div class='grid'>{grid(row[m]['helpful'])}</div>"
+            f"{_none_note(row[m], 'helpful')}</td><td><b>most harmful</b> (most positive)"
+            f"<div class='grid'>{grid(row[m]['harmful'])}</div>{_none_note(row[m], 'harmful')}"
             "</td></tr>" for m in methods)
         sections.append(
             f"<h3>Query {row['query'] + 1} <span class='note'>(line {row['line']}, {said})"

@@ -69,10 +69,11 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
                   matrix: bool, folder: Path | None,
                   process_group: object | None = None) -> tuple[dict, dict, dict]:
     """(tops, seconds, notes) per method: ``tops[method][j]`` = {"helpful": [(i, score)],
-    "harmful": [(i, score)]}, the ``top`` most helpful and most harmful training examples of
-    query j; the method's seconds; notes (LiSSA: whether it converged). With ``matrix``, the
-    (m, n) float64 score matrix too, written as folder/METHOD.npy a batch of queries at a
-    time (not written when ``folder`` is None: the ranks other than 0); memory holds
+    "harmful": [(i, score)]}, the ``top`` most helpful (negative scores only) and most harmful
+    (positive scores only) training examples of query j; the method's seconds; notes (LiSSA:
+    whether it converged). With ``matrix``, the (m, n) float64 score matrix too, written as
+    folder/METHOD.npy a batch of queries at a time (not written when ``folder`` is None: the
+    ranks other than 0); memory holds
     ``query_batch`` x n scores, never the whole matrix. Without ``matrix``, the engine's
     ``top_k`` scores the training rows a chunk at a time: memory does not grow with n at all.
     With a process group, every rank takes the same path and gets the same lists."""
@@ -118,11 +119,14 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
 
 def _entries(top: TopK) -> list[dict]:
     """A :class:`~datainf.methods.base.TopK` as one dict per query: {"helpful": [(i, score)],
-    "harmful": [(i, score)]}."""
-    sides = {"helpful": (top.helpful, top.helpful_scores),
-             "harmful": (top.harmful, top.harmful_scores)}
-    per_side = {side: [list(zip(i.tolist(), s.tolist(), strict=True)) for i, s in zip(
-        index.cpu(), scores.cpu(), strict=True)] for side, (index, scores) in sides.items()}
+    "harmful": [(i, score)]}, helpful only with score < 0 and harmful only with score > 0 (so
+    the two lists never share an example; either may be shorter than k, or empty: when every
+    training example helps a query, none is listed as harmful)."""
+    sides = {"helpful": (top.helpful, top.helpful_scores, lambda s: s < 0),
+             "harmful": (top.harmful, top.harmful_scores, lambda s: s > 0)}
+    per_side = {side: [[(i, s) for i, s in zip(i.tolist(), s.tolist(), strict=True) if keep(s)]
+                       for i, s in zip(index.cpu(), scores.cpu(), strict=True)]
+                for side, (index, scores, keep) in sides.items()}
     return [{"helpful": h, "harmful": x} for h, x in zip(per_side["helpful"],
                                                           per_side["harmful"], strict=True)]
 
