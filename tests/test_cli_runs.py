@@ -9,6 +9,7 @@ import subprocess
 import pandas as pd
 import pytest
 from cli_helpers import bad, cli, common, make_texts
+from tolerances import FLOAT32_PASS, relative
 
 import datainf.jobs.detect_mislabeled as job
 
@@ -206,11 +207,36 @@ def test_help_names_outputs_and_the_deliberate_noise(capsys):
     assert "default: text) (default" not in text
     for output in ("summary.json", "scores.csv", "suspects.csv", "report.html", "cleaned.csv"):
         assert output in text
-    assert "on purpose" in text and "--noise 0" in text and "examples:" in text
+    flat = " ".join(text.split())
+    assert "on purpose" in flat and "0 on your --data" in flat and "examples:" in text
+    # the examples keep their lines
+    assert "\n  datainf detect-mislabeled --data train.csv --text-column review" in text
+    assert "\n      --drop-top 100 --out runs/reviews" in text
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     demo = capsys.readouterr().out
     assert "training examples generated" in demo and "(default: 2000)" in demo
+
+
+def test_help_of_the_experiments_and_the_version(capsys):
+    from datainf import __version__
+    from datainf.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"datainf {__version__}\n"
+    with pytest.raises(SystemExit):
+        main(["experiment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "option_strings" not in text and "top k% and fine-tuning again" in text
+    with pytest.raises(SystemExit):
+        main(["experiment", "removal", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    # the options' defaults as the experiment applies them, as its description says
+    assert "400 training and 100 validation examples of 64 tokens, learning rate 1e-3" in text
+    assert "(default: 400 of built-in data; all of a file)" in text
+    assert "(default: 0.001 on built-in data" in text and "(default: 0.2 on any data)" in text
+    assert "in seconds" not in text and "its numbers mean nothing" in text
 
 
 def test_unit_gradient_variants(tiny_model, csv_file, tmp_path):
@@ -219,7 +245,6 @@ def test_unit_gradient_variants(tiny_model, csv_file, tmp_path):
     import json
 
     import pandas as pd
-    import torch
 
     from datainf import HessianFree
     from datainf.gradients.store import GradientStore
@@ -232,5 +257,5 @@ def test_unit_gradient_variants(tiny_model, csv_file, tmp_path):
     table = pd.read_csv(out / "scores.csv")
     train, val = (GradientStore.open(out / "gradients" / s) for s in ("train", "val"))
     expected = HessianFree(normalize=True).fit(train).score(val, aggregate=True)
-    assert torch.allclose(torch.tensor(table["cosine_score"].to_numpy()), expected, rtol=1e-6)
+    assert relative(table["cosine_score"].to_numpy(), expected) < FLOAT32_PASS  # tolerances.py
     assert "Cosine" in (out / "report.html").read_text()

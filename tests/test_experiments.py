@@ -32,7 +32,14 @@ def test_quick_runs_share_the_cache(tmp_path):
     assert experiment("approximation", tmp_path, "--quick", "--ranks", "4") == 0
     summary = json.loads((tmp_path / "approximation" / "summary.json").read_text())
     table = pd.read_csv(tmp_path / "approximation" / "approximation.csv")
-    assert summary["ranks"] == [4] and summary["runs"] == 2
+    assert summary["ranks"] == [4] and summary["runs"] == 2 and summary["quick"] is True
+    from datainf.experiments.common import QUICK_NOTE
+
+    assert QUICK_NOTE in (tmp_path / "approximation" / "report.html").read_text()
+    for stats in summary["per_rank"]["4"].values():  # intervals inside [-1, 1] and [0, 1]
+        assert all(-1 <= stats[k][e] <= 1 for k in ("pearson", "spearman") for e in
+                   ("low", "high"))
+        assert 0 <= stats["top10_overlap"]["low"] <= stats["top10_overlap"]["high"] <= 1
     assert len(table) == 2 * 5 and set(table["method"]) == {
         "datainf", "lissa", "hessian_free", "datainf_normalized", "cosine"}
     assert table[["pearson", "spearman"]].abs().le(1 + 1e-12).all().all()
@@ -178,6 +185,31 @@ def test_gain_over_random_and_verdict_by_hand():
     assert said.startswith("Act on Training loss") and "+0.110" in said
 
 
+def test_no_verdict_from_one_run_or_identical_runs():
+    """Two runs with the same gain (a zero-width interval) or one run: no verdict."""
+    from datainf.experiments.removal import gains_over_random, verdict
+
+    for seeds in ((0, 1), (0,)):
+        rows = [{"rank": 4, "seed": seed, "method": m, "share": 0.2, "val_accuracy": a}
+                for seed in seeds for m, a in (("random", 0.5), ("loss", 0.6),
+                                               ("datainf", 0.5), ("hessian_free", 0.5))]
+        gains = gains_over_random(pd.DataFrame(rows))
+        assert gains["loss@0.2"]["mean"] == pytest.approx(0.1)
+        said = verdict({"gain_over_random": gains}, (0.2,))
+        assert said.startswith("No verdict: too few runs for an interval"), said
+
+
+def test_intervals_stay_inside_the_range_of_the_quantity():
+    from datainf.experiments.common import POSITIVE, UNIT, interval
+
+    auc = interval([0.99, 0.2], UNIT)  # t interval 0.595 +- 5.02
+    assert auc["mean"] == pytest.approx(0.595) and (auc["low"], auc["high"]) == (0.0, 1.0)
+    seconds = interval([0.1, 3.0], POSITIVE)
+    assert seconds["low"] == 0.0 and seconds["high"] > 3.0
+    one = interval([0.5], UNIT)
+    assert one["low"] is None and one["high"] is None and one["n"] == 1
+
+
 @pytest.mark.slow
 def test_generation_quick(tmp_path):
     """experiment generation --quick: the synthetic task written as JSON lines, every method's
@@ -191,6 +223,9 @@ def test_generation_quick(tmp_path):
                  "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_train"] == 30 and summary["n_test"] == 10
+    from datainf.experiments.common import QUICK_NOTE
+
+    assert summary["quick"] is True and QUICK_NOTE in (out / "report.html").read_text()
     assert set(summary["methods"]) == set(METHODS)
     assert {"before", "after"} <= set(summary["accuracy"])
     assert "converged" in summary["methods"]["lissa"]

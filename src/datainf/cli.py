@@ -83,8 +83,11 @@ def _detect_mislabeled(args: argparse.Namespace) -> None:
         return
     best = {k: v for k, v in summary["methods"].items() if "auc" in v}
     line = ", ".join(f"{v['label']} {v['auc']:.3f}" for v in best.values())
-    print(f"datainf: {summary['n_train']} training examples scored; "
-          + (f"AUC: {line}; " if line else "")
+    flipped = summary.get("n_flipped")
+    print(f"datainf: {summary['n_train']} training examples scored"
+          + (f" ({flipped} labels flipped on purpose by --noise {config.noise:g}, to measure "
+             "detection; --noise 0 ranks your labels as given)" if flipped else "") + "; "
+          + (f"AUC of finding them: {line}; " if line else "")
           + f"report: {config.out}/report.html")
 
 
@@ -108,9 +111,12 @@ def _experiment(args: argparse.Namespace) -> None:
 
     from .data.text import builtin_dataset
     from .experiments import EXPERIMENTS, Settings
+    from .jobs.detect_mislabeled import DEMO_NOISE
 
     _quiet_libraries()
     config = _run_config(args)
+    if args.noise is None:  # the studies measure detection: flipped labels on any data
+        config = replace(config, noise=DEMO_NOISE)
     if builtin_dataset(args.data) is not None:  # built-in data at the experiments' size
         config = replace(config, **{k: getattr(args, k) or v for k, v in
                                     EXPERIMENT_DATA.items()})
@@ -128,7 +134,7 @@ def _experiment(args: argparse.Namespace) -> None:
     except ValueError:
         raise DataInfError(f"--ranks takes comma-separated integers, not {ranks!r}") from None
     out = args.out or f"runs/experiment-{args.experiment}"
-    extra = {}
+    extra = {"quick": bool(args.quick)}
     if args.experiment == "removal":
         try:
             extra["shares"] = tuple(float(x) / 100 for x in args.shares.split(","))
@@ -153,12 +159,31 @@ class Parser(argparse.ArgumentParser):
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default unless it has none (None) or the help text names it."""
+    """Shows an option's default unless it has none (None) or the help text names it. In
+    descriptions and epilogs, indented lines (the examples) keep their line breaks; the other
+    lines are filled as paragraphs (blank lines between them)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out, paragraph = [], []
+
+        def flush() -> None:
+            if paragraph:
+                out.append(super(Help, self)._fill_text(" ".join(paragraph), width, indent))
+                paragraph.clear()
+
+        for line in text.splitlines():
+            if line.startswith(" ") or not line.strip():
+                flush()
+                out.append(indent + line if line.strip() else "")
+            else:
+                paragraph.append(line.strip())
+        flush()
+        return "\n".join(out)
 
 
 DETECT_EPILOG = """\
@@ -167,14 +192,15 @@ training example: its row in your file, text, given label, the model's label and
 every score and rank), suspects.csv (the --top most suspicious by --rank-by, with a suggested
 label), report.html, cleaned.csv (with --drop-top), the adapter and the gradient stores.
 
---noise (default 0.2) flips that share of YOUR training labels on purpose, so that the report
-can measure how well each score finds wrong labels (AUC). To rank your data as it is, use
---noise 0.
+--noise flips that share of the training labels on purpose, so that the report can measure
+how well each score finds wrong labels (AUC). Default: 0.2 on the built-in corpora (a
+demonstration), 0 on your --data (the errors in your labels as given are looked for); the
+suspects and cleaned.csv always show the labels of your file.
 
 examples:
   datainf detect-mislabeled                                  # shipped BBC News, offline
   datainf detect-mislabeled --data train.csv --text-column review --label-column stars \\
-      --noise 0 --drop-top 100 --out runs/reviews
+      --drop-top 100 --out runs/reviews
 """
 
 
@@ -409,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="datainf",
         description="Influence of training examples on LoRA fine-tuned models (DataInf).",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"datainf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the four estimators on generated gradients (seconds)",
                           formatter_class=Help,
@@ -459,16 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "runtime (Figure 2, the runtime comparison)"),
                        ("removal", "validation accuracy after removing each method's top k% "
                         "and fine-tuning again, against removing as many at random")):
-        e = xs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
-                          formatter_class=Help)
+        e = xs.add_parser(name, help=text.replace("%", "%%"),  # help is %-formatted
+                          description=text[0].upper() + text[1:] + ".", formatter_class=Help)
         g = e.add_argument_group("experiment")
         g.add_argument("--ranks", help="comma-separated LoRA ranks (default: "
                        f"{EXPERIMENT_DEFAULTS[name]['ranks']})")
         g.add_argument("--runs", type=int, help="runs per rank (seeds 0, 1, ...; default: "
                        f"{EXPERIMENT_DEFAULTS[name]['runs']})")
         g.add_argument("--quick", action="store_true",
-                       help="a tiny version in seconds: 40 training and 20 validation examples "
-                       "of 16 tokens, 1 epoch, 2 runs, the first two ranks")
+                       help=f"{QUICK_HELP}: 40 training and 20 validation examples of 16 "
+                       "tokens, 1 epoch, 2 runs, the first two ranks")
         g.add_argument("--out", help=f"the experiment's folder (default: runs/experiment-{name})")
         g.add_argument("--cache", default="runs/experiment-cache",
                        help="fine-tunes and gradient stores, shared by the experiments")
@@ -480,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.set_defaults(run=_experiment, adapter=None, lora_r=4, lora_alpha=8, seed=0,
                        methods="datainf", rank_by="datainf", top=50, drop_top=None,
                        max_length=64, max_epochs=None, patience=0)
+        _experiment_data_help(e)
         e.description += (" Built-in data (default: BBC News) at 400 training and 100 "
                           "validation examples of 64 tokens, learning rate 1e-3. Every cell "
                           "is fine-tuned for --epochs epochs (--max-epochs: default --epochs; "
@@ -490,6 +520,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _experiment_data_help(parser: argparse.ArgumentParser) -> None:
+    """The data options' help as an experiment applies them (EXPERIMENT_DATA on built-in data,
+    flipped labels on any data), not as detect-mislabeled does."""
+    from .jobs.detect_mislabeled import DEMO_NOISE
+
+    helps = {
+        "train_size": f"training examples drawn (default: {EXPERIMENT_DATA['train_size']} of "
+                      "built-in data; all of a file)",
+        "val_size": f"validation examples drawn (default: {EXPERIMENT_DATA['val_size']} of "
+                    "built-in data; --val-fraction of a file)",
+        "learning_rate": f"AdamW (default: {EXPERIMENT_DATA['learning_rate']:g} on built-in "
+                         "data, the job's default on a file)",
+        "noise": f"share of the training labels flipped to measure detection (default: "
+                 f"{DEMO_NOISE:g} on any data)",
+    }
+    for action in parser._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
+
+
+QUICK_HELP = ("a tiny version that checks the set-up, not the method (a few minutes on 2 CPU "
+              "cores; its numbers mean nothing)")
 GENERATION_QUICK = {"per_class": 4, "test_per_class": 1, "epochs": 1, "max_new_tokens": 4}
 
 
@@ -508,7 +560,7 @@ def _add_generation_experiment(xs) -> None:
     g.add_argument("--task", choices=TASKS, default=TASKS[0], help="the synthetic task")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated examples")
     g.add_argument("--quick", action="store_true",
-                   help="a tiny version in seconds: a 2-layer Llama built from a config (random "
+                   help=f"{QUICK_HELP}: a 2-layer Llama built from a config (random "
                    "weights, SmolLM2's tokenizer), 4 examples a class, 1 epoch")
     g.add_argument("--out", help="the experiment's folder (default: "
                    "runs/experiment-generation-TASK)")
@@ -533,7 +585,7 @@ def _generation_experiment(args: argparse.Namespace) -> None:
         with main_first(study.job.process_group):  # built once, by rank 0 under torchrun
             model = tiny_chat_model(out / "tiny-model")
         quick = GENERATION_QUICK
-        study = replace(study, per_class=quick["per_class"],
+        study = replace(study, per_class=quick["per_class"], quick=True,
                         test_per_class=quick["test_per_class"],
                         job=replace(study.job, model=str(model), epochs=quick["epochs"],
                                     max_new_tokens=quick["max_new_tokens"]))
@@ -562,7 +614,7 @@ def _add_diffusion_experiment(xs) -> None:
     g.add_argument("--task", choices=TASKS, default=TASKS[0], help="the image task")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the task's images")
     g.add_argument("--quick", action="store_true",
-                   help="a tiny version in seconds: a 2-level UNet built from a config (random "
+                   help=f"{QUICK_HELP}: a 2-level UNet built from a config (random "
                    "weights), 3 classes of 4 training and 2 test images, 1 epoch")
     g.add_argument("--out", help="the experiment's folder (default: "
                    "runs/experiment-diffusion-TASK)")
@@ -587,7 +639,7 @@ def _diffusion_experiment(args: argparse.Namespace) -> None:
         with main_first(study.job.process_group):  # built once, by rank 0 under torchrun
             pipeline = tiny_digit_pipeline(out / "tiny-pipeline")
         q = DIFFUSION_QUICK
-        study = replace(study, per_class_train=q["per_class_train"],
+        study = replace(study, per_class_train=q["per_class_train"], quick=True,
                         per_class_test=q["per_class_test"], classes=q["classes"],
                         job=replace(study.job, pipeline=str(pipeline), epochs=q["epochs"],
                             batch_size=q["batch_size"], timesteps=q["timesteps"],
@@ -626,8 +678,8 @@ def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
                    help=f"validation examples drawn (default: {sizes('val_size')}; "
                    "--val-fraction of a file)")
     g.add_argument("--noise", type=float, default=C.noise,
-                   help="share of YOUR training labels flipped on purpose to measure detection "
-                   "(0 ranks the data as it is)")
+                   help="share of the training labels flipped on purpose to measure detection "
+                   "(default: 0.2 on the built-in corpora, 0 on your --data)")
     m = d.add_argument_group("model")
     m.add_argument("--model", default=C.model,
                    help="'minilm' (shipped), a HF model folder or hub name")

@@ -18,7 +18,10 @@ import pandas as pd
 
 from ..metrics import pearson, spearman, top_k_overlap
 from .common import (
+    CORRELATION,
     LABELS,
+    POSITIVE,
+    UNIT,
     Settings,
     cells,
     figure,
@@ -59,9 +62,10 @@ def run(settings: Settings) -> dict:
     for rank in settings.ranks:
         at = table[table["rank"] == rank]
         summary["per_rank"][str(rank)] = {
-            m: {stat: interval(at.loc[at["method"] == m, stat])
-                for stat in ("pearson", "spearman", "top10_overlap")} for m in COMPARED}
-        summary["exact_seconds"][str(rank)] = interval(at["exact_seconds"].unique())
+            m: {stat: interval(at.loc[at["method"] == m, stat], within)
+                for stat, within in (("pearson", CORRELATION), ("spearman", CORRELATION),
+                                     ("top10_overlap", UNIT))} for m in COMPARED}
+        summary["exact_seconds"][str(rank)] = interval(at["exact_seconds"].unique(), POSITIVE)
     write_outputs(settings, "approximation", summary, table, _report(settings, summary))
     return summary
 

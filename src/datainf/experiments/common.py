@@ -83,14 +83,35 @@ def scores_of(config: Config, p: Prepared) -> tuple[dict, dict, dict]:
     return scores, seconds, notes
 
 
-def interval(values) -> dict:
-    """{"mean", "low", "high", "n"}: the mean over runs with its 95% t interval."""
+def interval(values, within: tuple[float, float] = (-np.inf, np.inf)) -> dict:
+    """{"mean", "low", "high", "n"}: the mean over runs with its 95% t interval, clipped to
+    ``within``, the range the quantity can take (an AUC's [0, 1], seconds' [0, inf), ...)."""
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
         return {"mean": None, "low": None, "high": None, "n": 0}
     mean, low, high = mean_interval(np.asarray(values, dtype=np.float64))
+    low, high = max(low, within[0]), min(high, within[1])  # NaN (one run) stays NaN
     clean = lambda x: None if not np.isfinite(x) else round(float(x), 4)  # noqa: E731
     return {"mean": clean(mean), "low": clean(low), "high": clean(high), "n": len(values)}
+
+
+# the ranges of the quantities the studies average over runs
+UNIT = (0.0, 1.0)             # AUC, accuracy, recall, a share
+CORRELATION = (-1.0, 1.0)
+DIFFERENCE = (-1.0, 1.0)      # of two numbers in [0, 1]
+POSITIVE = (0.0, np.inf)      # seconds, losses, ratios of them
+
+
+def has_spread(value: dict | None) -> bool:
+    """Whether an interval dict carries a real interval: 2 or more runs that differ (one run
+    has none; identical runs give a zero-width one, which proves nothing)."""
+    return bool(value) and value["n"] >= 2 and value["low"] is not None \
+        and value["high"] > value["low"]
+
+
+QUICK_NOTE = ("--quick: a tiny version that checks that everything runs. Its numbers come "
+              "from a few examples, a model at chance and 1 or 2 runs: they mean nothing about "
+              "the methods.")
 
 
 def shown(value: dict | None, digits: str = ".3f") -> str:
@@ -111,13 +132,17 @@ def write_outputs(settings: Settings, name: str, summary: dict, table, html: str
     out.mkdir(parents=True, exist_ok=True)
     base = settings_json(settings.base, leave_out=("stage_seconds",))
     summary = {"experiment": name, "ranks": list(settings.ranks), "runs": settings.runs,
-               "cache": settings.cache, "base": base, **summary}
+               "quick": bool(settings.extra.get("quick")), "cache": settings.cache,
+               "base": base, **summary}
     write_files(out, name, summary, table, html)
 
 
 def write_files(out: Path, name: str, summary: dict, table, html: str) -> None:
     """NAME.csv, report.html and summary.json (last: its presence says the experiment is
-    complete) in ``out``, each whole or not at all."""
+    complete) in ``out``, each whole or not at all. A ``--quick`` run (``summary["quick"]``)
+    says on its page that its numbers mean nothing."""
+    if summary.get("quick"):
+        html = html.replace("</h1>", f"</h1>\n<p class='warning'><b>{QUICK_NOTE}</b></p>", 1)
     for file, write in ((f"{name}.csv", lambda p: table.to_csv(p, index=False)),
                         ("report.html", lambda p: Path(p).write_text(html, encoding="utf-8")),
                         ("summary.json",

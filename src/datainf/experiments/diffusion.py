@@ -50,6 +50,7 @@ class Study:
     classes: int | None = None
     seed: int = 0
     shown: int = 3           # test images shown with their top training images
+    quick: bool = False      # --quick: the report says its numbers mean nothing
 
 
 def write_task(study: Study, data: Path, write: bool = True
@@ -95,7 +96,8 @@ def run(study: Study) -> dict:
         reused = list(p.stages.reused)
         shown = _shown(study, tops, p.train_images, p.query_images, train, test)
     summary = {
-        "experiment": "diffusion", "task": study.task, "n_train": len(train),
+        "experiment": "diffusion", "quick": study.quick, "task": study.task,
+        "n_train": len(train),
         "n_test": len(test), "classes": sorted(set(train_classes.tolist())),
         "pipeline": job.pipeline, "lora_r": job.lora_r, "epochs": job.epochs,
         "learning_rate": job.learning_rate, "timesteps": list(job.timesteps),

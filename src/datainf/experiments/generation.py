@@ -45,6 +45,7 @@ class Study:
     test_per_class: int = 10
     seed: int = 0
     shown: int = 3           # test examples shown with their top training examples
+    quick: bool = False      # --quick: the report says its numbers mean nothing
 
 
 def run(study: Study) -> dict:
@@ -72,8 +73,8 @@ def run(study: Study) -> dict:
         reused = list(p.stages.reused)
         examples = _shown(study, p, tops, train, test)
     summary = {
-        "experiment": "generation", "task": study.task, "n_train": len(train),
-        "n_test": len(test), "model": job.model, "lora_r": job.lora_r,
+        "experiment": "generation", "quick": study.quick, "task": study.task,
+        "n_train": len(train), "n_test": len(test), "model": job.model, "lora_r": job.lora_r,
         "epochs": job.epochs, "learning_rate": job.learning_rate, "accuracy": accuracy,
         "training": history, "stage_seconds": stage_seconds, "reused_stages": reused,
         "methods": methods,

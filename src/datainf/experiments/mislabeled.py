@@ -21,6 +21,8 @@ from ..jobs.detect_mislabeled import DEFAULT_METHODS
 from ..metrics import detection_auc
 from .common import (
     LABELS,
+    POSITIVE,
+    UNIT,
     Settings,
     cells,
     figure,
@@ -61,13 +63,13 @@ def run(settings: Settings) -> dict:
         "lissa_over_datainf": round(70 / 13, 2)}}
     for m in methods:
         at = table[table["method"] == m]
-        summary["auc"][m] = interval(at["auc"])
+        summary["auc"][m] = interval(at["auc"], UNIT)
         if at["seconds"].notna().any():
-            summary["seconds"][m] = interval(at["seconds"].astype(float))
+            summary["seconds"][m] = interval(at["seconds"].astype(float), POSITIVE)
     by_seed = table.pivot_table(index="seed", columns="method", values="seconds")
     for name, (top, bottom) in RATIOS.items():
         if {top, bottom} <= set(by_seed.columns):
-            summary["ratios"][name] = interval(by_seed[top] / by_seed[bottom])
+            summary["ratios"][name] = interval(by_seed[top] / by_seed[bottom], POSITIVE)
     write_outputs(settings, "mislabeled", summary, table, _report(settings, summary, methods))
     return summary
 

@@ -18,7 +18,21 @@ import numpy as np
 import pandas as pd
 
 from ..jobs.detect_mislabeled import prepared
-from .common import LABELS, Settings, cells, figure, interval, page, scores_of, shown, write_outputs
+from .common import (
+    DIFFERENCE,
+    LABELS,
+    POSITIVE,
+    UNIT,
+    Settings,
+    cells,
+    figure,
+    has_spread,
+    interval,
+    page,
+    scores_of,
+    shown,
+    write_outputs,
+)
 
 RANKED_BY = ("datainf", "hessian_free", "loss", "random")
 SHARES = (0.05, 0.10, 0.20)
@@ -52,9 +66,9 @@ def run(settings: Settings) -> dict:
         for share in sorted(set(at["share"])):
             key = f"{method}@{share:g}"
             sel = at[at["share"] == share]
-            summary["accuracy"][key] = interval(sel["val_accuracy"])
-            summary["loss"][key] = interval(sel["val_loss"])
-            summary["flipped_removed"][key] = interval(sel["flipped_removed"])
+            summary["accuracy"][key] = interval(sel["val_accuracy"], UNIT)
+            summary["loss"][key] = interval(sel["val_loss"], POSITIVE)
+            summary["flipped_removed"][key] = interval(sel["flipped_removed"], POSITIVE)
     summary["gain_over_random"] = gains_over_random(table)
     summary["loss_change_over_random"] = gains_over_random(table, "val_loss")
     summary["verdict"] = verdict(summary, shares)
@@ -71,7 +85,8 @@ def gains_over_random(table: pd.DataFrame, column: str = "val_accuracy") -> dict
     for method in RANKED_BY[:-1]:
         for share in sorted(set(table.loc[table["method"] == method, "share"])):
             diff = by.loc[method, share] - by.loc["random", share]
-            gains[f"{method}@{share:g}"] = interval(diff.to_numpy())
+            gains[f"{method}@{share:g}"] = interval(
+                diff.to_numpy(), DIFFERENCE if column == "val_accuracy" else (-np.inf, np.inf))
     return gains
 
 
@@ -79,6 +94,9 @@ def verdict(summary: dict, shares: tuple[float, ...]) -> str:
     """Which ranking to act on, from the numbers: the one whose removal gains most over random
     removal at the largest share where any gain's 95% interval lies above zero; failing that,
     what the validation loss says (an interval below zero)."""
+    if not any(has_spread(g) for g in summary["gain_over_random"].values()):
+        return ("No verdict: too few runs for an interval (at least 2 runs whose results "
+                "differ); run more (--runs).")
     found = _clearest(summary["gain_over_random"], shares, +1)
     if found:
         share, best, gain = found
@@ -105,8 +123,10 @@ def _clearest(changes: dict, shares: tuple[float, ...], sign: int):
         clear = {}
         for method in RANKED_BY[:-1]:
             change = changes.get(f"{method}@{share:g}")
-            bound = change and (change["low"] if sign > 0 else change["high"])
-            if bound and sign * bound > 0:
+            if not has_spread(change):  # one run, or identical runs: no evidence either way
+                continue
+            bound = change["low"] if sign > 0 else change["high"]
+            if sign * bound > 0:
                 clear[method] = change
         if clear:
             best = max(clear, key=lambda m: sign * clear[m]["mean"])
