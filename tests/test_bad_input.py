@@ -177,3 +177,31 @@ def test_bad_sizes(small, kwargs):
 def test_bad_lissa_settings(small, kwargs):
     with pytest.raises(DataInfError):
         LiSSA(**kwargs).fit(small[0])
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:99", r"device='cuda:99': (this torch has no CUDA device|there are only)"),
+    ("gpu", "device='gpu' is not a device name; use cpu, cuda or cuda:N"),
+])
+def test_a_device_this_machine_lacks(small, device, message):
+    train, _ = small
+    with pytest.raises(DataInfError, match=message):
+        DataInf(device=device).fit(train)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 1, 3], "label 3 of example 2 is not a class of the model, which has 3 "
+                r"\(0 .. 2\); give labels in that range"),
+    ([0, -1, 2], "label -1 of example 1 is not a class of the model"),
+    ([0.0, 1.0, 2.0], "labels are torch.float32, not class indices; give integer labels"),
+])
+def test_classification_labels_are_checked_at_the_boundary(labels, message):
+    from test_collect_store import text_batches
+    from tiny_models import tiny_bert_classifier
+
+    from datainf import collect_gradients
+
+    batch = text_batches(sizes=(3,))[0]
+    batch["labels"] = torch.tensor(labels)
+    with pytest.raises(DataInfError, match=message):
+        collect_gradients(tiny_bert_classifier(), [batch])

@@ -197,8 +197,10 @@ def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
     ("not json", "line 2: not valid JSON"),
     ('{"text": "x"}', 'line 2: no "prompt" or "messages" key'),
     ('{"prompt": "  ", "response": "x"}', "line 2: the prompt is empty"),
-    ('{"prompt": "x", "response": ""}', "line 2: the response is empty"),
+    ('{"prompt": "x", "response": ""}', "line 2: the response is empty; give it a text\n"),
     ('{"prompt": "x"}', "line 2: no response"),
+    ('{"messages": [{"role": "human", "content": "a"}, {"role": "gpt", "content": "b"}]}',
+     "the last message's role is 'gpt': the response must come from the role 'assistant'"),
     ('{"messages": [{"role": "user"}]}', '"messages" must be a non-empty list'),
 ])
 def test_bad_training_lines(tiny_chat_model, files, tmp_path, capsys, line, message):

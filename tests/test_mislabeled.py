@@ -374,3 +374,11 @@ def test_a_weak_model_gets_more_rounds(tiny_model, csv_file, tmp_path):
     assert all(weak(a, summary) for a in ends[:-1])
     assert (not weak(ends[-1], summary) or history["stopped_on_val_loss"]
             or history["epochs_run"] == 12)
+
+
+def test_drop_top_of_every_training_example_is_refused_first(tiny_model, csv_file, tmp_path,
+                                                              capsys):
+    err = bad(capsys, "--data", csv_file, "--drop-top", "54",
+              *common(tiny_model, tmp_path / "run"))
+    assert "--drop-top 54 would drop every one of the 54 training examples" in err
+    assert not (tmp_path / "run").exists()

@@ -68,8 +68,10 @@ def test_drop_top_writes_a_cleaned_copy(tiny_model, csv_with_ids, tmp_path):
     cleaned = pd.read_csv(out / "cleaned.csv")
     suspects = pd.read_csv(out / "suspects.csv")
     dropped = set(suspects["row"].head(5))
-    assert len(cleaned) == 60 - 5 and not dropped & set(cleaned["row"])
-    assert list(cleaned.columns) == ["row", "id", "text", "label"]
+    assert len(cleaned) == 60 - 5 and not dropped & set(cleaned["original_row"])
+    # the position in the file this run read: not "row", which the next run's suspects.csv
+    # gives as the position in cleaned.csv
+    assert list(cleaned.columns) == ["original_row", "id", "text", "label"]
     kept = original.drop(index=sorted(dropped))
     # the user's own labels (no noise on a user's file by default), in file order
     assert list(cleaned["label"]) == list(kept["label"])

@@ -30,8 +30,10 @@ def report(tiny_model, tmp_path_factory):
                   "label": labels}).to_csv(folder / "train.csv", index=False)
     out = folder / "run"
     # one epoch at a tiny learning rate keeps the model at chance on any machine: weak
-    assert cli("--data", folder / "train.csv", "--methods", "datainf,hessian_free", "--top",
-               "12", *common(tiny_model, out), "--epochs", "1", "--learning-rate", "1e-6") == 0
+    # --noise: flipped labels on purpose, so that the page has its detection plot
+    assert cli("--data", folder / "train.csv", "--noise", "0.2", "--methods",
+               "datainf,hessian_free", "--top", "12", *common(tiny_model, out), "--epochs", "1",
+               "--learning-rate", "1e-6") == 0
     return out / "report.html"
 
 

@@ -7,6 +7,7 @@ most negative scores.
 
 from .errors import DataInfError
 from .gradients.collect import collect_gradients
+from .gradients.store import GradientStore
 from .methods import Convergence, DataInf, Exact, HessianFree, InfluenceEstimator, LiSSA
 from .methods.damping import Damping
 
@@ -16,6 +17,7 @@ __all__ = [
     "DataInfError",
     "Damping",
     "Exact",
+    "GradientStore",
     "collect_gradients",
     "HessianFree",
     "InfluenceEstimator",

@@ -99,11 +99,15 @@ def _example(record: dict, line: int, where: str, need_response: bool) -> ChatEx
     if not turns or not any(t["content"].strip() for t in turns):
         raise DataInfError(f"{where}: the prompt is empty; give it a text")
     if response is None and need_response:
+        last = turns[-1]["role"]
+        hint = (f"; the last message's role is {last!r}: the response must come from the role "
+                "'assistant' (ShareGPT's 'human'/'gpt' become 'user'/'assistant')"
+                if chat_format and last != "assistant" else "")
         raise DataInfError(f"{where}: no response (a \"response\" key, or a last message "
-                           "from the assistant); a training example needs one")
+                           f"from the assistant){hint}; a training example needs one")
     if response is not None and not response.strip():
-        raise DataInfError(f"{where}: the response is empty; give it a text or leave the "
-                           "key out to have the model answer")
+        leave_out = "" if need_response else " or leave it out to have the model answer"
+        raise DataInfError(f"{where}: the response is empty; give it a text{leave_out}")
     return ChatExample(turns, response, extra, line, chat_format)
 
 

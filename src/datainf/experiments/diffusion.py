@@ -84,7 +84,8 @@ def run(study: Study) -> dict:
     group = study.job.process_group
     with main_first(group):  # rank 0 writes the images the others read
         train, test = write_task(study, data, write=is_main(group))
-    job = replace(study.job, train_dir=str(data / "train"), queries=str(data / "test"))
+    job = replace(study.job, train_dir=str(data / "train"), queries=str(data / "test"),
+                  folder_names=("the study's training images", "the study's test images"))
     train_classes = np.array([r["class"] for r in train])
     test_classes = np.array([r["class"] for r in test])
     with explain_image.prepared(job) as p:

@@ -82,7 +82,21 @@ class Classification:
                 f"task 'classification': the batch has {B} examples but labels of shape "
                 f"{tuple(labels.shape)}; give one class index per example"
             )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise DataInfError(
+                f"task 'classification': labels are {labels.dtype}, not class indices; give "
+                "integer labels (e.g. torch.long), 0 .. classes - 1"
+            )
         logits = model(**text_model_inputs(model, batch)).logits
+        classes = logits.shape[-1]
+        outside = (labels < 0) | (labels >= classes)
+        if outside.any():
+            first = int(outside.nonzero()[0, 0])
+            raise DataInfError(
+                f"task 'classification': label {int(labels[first])} of example "
+                f"{int(rows[first])} is not a class of the model, which has {classes} "
+                f"(0 .. {classes - 1}); give labels in that range or a head with more classes"
+            )
         return F.cross_entropy(logits, labels.to(logits.device), reduction="none")
 
 

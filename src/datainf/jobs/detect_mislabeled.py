@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..data.text import TextData, load_splits
+from ..devices import check_device
 from ..errors import DataInfError
 from ..gradients.distributed import world
 from ..methods.blocks import blocks_matching, blocks_pattern, group_by_module, names_matching
@@ -184,30 +185,14 @@ def check_settings(config: Config) -> None:
         check_adapter_folder(config.adapter)
 
 
-def check_device(device: str) -> None:
-    """A device torch knows and this machine has."""
-    try:
-        where = torch.device(device)
-    except RuntimeError:
-        raise DataInfError(f"--device {device!r} is not a device name; use cpu, cuda or "
-                           "cuda:N") from None
-    if where.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DataInfError(f"--device {device}: this torch has no CUDA device (build "
-                               f"{torch.__version__}); use --device cpu, or install a CUDA "
-                               "build of torch")
-        if where.index is not None and where.index >= torch.cuda.device_count():
-            raise DataInfError(f"--device {device}: there are only "
-                               f"{torch.cuda.device_count()} CUDA devices")
-    elif where.type not in ("cpu", "mps"):
-        raise DataInfError(f"--device {device!r}: only cpu and cuda are supported")
-
-
 def check_data(config: Config, train: TextData, val: TextData) -> None:
     """Enough data for a fine-tune and, with noise, for an AUC."""
     if len(train) < 2 or len(val) < 1:
         raise DataInfError(f"{len(train)} training and {len(val)} validation examples are too "
                            "few; give more data")
+    if config.drop_top and config.drop_top >= len(train):
+        raise DataInfError(f"--drop-top {config.drop_top} would drop every one of the "
+                           f"{len(train)} training examples; give a K below {len(train)}")
     if train.flipped is not None and not 0 < train.flipped.sum() < len(train):
         raise DataInfError(
             f"--noise {config.noise} flips {int(train.flipped.sum())} of the {len(train)} "
@@ -464,14 +449,14 @@ def suspect_table(table, rank_by: str, top: int):
 
 def cleaned_table(config: Config, train: TextData, val: TextData, drop_rows):
     """Every example this run read (training and validation), in file order, without the
-    examples at ``drop_rows``; columns named as in the user's file. Labels are the file's own
-    (the injected noise is undone)."""
+    examples at ``drop_rows``; columns named as in the user's file, after ``original_row`` (the
+    record's position in the file this run read). Labels are the file's own."""
     import pandas as pd
 
     parts = []
     for data in (train, val):
         labels = data.original if data.original is not None else data.labels
-        part = pd.DataFrame({"row": _rows(data)})
+        part = pd.DataFrame({"original_row": _rows(data)})
         if data.ids:
             part[config.id_column or "id"] = data.ids
         part[config.text_columns[0]] = data.texts
@@ -479,8 +464,8 @@ def cleaned_table(config: Config, train: TextData, val: TextData, drop_rows):
             part[config.text_columns[1]] = data.pairs
         part[config.label_column] = [data.classes[i] for i in labels]
         parts.append(part)
-    both = pd.concat(parts).sort_values("row", kind="stable")
-    return both[~both["row"].isin(set(drop_rows))]
+    both = pd.concat(parts).sort_values("original_row", kind="stable")
+    return both[~both["original_row"].isin(set(drop_rows))]
 
 
 def _rows(data: TextData) -> np.ndarray:

@@ -85,8 +85,8 @@ def check_settings(config: Config) -> None:
     check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2,
                            "top": 1, "max_new_tokens": 1, "query_batch": 1},
                   ("learning_rate", "damping", "lora_alpha"))
+    from ..devices import check_device
     from ..models.hf import check_adapter_folder, check_model_name
-    from .detect_mislabeled import check_device
 
     check_device(config.device)
     check_model_name(config.model, ("smollm2",))

@@ -45,6 +45,7 @@ from .runs import (
     save_adapter,
     say,
     settings_json,
+    warn,
     write_atomic,
 )
 
@@ -59,6 +60,8 @@ class Config(PairwiseOptions):
 
     train_dir: str = ""
     queries: str = ""
+    # how messages name the two folders: the options, or what a study made them from
+    folder_names: tuple[str, str] = ("--train-dir", "--queries")
     pipeline: str = "digits"
     adapter: str | None = None
     # rank 8 for 40 epochs at 3e-3: the digit model learns the style task's styles
@@ -88,8 +91,8 @@ class Config(PairwiseOptions):
 
 def check_settings(config: Config) -> None:
     """Every setting, before anything is loaded."""
+    from ..devices import check_device
     from ..models.hf import check_adapter_folder
-    from .detect_mislabeled import check_device
 
     config.check_scoring()
     check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "top": 1,
@@ -180,7 +183,8 @@ def query_images(config: Config, pipeline, unet, queries: list[ImageExample],
         for j, image in zip(todo, drawings, strict=True):
             save_png(image, files[j])
     images = fitted_images(config, pipeline, [ImageExample(q.text, files[j], q.line)
-                                              for j, q in enumerate(queries)], "--queries")
+                                              for j, q in enumerate(queries)],
+                           config.folder_names[1])
     return images, files, seeds
 
 
@@ -190,9 +194,9 @@ def fitted_images(config: Config, pipeline, examples: list[ImageExample], what: 
     to be converted, cropped or resized."""
     images, changed = load_images(examples, size=pipeline.image_size,
                                   channels=pipeline.channels, what=what)
-    if changed:
-        say(f"{what}: {changed} images converted, cropped or resized to "
-            f"{pipeline.image_size} x {pipeline.image_size}", config.progress)
+    if changed and is_main(config.process_group):  # changes the data: shown even with --quiet
+        warn(f"{what}: {changed} images converted, cropped or resized to "
+             f"{pipeline.image_size} x {pipeline.image_size}")
     return images
 
 
@@ -304,13 +308,14 @@ def prepared(config: Config):
 
     check_settings(config)
     stages = Stages(config.stage_seconds, lambda m: say(m, config.progress), config.out)
-    train = stages.timed("data", read_image_folder, config.train_dir, what="--train-dir")
-    queries = read_image_folder(config.queries, what="--queries", need_image=False)
+    train = stages.timed("data", read_image_folder, config.train_dir,
+                         what=config.folder_names[0])
+    queries = read_image_folder(config.queries, what=config.folder_names[1], need_image=False)
     record = {**config.expensive(), "train_fingerprint": fingerprint(config.train_dir)}
     group = config.process_group
     with run_folder(Path(config.out), record, group) as out:
         pipeline, unet, source = stages.timed("model", load_model, config, out)
-        train_images = fitted_images(config, pipeline, train, "--train-dir")
+        train_images = fitted_images(config, pipeline, train, config.folder_names[0])
         if is_main(group):
             record_run(out, record)
             for name in OUTPUTS:  # never leave results of other settings next to this run's

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ..devices import check_device
 from ..errors import DataInfError
 from ..gradients.distributed import all_gather_cat, all_reduce_sum, shard, world
 from .blocks import (
@@ -106,6 +107,8 @@ class InfluenceEstimator:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DataInfError(f"{name} must be a positive integer, not {value!r}")
+        if self.device is not None:
+            check_device(self.device, "device=")
         train = self._source(train_gradients, "training gradients")
         if train.num_rows == 0:
             raise DataInfError(
