@@ -261,3 +261,25 @@ def test_only_negative_scores_help_and_only_positive_ones_harm():
     assert [i for i, _ in rows[1]["helpful"]] == [1]
     assert NONE_LISTED["harmful"] in _none_note(rows[0], "harmful")
     assert _none_note(rows[0], "helpful") == ""
+
+
+def test_lissa_convergence_is_said_on_the_console_and_the_page(tiny_chat_model, files,
+                                                                tmp_path, capsys):
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert run(tiny_chat_model, *files, out, "--methods", "lissa") == 0
+    note = json.loads((out / "summary.json").read_text())["methods"]["lissa"]
+    assert note["iterations"] >= 1 and note["relative_residual"] >= 0
+    err, page = capsys.readouterr().err, (out / "report.html").read_text()
+    said = "lissa did not converge in" in err and "its scores are approximate" in err
+    assert said == (not note["converged"]) == ("did not converge: relative residual" in page)
+
+
+def test_unconverged_methods_are_warned(capsys):
+    from datainf.jobs.runs import warn_unconverged
+
+    warn_unconverged({"lissa": {"converged": False, "iterations": 200,
+                                "relative_residual": 0.04}, "datainf": {}})
+    assert capsys.readouterr().err == (
+        "datainf: warning: lissa did not converge in 200 iterations (relative residual 0.04): "
+        "its scores are approximate; raise --damping, or rank by datainf or exact\n")

@@ -192,6 +192,15 @@ NONE_LISTED = {
 }
 
 
+def _method_title(entry: dict) -> str:
+    """A method's label, with a warning when its iterations did not converge (LiSSA)."""
+    title = html.escape(entry["label"])
+    if entry.get("converged") is False:
+        title += (f" <span class='warning'>(did not converge: relative residual "
+                  f"{entry['relative_residual']:.2g}; its scores are approximate)</span>")
+    return title
+
+
 def _none_note(lists: dict, side: str) -> str:
     """Why a query's list of helpful or harmful examples is empty (only examples with a score of
     that side's sign are listed)."""
@@ -217,7 +226,7 @@ def explain_generation_page(summary: dict, rows: list[dict], methods: list[str])
     for row in rows:
         said = "the model's own greedy answer" if row["generated"] else "the given response"
         blocks = "".join(
-            f"<tr><th colspan='2'>{e(summary['methods'][m]['label'])}</th></tr>"
+            f"<tr><th colspan='2'>{_method_title(summary['methods'][m])}</th></tr>"
             f"<tr><td><b>most helpful</b> (most negative)<ol>{examples(row[m]['helpful'])}"
             f"</ol>{_none_note(row[m], 'helpful')}</td><td><b>most harmful</b> (most positive)"
             f"<ol>{examples(row[m]['harmful'])}</ol>{_none_note(row[m], 'harmful')}</td></tr>"
@@ -285,7 +294,7 @@ def explain_image_page(summary: dict, rows: list[dict], methods: list[str], trai
         said = (f"drawn by the fine-tuned model, seed {row['seed']}" if row["generated"]
                 else "given")
         blocks = "".join(
-            f"<tr><th>{e(summary['methods'][m]['label'])}</th><td><b>most helpful</b> (most "
+            f"<tr><th>{_method_title(summary['methods'][m])}</th><td><b>most helpful</b> (most "
             f"negative)<div class='grid'>{grid(row[m]['helpful'])}</div>"
             f"{_none_note(row[m], 'helpful')}</td><td><b>most harmful</b> (most positive)"
             f"<div class='grid'>{grid(row[m]['harmful'])}</div>{_none_note(row[m], 'harmful')}"

@@ -48,6 +48,7 @@ from .runs import (
     say,
     settings_json,
     warn,
+    warn_unconverged,
     write_atomic,
 )
 
@@ -394,8 +395,8 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 values = est.fit(train).score(val, aggregate=True)
-            if method == "lissa":
-                notes[method] = {"converged": est.converged_}
+            if hasattr(est, "convergence_note"):
+                notes[method] = est.convergence_note()
         seconds[method] = time.perf_counter() - start
         scores[method] = values.cpu().numpy()
     start = time.perf_counter()
@@ -593,6 +594,7 @@ def run(config: Config) -> dict | None:
         quality = model_quality(p.preds, p.val)
         if quality["weak"]:
             warn(quality["warning"])
+        warn_unconverged(notes)
         extra = {"val_accuracy": round(quality["val_accuracy"], 4), "model_quality": quality,
                  "training": p.history, "adapter": p.source, "reused_stages": p.stages.reused,
                  "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))},

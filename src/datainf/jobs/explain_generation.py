@@ -43,6 +43,7 @@ from .runs import (
     say,
     settings_json,
     warn,
+    warn_unconverged,
     write_atomic,
 )
 
@@ -339,6 +340,7 @@ def run(config: Config) -> dict | None:
                                               p.query_store, folder=folder, **config.scoring())
         if not main:
             return None
+        warn_unconverged(notes)
         extra = {"adapter": p.source, "training": p.history, "reused_stages": p.stages.reused}
         return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
                               p.responses, p.generated, tops, seconds, notes, folder, extra)

@@ -46,6 +46,7 @@ from .runs import (
     say,
     settings_json,
     warn,
+    warn_unconverged,
     write_atomic,
 )
 
@@ -365,6 +366,7 @@ def run(config: Config) -> dict | None:
                                               p.query_store, folder=folder, **config.scoring())
         if not main:
             return None
+        warn_unconverged(notes)
         drawn = p.stages.timed("samples", samples, config, p.pipeline, p.unet,
                                [e.text for e in p.train])
         extra = {"pipeline": str(p.pipeline.path), "image_size": p.pipeline.image_size,

@@ -94,7 +94,7 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
             written = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
                                                 dtype=np.float64, shape=(m, n))
         tops[method] = []
-        converged = True
+        worst: dict | None = None  # LiSSA's convergence, worst over the query batches
         for first in range(0, m, query_batch):
             last = min(m, first + query_batch)
             with warnings.catch_warnings():  # LiSSA's convergence is reported in the summary
@@ -107,9 +107,15 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
                         written[first:last] = scores.cpu().numpy()
                     top = top_k_of(scores, k)
                 tops[method] += _entries(top)
-            converged = converged and getattr(est, "converged_", True)
-        if method == "lissa":
-            notes[method] = {"converged": bool(converged)}
+            if hasattr(est, "convergence_note"):
+                note = est.convergence_note()
+                worst = note if worst is None else {
+                    "converged": worst["converged"] and note["converged"],
+                    "iterations": max(worst["iterations"], note["iterations"]),
+                    "relative_residual": max(worst["relative_residual"],
+                                             note["relative_residual"])}
+        if worst is not None:
+            notes[method] = worst
         if written is not None:
             written.flush()
             del written

@@ -233,6 +233,16 @@ def warn(message: str) -> None:
     print(f"datainf: warning: {message}", file=sys.stderr, flush=True)
 
 
+def warn_unconverged(notes: dict) -> None:
+    """A warning for every method whose iterations stopped before converging (LiSSA): its
+    scores are approximate."""
+    for method, note in notes.items():
+        if note.get("converged") is False:
+            warn(f"{method} did not converge in {note['iterations']} iterations (relative "
+                 f"residual {note['relative_residual']:.2g}): its scores are approximate; "
+                 "raise --damping, or rank by datainf or exact")
+
+
 def say(message: str, progress: bool | None) -> None:
     """A stage line on stdout, unless progress is silenced (``progress=False``)."""
     if progress is not False:

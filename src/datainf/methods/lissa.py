@@ -167,6 +167,14 @@ class LiSSA(InfluenceEstimator):
         self._record(name, Convergence(iterations, residual, converged))
         return (X / s).to(self.compute_dtype_)  # H^-1 v
 
+    def convergence_note(self) -> dict:
+        """The last score() call's convergence in one record, worst over blocks and test rows:
+        {"converged", "iterations", "relative_residual"} (for summaries and the console)."""
+        records = list(self.convergence_.values())
+        return {"converged": all(c.converged for c in records),
+                "iterations": max(c.iterations for c in records),
+                "relative_residual": max(c.relative_residual for c in records)}
+
     def _record(self, name: str, result: Convergence) -> None:
         """Keep the worst record per block over the test batches of one score() call."""
         old = self.convergence_.get(name)
