@@ -228,3 +228,40 @@ def test_pretraining_writes_a_loadable_pipeline(tmp_path):
     images = pipeline.generate(pipeline.unet, [digit_prompt(4)] * 2, [0, 1], steps=2)
     assert images.shape == (2, 1, 16, 16) and images.abs().max() <= 1
     assert not torch.equal(images[0], images[1])  # the seeds differ
+
+
+def test_a_fingerprint_refuses_a_damaged_or_other_model(tmp_path):
+    """write_fingerprint records every file's sha256 and the settings; check_fingerprint
+    refuses a changed byte, a missing file and other settings, naming how to mend it."""
+    import json
+
+    from datainf import DataInfError
+    from datainf.models.diffusion import (
+        FINGERPRINT,
+        check_fingerprint,
+        pretrain_digit_model,
+        write_fingerprint,
+    )
+
+    folder = tmp_path / "digits"
+    pretrain_digit_model(folder, steps=1, batch_size=16, learning_rate=5e-4, seed=0,
+                         empty_prompt_share=0.1, progress=False, limit=16)
+    write_fingerprint(folder)
+    check_fingerprint(folder)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DataInfError, match=r"does not match its fingerprint \(unet/.*"
+                                           r"safetensors\).*scripts/pretrain_digits.py"):
+        check_fingerprint(folder)
+    write_fingerprint(folder)
+    (folder / "training.json").unlink()
+    with pytest.raises(DataInfError, match=r"\(training.json\)"):
+        check_fingerprint(folder)
+    write_fingerprint(folder)
+    recorded = json.loads((folder / FINGERPRINT).read_text())
+    recorded["settings"]["steps"] += 1
+    (folder / FINGERPRINT).write_text(json.dumps(recorded))
+    with pytest.raises(DataInfError, match="made with other settings"):
+        check_fingerprint(folder)
