@@ -243,16 +243,68 @@ def _text_encoder(path: Path) -> TextEncoder:
 
 
 # ---------------------------------------------------------------- the shipped digit model
+# The pre-trained digit pipeline ships with the package (made by scripts/pretrain_digits.py,
+# about 13 minutes on 2 CPU cores): a first explain-image starts at once instead of
+# pre-training. FINGERPRINT lists the sha256 of every file and the settings that made them.
+SHIPPED_DIGITS = Path(__file__).resolve().parent / "digits"
+FINGERPRINT = "fingerprint.json"
+
+
+def digit_settings() -> dict:
+    """What decides the digit model's weights: the UNet, the pre-training, the image size."""
+    return {"unet": digit_unet_config(), **PRETRAIN, "size": IMAGE_SIZE, "tokens": MAX_TOKENS}
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != FINGERPRINT}
+
+
+def write_fingerprint(folder: str | os.PathLike) -> None:
+    """Record the sha256 of every file of a digit pipeline folder and its settings (last)."""
+    folder = Path(folder)
+    text = json.dumps({"settings": digit_settings(), "files": _file_digests(folder)}, indent=2,
+                      sort_keys=True)
+    (folder / f"{FINGERPRINT}.tmp").write_text(text)
+    os.replace(folder / f"{FINGERPRINT}.tmp", folder / FINGERPRINT)
+
+
+def check_fingerprint(folder: str | os.PathLike) -> None:
+    """Refuse a digit pipeline folder whose files or settings differ from its fingerprint."""
+    folder = Path(folder)
+    rebuild = ("restore it (git checkout src/datainf/models/digits) or rebuild it with "
+               "`python scripts/pretrain_digits.py`")
+    try:
+        recorded = json.loads((folder / FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        raise DataInfError(f"the digit model in {folder} has no readable {FINGERPRINT}; "
+                           f"{rebuild}") from None
+    if recorded.get("settings") != json.loads(json.dumps(digit_settings())):
+        raise DataInfError(f"the digit model in {folder} was made with other settings than "
+                           f"this datainf's; {rebuild}")
+    found = _file_digests(folder)
+    if found != recorded.get("files"):
+        changed = sorted(set(found) ^ set(recorded.get("files", {})) | {
+            k for k in found if recorded.get("files", {}).get(k) not in (None, found[k])})
+        raise DataInfError(f"the digit model in {folder} does not match its fingerprint "
+                           f"({', '.join(changed)}): a damaged or changed copy; {rebuild}")
+
+
 def digit_model_path(cache_dir: str | os.PathLike | None = None, *,
                      progress: bool | None = None) -> Path:
-    """The cached digit pipeline folder, pre-trained on first use (about 13 minutes on two
-    CPU cores, with a progress bar). Written into a temporary folder and renamed into place,
-    so an interrupted pre-training is never taken for a finished one."""
+    """The digit pipeline folder: the one shipped with the package (checked against its
+    fingerprint), else a cached one, pre-trained on first use (about 13 minutes on two CPU
+    cores, with a progress bar), written into a temporary folder and renamed into place, so
+    an interrupted pre-training is never taken for a finished one."""
+    if (SHIPPED_DIGITS / FINGERPRINT).is_file():
+        check_fingerprint(SHIPPED_DIGITS)
+        return SHIPPED_DIGITS
     from .hf import default_cache_dir
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = json.dumps({"unet": digit_unet_config(), **PRETRAIN, "size": IMAGE_SIZE,
-                      "tokens": MAX_TOKENS}, sort_keys=True)
+    key = json.dumps(digit_settings(), sort_keys=True)
     import hashlib
 
     target = root / f"digits-unet-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
