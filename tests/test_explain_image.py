@@ -265,3 +265,15 @@ def test_a_fingerprint_refuses_a_damaged_or_other_model(tmp_path):
     (folder / FINGERPRINT).write_text(json.dumps(recorded))
     with pytest.raises(DataInfError, match="made with other settings"):
         check_fingerprint(folder)
+
+
+def test_the_shipped_digit_model_loads_as_is():
+    """The pre-trained digit model ships with the package and matches its fingerprint: the
+    first explain-image does not pre-train."""
+    from datainf.models.diffusion import SHIPPED_DIGITS, digit_model_path, load_pipeline
+
+    assert digit_model_path() == SHIPPED_DIGITS
+    pipeline = load_pipeline("digits", progress=False)
+    assert pipeline.image_size == 16 and pipeline.channels == 1
+    images = pipeline.generate(pipeline.unet, [digit_prompt(7)], [0], steps=2)
+    assert images.shape == (1, 1, 16, 16) and torch.isfinite(images).all()
