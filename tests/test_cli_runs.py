@@ -259,3 +259,12 @@ def test_unit_gradient_variants(tiny_model, csv_file, tmp_path):
     expected = HessianFree(normalize=True).fit(train).score(val, aggregate=True)
     assert relative(table["cosine_score"].to_numpy(), expected) < FLOAT32_PASS  # tolerances.py
     assert "Cosine" in (out / "report.html").read_text()
+
+
+def test_demo_with_nothing_flipped_names_the_option(capsys):
+    from datainf.cli import main
+
+    assert main(["demo", "--n-train", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--n-train 10 with seed 0: 0 of the 10 labels flipped" in err
+    assert "give --n-train 50 or more" in err

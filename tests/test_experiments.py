@@ -252,7 +252,7 @@ def test_generation_quick(tmp_path):
 
 
 @pytest.mark.parametrize("task, n_train, n_test", [("style", 12, 6), ("subject", 12, 6)])
-def test_diffusion_quick(tmp_path, task, n_train, n_test):
+def test_diffusion_quick(tmp_path, task, n_train, n_test, capsys):
     """experiment diffusion --quick: the image task written as ImageFolders, every method's
     class-detection AUC and recall recomputed from the run's own stores, Fréchet distances
     before and after fine-tuning, the report; a second run reuses every expensive stage."""
@@ -262,6 +262,9 @@ def test_diffusion_quick(tmp_path, task, n_train, n_test):
     out = tmp_path / "diff"
     assert main(["experiment", "diffusion", "--quick", "--quiet", "--task", task,
                  "--out", str(out)]) == 0
+    # the study's messages name its own folders, not options the user never gave
+    err = capsys.readouterr().err
+    assert "--train-dir" not in err and "the study's training images: " in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_train"] == n_train and summary["n_test"] == n_test
     assert len(summary["classes"]) == 3 and set(summary["methods"]) == set(METHODS)

@@ -113,6 +113,9 @@ def test_end_to_end(tiny_digit_pipeline, folders, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_train"] == 10 and summary["n_queries"] == 3
     assert summary["generated_images"] == 1 and summary["image_size"] == 8
+    # run() passes --quiet: the 28 x 28 digits fitted to 8 x 8 are said all the same
+    assert "datainf: warning: --train-dir: 10 images converted, cropped or resized to 8 x 8" \
+        in capsys.readouterr().err
     scores = np.load(out / "scores.npz")
     assert set(scores.files) == {"datainf", "hessian_free", "cosine"}
     assert all(scores[m].shape == (3, 10) and np.isfinite(scores[m]).all() for m in scores)
