@@ -167,7 +167,9 @@ def test_bad_input_through_the_cli(tiny_digit_pipeline, folders, tmp_path, capsy
     err = run_error(capsys, *base, "--train-dir", folders[0], "--queries", folders[1],
                     "--out", out, "--epochs", "1", "--timesteps", "25")
     assert "0001.png is not a readable image" in err
-    assert not (out / "summary.json").exists() and not (out / "scores.npz").exists()
+    assert not out.exists()  # refused before the model loads: nothing trained or written
+    (tmp_path / "queries" / "0001.png").write_bytes((tmp_path / "queries" / "0501.png")
+                                                    .read_bytes())
     err = run_error(capsys, *base, "--train-dir", folders[0], "--queries", folders[1],
                     "--out", tmp_path / "t", "--timesteps", "25,2000")
     assert "--timesteps must be integers in [0, 1000)" in err

@@ -94,22 +94,31 @@ def read_image_folder(folder: str | Path, *, what: str, need_image: bool = True
     return with_file + [r for r in rows if r.file is None]
 
 
+def read_image(example: ImageExample, what: str):
+    """The example's image file, decoded (a PIL image); refuses a file that is not a readable
+    image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(example.file) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataInfError(f"{what}: {example.file} is not a readable image ({err})") from err
+    return image
+
+
 def load_images(examples: list[ImageExample], *, size: int, channels: int, what: str
                 ) -> tuple[np.ndarray, int]:
     """(uint8 images (n, H, W, C) of the model's size and colour mode, how many had to be
     converted, cropped or resized). Refuses a file that is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataInfError(f"images with {channels} channels are not supported (1 or 3)")
     out, changed = np.empty((len(examples), size, size, channels), np.uint8), 0
     for i, example in enumerate(examples):
-        try:
-            with Image.open(example.file) as image:
-                image.load()
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataInfError(f"{what}: {example.file} is not a readable image ({err})") from err
+        image = read_image(example, what)
         fitted = image.convert(mode) if image.mode != mode else image
         w, h = fitted.size
         if w != h:

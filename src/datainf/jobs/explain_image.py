@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.images import ImageExample, load_images, read_image_folder, save_png
+from ..data.images import ImageExample, load_images, read_image, read_image_folder, save_png
 from ..errors import DataInfError
 from ..methods import LABELS
 from .pairwise import PairwiseOptions, kept, matrix_folder, save_matrices, score_queries
@@ -312,6 +312,9 @@ def prepared(config: Config):
     train = stages.timed("data", read_image_folder, config.train_dir,
                          what=config.folder_names[0])
     queries = read_image_folder(config.queries, what=config.folder_names[1], need_image=False)
+    for example in queries:  # an unreadable query image is refused before any fine-tuning
+        if example.file is not None:
+            read_image(example, config.folder_names[1])
     record = {**config.expensive(), "train_fingerprint": fingerprint(config.train_dir)}
     group = config.process_group
     with run_folder(Path(config.out), record, group) as out:
