@@ -178,9 +178,8 @@ def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
     return bool(answered and answered[0])
 
 
-def _alternatives(first: str, offline_names: tuple[str, ...]) -> str:
-    """"a local folder, 'minilm' or 'smollm2'": ``first`` and the quoted names, as a list."""
-    items = [first, *(f"'{n}'" for n in offline_names)]
+def _alternatives(*items: str) -> str:
+    """"a, b or c": the items as a list in words."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
 
 
@@ -190,6 +189,7 @@ def _resolve(name_or_path: str | os.PathLike,
     answers; refused at once when it does not). ``offline_names``: the shipped models to
     suggest."""
     name = os.fspath(name_or_path)
+    quoted = [f"'{n}'" for n in offline_names]
     if name == "minilm":
         return str(minilm_path())
     if name == "smollm2":
@@ -206,14 +206,13 @@ def _resolve(name_or_path: str | os.PathLike,
         return str(path)
     if looks_like_local_path(name_or_path):
         raise DataInfError(
-            f"the model folder {name} does not exist; pass "
-            f"{_alternatives('an existing folder', (*offline_names, 'a hub name'))}"
-            .replace("'a hub name'", "a hub name (needs network access)")
+            f"the model folder {name} does not exist; pass " + _alternatives(
+                "an existing folder", *quoted, "a hub name (needs network access)")
         )
     if not hub_reachable():
         raise DataInfError(
             f"no local folder {name}, and the model hub cannot be reached from here; pass "
-            f"{_alternatives('a local folder', offline_names)}"
+            + _alternatives("a local folder", *quoted)
         )
     return name
 
