@@ -36,6 +36,7 @@ from ..errors import DataInfError
 from ..gradients.distributed import world
 from ..methods.blocks import blocks_matching, blocks_pattern, group_by_module, names_matching
 from ..methods.damping import damping_rule
+from ..methods.lissa import LiSSA
 from ..metrics import detection_auc
 from .runs import (
     Stages,
@@ -395,8 +396,8 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 values = est.fit(train).score(val, aggregate=True)
-            if hasattr(est, "convergence_note"):
-                notes[method] = est.convergence_note()
+            if isinstance(est, LiSSA):
+                notes[method] = dataclasses.asdict(est.worst_convergence())
         seconds[method] = time.perf_counter() - start
         scores[method] = values.cpu().numpy()
     start = time.perf_counter()

@@ -8,6 +8,7 @@ the query's loss), positive = harmful.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from ..errors import DataInfError
 from ..methods import NAMED, TopK, estimator, top_k_of
 from ..methods.blocks import RowRange, blocks_matching, blocks_pattern
 from ..methods.damping import Damping, damping_rule
+from ..methods.lissa import LiSSA, worse
 
 # DataInf (the paper's), DataInf on unit gradients (the best cheap method on all three of the
 # generation study's tasks, README) and the Hessian-free baseline; --methods adds the others.
@@ -94,7 +96,7 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
             written = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
                                                 dtype=np.float64, shape=(m, n))
         tops[method] = []
-        worst: dict | None = None  # LiSSA's convergence, worst over the query batches
+        worst = None  # LiSSA's convergence, worst over the query batches
         for first in range(0, m, query_batch):
             last = min(m, first + query_batch)
             with warnings.catch_warnings():  # LiSSA's convergence is reported in the summary
@@ -107,15 +109,11 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
                         written[first:last] = scores.cpu().numpy()
                     top = top_k_of(scores, k)
                 tops[method] += _entries(top)
-            if hasattr(est, "convergence_note"):
-                note = est.convergence_note()
-                worst = note if worst is None else {
-                    "converged": worst["converged"] and note["converged"],
-                    "iterations": max(worst["iterations"], note["iterations"]),
-                    "relative_residual": max(worst["relative_residual"],
-                                             note["relative_residual"])}
+            if isinstance(est, LiSSA):
+                note = est.worst_convergence()
+                worst = note if worst is None else worse(worst, note)
         if worst is not None:
-            notes[method] = worst
+            notes[method] = dataclasses.asdict(worst)
         if written is not None:
             written.flush()
             del written

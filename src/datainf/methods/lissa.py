@@ -15,6 +15,7 @@ rate 1 - lambda / s per pass: slowly when lambda is small next to s.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import zlib
@@ -167,21 +168,20 @@ class LiSSA(InfluenceEstimator):
         self._record(name, Convergence(iterations, residual, converged))
         return (X / s).to(self.compute_dtype_)  # H^-1 v
 
-    def convergence_note(self) -> dict:
-        """The last score() call's convergence in one record, worst over blocks and test rows:
-        {"converged", "iterations", "relative_residual"} (for summaries and the console)."""
-        records = list(self.convergence_.values())
-        return {"converged": all(c.converged for c in records),
-                "iterations": max(c.iterations for c in records),
-                "relative_residual": max(c.relative_residual for c in records)}
+    def worst_convergence(self) -> Convergence:
+        """The last score() call's convergence in one record, worst over blocks and test rows
+        (for summaries and the console)."""
+        return functools.reduce(worse, self.convergence_.values())
 
     def _record(self, name: str, result: Convergence) -> None:
         """Keep the worst record per block over the test batches of one score() call."""
         old = self.convergence_.get(name)
-        if old is not None:
-            result = Convergence(
-                max(old.iterations, result.iterations),
-                max(old.relative_residual, result.relative_residual),
-                old.converged and result.converged,
-            )
-        self.convergence_[name] = result
+        self.convergence_[name] = result if old is None else worse(old, result)
+
+
+def worse(a: Convergence, b: Convergence) -> Convergence:
+    """The worst of two records: the most iterations, the largest residual, converged only if
+    both did."""
+    return Convergence(max(a.iterations, b.iterations),
+                       max(a.relative_residual, b.relative_residual),
+                       a.converged and b.converged)
