@@ -177,3 +177,31 @@ def test_no_warning_when_converged(grads):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         converging_lissa().fit(grads[0]).score(grads[1], aggregate=True)
+
+
+@pytest.mark.parametrize("iterations, tol", [(30, 1e-4), (20000, 1e-9)])
+def test_lissa_on_the_n_by_n_side_equals_its_recursion_on_the_d_side(grads, monkeypatch,
+                                                                      iterations, tol):
+    """Blocks wider than n (here 64 > 40) run LiSSA's recursion as x_t = c_t v + y_t G: the
+    same iterates, so the same scores (float64: the same sums in another order, FLOAT64 of
+    tests/tolerances.py), unconverged after 30 iterations or converged to 1e-9, and the same
+    convergence; DUAL_BYTES = 0 forces the d-side recursion."""
+    import warnings
+
+    from tolerances import FLOAT64, relative
+
+    import datainf.methods.lissa as lissa
+
+    train, test = grads
+    found = {}
+    for side, limit in (("dual", lissa.DUAL_BYTES), ("primal", 0)):
+        monkeypatch.setattr(lissa, "DUAL_BYTES", limit)
+        est = LiSSA(max_iterations=iterations, tol=tol).fit(train)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            found[side] = (est.score(test), est.converged_, est.convergence_)
+    assert relative(found["dual"][0], found["primal"][0]) < FLOAT64
+    assert found["dual"][1] == found["primal"][1] == (tol == 1e-9)
+    wide = "layer.0.lora_B"  # 64 columns > 40 rows: the block that took the n x n side
+    a, b = found["dual"][2][wide], found["primal"][2][wide]
+    assert abs(a.iterations - b.iterations) <= 1
