@@ -8,7 +8,9 @@ and I(k) = - sum_l g_kl . x_T / s (positive = harmful). Full-batch products H x,
 recursion is deterministic. It stops when the residual of the estimate y = x_{t-1} / s,
 ||v - H y|| = ||x_t - x_{t-1}||, is at most ``tol * ||v||`` for every test row, or after
 ``max_iterations`` passes over the block. It converges for any s > lambda_max(H) / 2, at the
-rate 1 - lambda / s per pass: slowly when lambda is small next to s.
+rate 1 - lambda / s per pass: slowly when lambda is small next to s. On blocks with fewer
+rows than columns (n < d_l) the same iterates are computed on the n x n side (see
+``_precondition_dual``): O(m n^2) a pass instead of O(m n d_l).
 
 (The authors' code iterated with G - lambda I and no scale, which does not converge to H^-1 v.)
 """
