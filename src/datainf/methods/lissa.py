@@ -163,21 +163,32 @@ class LiSSA(InfluenceEstimator):
         V = V.double()  # the recursion runs in float64 (its products in the gradients' dtype)
         v_norm = V.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
         X = V.clone()
-        residual, converged, iterations = math.inf, False, 0
-        while iterations < self.max_iterations:
-            iterations += 1
+
+        def step() -> float:
+            nonlocal X
             X_next = V + X - self._hvp(name, X) / s  # x_t = v + (I - H/s) x_{t-1}
             # ||v - H x_{t-1}/s|| = ||x_t - x_{t-1}||, relative to ||v||, worst row
             residual = float(((X_next - X).norm(dim=1) / v_norm).max())
-            residual = all_reduce_max(residual, self.process_group)  # every rank stops alike
             X = X_next
+            return all_reduce_max(residual, self.process_group)  # every rank stops alike
+
+        self._iterate(name, step)
+        return (X / s).to(self.compute_dtype_)  # H^-1 v
+
+    def _iterate(self, name: str, step) -> None:
+        """Run ``step`` (one pass of the recursion; returns the worst relative residual)
+        until the residual is at most ``tol``, it diverges (the scale is too small) or
+        ``max_iterations`` passes are done; record the outcome for block ``name``."""
+        residual, converged, iterations = math.inf, False, 0
+        while iterations < self.max_iterations:
+            iterations += 1
+            residual = step()
             if residual <= self.tol:
                 converged = True
                 break
             if not math.isfinite(residual) or residual > 1e12:
-                break  # diverging: the scale is too small
+                break  # diverging
         self._record(name, Convergence(iterations, residual, converged))
-        return (X / s).to(self.compute_dtype_)  # H^-1 v
 
     def _precondition_dual(self, name: str, V: torch.Tensor) -> torch.Tensor:
         """The same recursion on the n x n side, for blocks with n < d_l: every iterate is
@@ -199,9 +210,9 @@ class LiSSA(InfluenceEstimator):
         K, P = G @ G.T, V @ G.T                                  # (n, n), (m, n)
         a, scaled = 1.0 - lam / s, 1.0 / (self.n_ * s)
         c, Y = 1.0, torch.zeros_like(P)                          # x_0 = v
-        residual, converged, iterations = math.inf, False, 0
-        while iterations < self.max_iterations:
-            iterations += 1
+
+        def step() -> float:
+            nonlocal c, Y
             c_next, Y_next = 1.0 + a * c, a * Y - (c * P + Y @ K) * scaled
             dc, dY = c_next - c, Y_next - Y
             squares = dc * dc * v_sq + 2 * dc * (dY * P).sum(dim=1) + ((dY @ K) * dY).sum(dim=1)
@@ -209,12 +220,9 @@ class LiSSA(InfluenceEstimator):
             if residual <= max(self.tol, DUAL_RESIDUAL_FLOOR):  # confirm from the vectors
                 residual = float(((dc * V + dY @ G).norm(dim=1) / v_norm).max())
             c, Y = c_next, Y_next
-            if residual <= self.tol:
-                converged = True
-                break
-            if not math.isfinite(residual) or residual > 1e12:
-                break  # diverging: the scale is too small
-        self._record(name, Convergence(iterations, residual, converged))
+            return residual
+
+        self._iterate(name, step)
         return ((c * V + Y @ G) / s).to(self.compute_dtype_)   # H^-1 v
 
     def worst_convergence(self) -> Convergence:
