@@ -653,6 +653,7 @@ def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
     """The data, model and scoring options of one detect-mislabeled run; ``single_run=False``
     leaves out what an experiment sets per cell (adapter, LoRA rank and alpha, seed, methods)."""
     from .data.text import BUILTIN_DATASETS, DEFAULT_DATASET
+    from .jobs.detect_mislabeled import DEMO_NOISE
     from .jobs.detect_mislabeled import Config as C
 
     def sizes(what: str) -> str:  # "900 of bbc-news, 2000 of rotten-tomatoes"
@@ -679,7 +680,7 @@ def _add_run_options(d: argparse.ArgumentParser, *, single_run: bool) -> None:
                    "--val-fraction of a file)")
     g.add_argument("--noise", type=float, default=C.noise,
                    help="share of the training labels flipped on purpose to measure detection "
-                   "(default: 0.2 on the built-in corpora, 0 on your --data)")
+                   f"(default: {DEMO_NOISE:g} on the built-in corpora, 0 on your --data)")
     m = d.add_argument_group("model")
     m.add_argument("--model", default=C.model,
                    help="'minilm' (shipped), a HF model folder or hub name")
