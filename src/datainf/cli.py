@@ -732,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _join_torchrun(args)
         args.run(args)
+        _finish_together(args)
     except DataInfError as error:
         print(f"datainf: error: {error}", file=sys.stderr)
         return 2
@@ -790,6 +791,17 @@ def _main_rank(args: argparse.Namespace) -> bool:
     from .gradients.distributed import world
 
     return world(getattr(args, "process_group", None))[0] == 0
+
+
+def _finish_together(args: argparse.Namespace) -> None:
+    """Under torchrun, wait until every rank has finished before any leaves the group: a rank
+    that tore down its connections while another still held them was seen to abort (SIGABRT,
+    "terminate called without an active exception"). Only after success: a failed rank leaves
+    at once and torchrun stops the others."""
+    if getattr(args, "process_group", None) is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=args.process_group)
 
 
 def _leave_torchrun(args: argparse.Namespace) -> None:
