@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from datainf.gradients.source import BlockSubset, names_matching
 from datainf.gradients.store import GradientStore
 from datainf.methods import estimator
-from datainf.methods.blocks import BlockSubset, names_matching
 from datainf.metrics import class_detection
 
 SUBSETS = {

@@ -140,7 +140,7 @@ def test_bfloat16_store(tmp_path):
 
 def test_grouping_by_module_on_a_store(tmp_path):
     from datainf import DataInf
-    from datainf.methods.blocks import as_gradient_source, group_by_module
+    from datainf.gradients.source import as_gradient_source, group_by_module
 
     model = tiny_bert_classifier(dtype=torch.float32)
     batches = text_batches()

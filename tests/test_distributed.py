@@ -28,7 +28,7 @@ from tolerances import (
 )
 
 from datainf import DataInfError, collect_gradients
-from datainf.gradients.distributed import shard
+from datainf.distributed import shard
 from datainf.gradients.store import GradientStore
 from datainf.methods import NAMED, estimator
 

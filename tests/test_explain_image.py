@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from datainf.cli import main
+from datainf.data.digits import digit_prompt, mnist_digits
 from datainf.data.images import ImageExample, load_images, read_image_folder
 from datainf.errors import DataInfError
-from datainf.models.diffusion import digit_prompt, mnist_digits
 
 
 @pytest.fixture(scope="module")

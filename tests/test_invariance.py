@@ -103,7 +103,7 @@ def test_numpy_input_gives_same_scores(grads):
 def test_grouping_by_module_equals_concatenated_blocks():
     from conftest import random_gradients
 
-    from datainf.methods.blocks import as_gradient_source, group_by_module, module_of
+    from datainf.gradients.source import as_gradient_source, group_by_module, module_of
 
     names = {"m.q.lora_A.default.weight": 6, "m.q.lora_B.default.weight": 5,
              "m.head.modules_to_save.default.weight": 4, "m.head.modules_to_save.default.bias": 2}

@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from datainf.errors import DataInfError
+from datainf.identity import model_fingerprint
 from datainf.models import hf as models
 from datainf.models.hf import (
     add_lora,
@@ -17,7 +18,6 @@ from datainf.models.hf import (
     load_causal_lm,
     load_classifier,
     minilm_path,
-    model_fingerprint,
     smollm2_path,
 )
 

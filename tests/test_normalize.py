@@ -7,9 +7,9 @@ import torch
 from reference import scores as reference_scores
 
 from datainf import DataInf, Exact, HessianFree, LiSSA
+from datainf.gradients.source import UnitNormRows, as_gradient_source
 from datainf.gradients.store import GradientStore
 from datainf.methods import estimator
-from datainf.methods.blocks import UnitNormRows, as_gradient_source
 
 
 def unit_rows(blocks: dict) -> dict:

@@ -765,7 +765,7 @@ def _join_torchrun(args: argparse.Namespace) -> None:
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL for --device cuda, each
     rank on GPU LOCAL_RANK; gloo on CPUs) for the command to share its work; ranks other
     than 0 stay quiet (rank 0 reports)."""
-    from .gradients.distributed import (
+    from .distributed import (
         init_from_environment,
         launched_by_torchrun,
         rank_device,
@@ -788,7 +788,7 @@ def _join_torchrun(args: argparse.Namespace) -> None:
 
 def _main_rank(args: argparse.Namespace) -> bool:
     """Whether this process reports: rank 0 under torchrun, or the only process."""
-    from .gradients.distributed import world
+    from .distributed import world
 
     return world(getattr(args, "process_group", None))[0] == 0
 

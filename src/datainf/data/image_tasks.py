@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ..models.diffusion import DIGIT_WORDS, digit_prompt, mnist_digits
+from .digits import DIGIT_WORDS, digit_prompt, mnist_digits
 
 TASKS = ("style", "subject")
 STYLE_PROMPTS = {"inverted": "inverted", "thick": "in thick strokes", "pixelated": "pixelated"}

@@ -20,10 +20,10 @@ def score_classes(p, job, train_classes: np.ndarray, test_classes: np.ndarray
     """(table, methods, tops): ``table`` one row per method (auc_mean, auc_std, recall_mean,
     recall_std, auc_magnitude, seconds); ``methods`` the same rounded for summary.json, with
     the method's notes (LiSSA: converged); ``tops`` as :func:`score_queries` gives them."""
-    with matrix_folder(p.out) as folder:
-        tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
-                                              p.query_store, folder=folder,
-                                              **{**job.scoring(), "matrix": True})
+    with matrix_folder(p.run.out) as folder:
+        with p.run.stage("scoring"):
+            tops, seconds, notes = score_queries(p.train_store, p.query_store, folder=folder,
+                                                 **{**job.scoring(), "matrix": True})
         metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
                                       test_classes) for m in job.methods}
     table = pd.DataFrame([{"method": m, "auc_mean": v["auc"].mean(), "auc_std": v["auc"].std(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -207,4 +208,4 @@ def interval_bars(ax, groups: list, series: dict, ylabel: str) -> None:
 
 def _say(settings: Settings, message: str) -> None:
     if settings.base.progress is not False:
-        print(f"[datainf experiment] {message}", flush=True)
+        logging.getLogger("datainf.experiment").info(message)

@@ -90,11 +90,11 @@ def run(study: Study) -> dict:
     test_classes = np.array([r["class"] for r in test])
     with explain_image.prepared(job) as p:
         table, methods, tops = score_classes(p, job, train_classes, test_classes)
-        with main_first(group):  # rank 0 draws the samples; the others read them
-            quality = p.stages.timed("samples", _samples, job, p, train, test)
+        with p.run.main_first(), p.run.stage("samples"):  # rank 0 draws; the others read
+            quality = _samples(job, p, train, test)
         history = p.history
         stage_seconds = {k: round(v, 1) for k, v in job.stage_seconds.items()}
-        reused = list(p.stages.reused)
+        reused = list(p.run.reused)
         shown = _shown(study, tops, p.train_images, p.query_images, train, test)
     summary = {
         "experiment": "diffusion", "quick": study.quick, "task": study.task,
@@ -137,7 +137,7 @@ def _samples(job: explain_image.Config, p, train: list[dict], test: list[dict]) 
     """Images drawn from the test prompts before (adapter off) and after fine-tuning, seeds
     1000 + j, and their Fréchet distances to the test images; kept in the run folder while
     the adapter stays."""
-    path = p.out / "query" / "samples.npz"
+    path = p.run.out / "query" / "samples.npz"
     if path.exists():
         drawn = dict(np.load(path))
     else:
@@ -148,8 +148,8 @@ def _samples(job: explain_image.Config, p, train: list[dict], test: list[dict]) 
         with p.unet.disable_adapter():
             drawn["before"] = p.pipeline.draw(p.unet, prompts, seeds, **draw)
         drawn["after"] = p.pipeline.draw(p.unet, prompts, seeds, **draw)
-        np.savez(p.out / "query" / "samples.tmp.npz", **drawn)
-        (p.out / "query" / "samples.tmp.npz").replace(path)
+        np.savez(p.run.out / "query" / "samples.tmp.npz", **drawn)
+        (p.run.out / "query" / "samples.tmp.npz").replace(path)
     labels = [f"{r['class']}/{r['digit']}" for r in train]
     features = _features(p.train_images, labels, job.seed)
     real = features(p.query_images)

@@ -65,12 +65,12 @@ def run(study: Study) -> dict:
     train_classes = np.array([r["class"] for r in train])
     test_classes = np.array([r["class"] for r in test])
     with generation.prepared(job) as p:
-        with main_first(group):  # rank 0 answers; the others read its accuracy.json
-            accuracy = p.stages.timed("accuracy", _accuracy, job, p)
+        with p.run.main_first(), p.run.stage("accuracy"):  # rank 0 answers; the others
+            accuracy = _accuracy(job, p)                     # read its accuracy.json
         table, methods, tops = score_classes(p, job, train_classes, test_classes)
         history = p.history
         stage_seconds = {k: round(v, 1) for k, v in job.stage_seconds.items()}
-        reused = list(p.stages.reused)
+        reused = list(p.run.reused)
         examples = _shown(study, p, tops, train, test)
     summary = {
         "experiment": "generation", "quick": study.quick, "task": study.task,
@@ -97,7 +97,7 @@ def _chat(row: dict) -> dict:
 def _accuracy(job: generation.Config, p: generation.Prepared) -> dict:
     """Exact-match accuracy of greedy answers to the test prompts, before fine-tuning (the
     adapter disabled) and after; kept in the run folder while the adapter stays."""
-    path = p.out / "query" / "accuracy.json"
+    path = p.run.out / "query" / "accuracy.json"
     if path.exists():
         return json.loads(path.read_text())
     answers = {}

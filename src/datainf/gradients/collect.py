@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DataInfError
-from .distributed import (
+from ..distributed import (
     all_gather_cat,
     barrier,
     broadcast_flag,
     world,
 )
-from .distributed import shard as shard_rows
+from ..distributed import shard as shard_rows
+from ..errors import DataInfError
+from ..identity import adapter_fingerprint, example_digest, model_fingerprint
 from .tasks import as_task, batch_size
 
 
@@ -168,24 +169,6 @@ def _batch_gradients(model, task, layers, batch, rows: torch.Tensor) -> dict[str
     return {name: torch.cat(p, dim=1) if len(p) > 1 else p[0] for name, p in parts.items()}
 
 
-def example_digest(hasher, batch: Mapping, b: int) -> None:
-    """Feed example b of a batch into ``hasher``, padding removed (batch-size independent)."""
-    mask = batch.get("attention_mask")
-    for key in sorted(batch):
-        value = batch[key]
-        if key == "attention_mask":
-            continue
-        hasher.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            row = value[b]
-            if mask is not None and row.ndim >= 1 and row.shape[0] == mask.shape[1]:
-                row = row[mask[b].bool()]
-            hasher.update(str((row.dtype, tuple(row.shape))).encode())
-            hasher.update(row.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            hasher.update(repr(value[b] if isinstance(value, Sequence) else value).encode())
-
-
 def _check_rows(batch: Mapping, B: int) -> None:
     """Every tensor of a batch holds one row per example."""
     for key, value in batch.items():
@@ -214,17 +197,6 @@ def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def adapter_fingerprint(model: torch.nn.Module, names: Iterable[str]) -> str:
-    """Hash of the named parameters' names, shapes and values (the adapter's weights)."""
-    params = dict(model.named_parameters())
-    h = hashlib.sha256()
-    for name in names:
-        p = params[name].detach()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(p.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def collect_gradients(
     model: torch.nn.Module,
     batches: Iterable[Mapping],
@@ -250,7 +222,7 @@ def collect_gradients(
 
     With a torch.distributed ``process_group`` of W ranks (each passing the same batches),
     a new store is made for W shards and each rank computes and writes its own (rank r: shard
-    r, see :mod:`datainf.gradients.distributed`); every rank returns the complete store (in
+    r, see :mod:`datainf.distributed`); every rank returns the complete store (in
     memory: every rank gets all rows). ``shard=(r, W)`` does rank r's part in this process
     alone, without a group: to re-run a rank that died (in memory: that shard's rows are
     returned). The shards of an existing store are
@@ -379,7 +351,6 @@ def _rows_of(batch: Mapping, a: int, b: int, B: int) -> Mapping:
 def _open_store(out, model, task, widths, n, dtype, size, rank, group):
     """The store at ``out``, created for ``size`` shards by rank 0 (the others wait for it and
     then open it, so that only one process ever creates files)."""
-    from ..models.hf import model_fingerprint
     from .store import GradientStore
 
     identity = {

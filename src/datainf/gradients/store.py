@@ -19,14 +19,14 @@ and :meth:`GradientStore.create_or_resume` carries on from there.
 
 Several processes (torch.distributed ranks) fill one store on a shared file system in
 *shards*: a store made for W shards splits its rows as
-:func:`~datainf.gradients.distributed.shard` does, each shard is appended in order by one
+:func:`~datainf.distributed.shard` does, each shard is appended in order by one
 process, which commits its progress to its own ``shard-SSSSS-of-WWWWW.json`` (replaced
 atomically, like the manifest) instead of the manifest. Whoever writes the last missing row
 marks the manifest complete (:meth:`GradientStore.finish`). A process that dies leaves its
 shard's durable rows committed; running it again (alone, or any number of processes) computes
 only the missing rows.
 
-A complete store is a :class:`~datainf.methods.blocks.GradientSource`: estimators read it
+A complete store is a :class:`~datainf.gradients.source.GradientSource`: estimators read it
 block by block in row chunks that are views of memory maps, so memory does not grow with n.
 
 ``manifest.json`` holds ``format``, ``version``, ``blocks`` (list of ``{name, width, file}``),
@@ -50,9 +50,9 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import shard
 from ..errors import DataInfError
-from ..methods.blocks import _as_matrix, check_finite
-from .distributed import shard
+from .source import as_matrix, check_finite
 
 FORMAT = "datainf-gradient-store"
 VERSION = 1
@@ -306,7 +306,7 @@ class GradientStore:
         torch_dtype = DTYPES[self.dtype][0]
         out, first = {}, None
         for name in self.block_names:
-            value = _as_matrix(name, grads[name], where)
+            value = as_matrix(name, grads[name], where)
             rows, width = value.shape
             if width != self.block_widths[name]:
                 raise DataInfError(

@@ -30,28 +30,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.text import TextData, load_splits
+from ..data.text import TextData, builtin_dataset, load_splits, text_batches
 from ..devices import check_device
+from ..distributed import world
 from ..errors import DataInfError
-from ..gradients.distributed import world
-from ..methods.blocks import blocks_matching, blocks_pattern, group_by_module, names_matching
+from ..gradients.collect import collect_gradients
+from ..gradients.source import blocks_matching, blocks_pattern, group_by_module, names_matching
+from ..gradients.store import GradientStore
+from ..identity import model_fingerprint
+from ..log import say, warn
+from ..methods import DataInf, estimator
 from ..methods.damping import damping_rule
 from ..methods.lissa import LiSSA
 from ..metrics import detection_auc
-from .runs import (
-    Stages,
-    check_numbers,
-    is_main,
-    main_first,
-    record_run,
-    run_folder,
-    save_adapter,
-    say,
-    settings_json,
-    warn,
-    warn_unconverged,
-    write_atomic,
-)
+from ..models.hf import check_adapter_folder, check_model_name, load_classifier
+from ..report import write_report
+from ..training.finetune import finetune, predict
+from .pipeline import Run, collected, fine_tuned, with_adapter
+from .runs import check_numbers, save_adapter, settings_json, warn_unconverged, write_atomic
 
 METHODS = {
     "datainf": "DataInf",
@@ -127,8 +123,6 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.noise is None:
-            from ..data.text import builtin_dataset
-
             self.noise = DEMO_NOISE if builtin_dataset(self.data) is not None else 0.0
 
     def expensive(self) -> dict:
@@ -152,8 +146,6 @@ def load_data(config: Config) -> tuple[TextData, TextData, dict]:
 # ---------------------------------------------------------------- settings
 def check_settings(config: Config) -> None:
     """Refuse unusable settings before anything is read, trained or written."""
-    from ..models.hf import check_adapter_folder, check_model_name
-
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
@@ -223,33 +215,20 @@ def recorded_settings(out: Path) -> dict:
 
 # ---------------------------------------------------------------- stage 2: adapter
 def load_model(config: Config, train: TextData, out: Path):
-    """The classifier with its LoRA adapter, before any training: (model, tokenizer, source,
-    history). ``source``: "given" (--adapter), "reused" (out/adapter of an earlier run) or
-    "new" (fresh LoRA, to be fine-tuned)."""
-    from ..models.hf import add_lora, load_adapter, load_classifier
-
+    """The classifier (its head initialised with ``config.seed``) with its LoRA adapter, before
+    any training: (model, tokenizer, source); see :func:`datainf.jobs.pipeline.with_adapter`."""
     torch.manual_seed(config.seed)
     id2label = dict(enumerate(train.classes))
     base, tokenizer = load_classifier(config.model, len(train.classes), id2label=id2label)
-    saved = out / "adapter"
-    if config.adapter is not None:
-        model, source, history = load_adapter(base, config.adapter), "given", None
-    elif (saved / "adapter_config.json").exists():
-        model, source = load_adapter(base, saved), "reused"
-        history = json.loads((saved / "training.json").read_text())
-    else:
-        torch.manual_seed(config.seed)
-        model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
-                         target_modules=config.lora_targets)
-        source, history = "new", None
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    model, source = with_adapter(base, config, out)
     if config.blocks is not None:
-        names_matching(trainable, config.blocks)
-    return model.to(config.device), tokenizer, source, history
+        names_matching([n for n, p in model.named_parameters() if p.requires_grad],
+                       config.blocks)
+    return model.to(config.device), tokenizer, source
 
 
-def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path,
-                  progress) -> dict:
+def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path
+                  ) -> dict:
     """LoRA fine-tuning that goes on while the model is weak and stops on the validation loss;
     the adapter is saved to out/adapter (whole or not at all). Returns the training history.
 
@@ -263,8 +242,6 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
     improved for p epochs, and the adapter of the epoch with the lowest validation loss is kept
     (p = 0: the last epoch's is kept).
     """
-    from ..training.finetune import finetune, predict
-
     history: dict = {"val_losses": [], "val_accuracy": [], "epoch_losses": [], "rounds": 0}
     best: dict = {"loss": float("inf"), "epoch": 0, "state": None}
 
@@ -289,15 +266,15 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
         history["learning_rates"].append(rate)
         finetune(model, tokenizer, train, epochs=config.epochs,
                  batch_size=config.batch_size, learning_rate=rate,
-                 max_length=config.max_length, seed=config.seed + round_, progress=progress,
+                 max_length=config.max_length, seed=config.seed + round_, progress=config.progress,
                  on_epoch=after_epoch, process_group=config.process_group)
         history["rounds"] += 1
         if history["stopped_on_val_loss"] or not is_weak(history["val_accuracy"][-1], val):
             break
         if round_ + 1 < rounds:
-            _say(config, f"the model is still weak after {len(history['val_losses'])} epochs "
+            say(f"the model is still weak after {len(history['val_losses'])} epochs "
                  f"(validation accuracy {history['val_accuracy'][-1]:.3f}): training goes on "
-                 f"at learning rate {rate * ESCALATION:g}")
+                 f"at learning rate {rate * ESCALATION:g}", config.progress)
     history["epochs_run"] = len(history["val_losses"])
     history["kept_epoch"] = history["epochs_run"]
     if config.patience > 0 and best["epoch"] < history["epochs_run"]:
@@ -306,7 +283,7 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
                 if name in best["state"]:
                     param.copy_(best["state"][name])
         history["kept_epoch"] = best["epoch"]
-    if is_main(config.process_group):
+    if world(config.process_group)[0] == 0:
         save_adapter(model, out, history)
     return history
 
@@ -335,9 +312,6 @@ def predictions(config: Config, model, tokenizer, train: TextData, val: TextData
                 out: Path) -> tuple[Predictions, bool]:
     """(predictions, reused), cached in out/predictions.npz for the model's weights (written
     by rank 0 only)."""
-    from ..models.hf import model_fingerprint
-    from ..training.finetune import predict
-
     path = out / "predictions.npz"
     fingerprint = model_fingerprint(model)
     keys = [f.name for f in dataclasses.fields(Predictions)]
@@ -349,7 +323,7 @@ def predictions(config: Config, model, tokenizer, train: TextData, val: TextData
     for split, data in (("train", train), ("val", val)):
         found[f"{split}_loss"], found[f"{split}_probs"] = predict(
             model, tokenizer, data, batch_size=config.batch_size, max_length=config.max_length)
-    if is_main(config.process_group):
+    if world(config.process_group)[0] == 0:
         tmp = out / "predictions.tmp.npz"
         np.savez(tmp, model=fingerprint, **found)
         os.replace(tmp, path)
@@ -357,29 +331,22 @@ def predictions(config: Config, model, tokenizer, train: TextData, val: TextData
 
 
 # ---------------------------------------------------------------- stage 4: gradients
-def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path,
-              progress):
-    """(train store, val store, reused): per-example gradients in out/gradients/{train,val}."""
-    from ..data.text import text_batches
-    from ..gradients.collect import collect_gradients
-    from ..gradients.store import GradientStore
-
-    stores, reused = {}, True
+def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path
+              ) -> tuple[GradientStore, GradientStore]:
+    """(train store, val store): per-example gradients in out/gradients/{train,val}."""
+    stores = {}
     for split, data in (("train", train), ("val", val)):
-        path = out / "gradients" / split
-        reused = reused and GradientStore.is_complete(path)
         batches = text_batches(tokenizer, data, config.batch_size, config.max_length)
-        stores[split] = collect_gradients(model, batches, "classification", out=str(path),
-                                          progress=progress,
+        stores[split] = collect_gradients(model, batches, "classification",
+                                          out=str(out / "gradients" / split),
+                                          progress=config.progress,
                                           process_group=config.process_group)
-    return stores["train"], stores["val"], reused
+    return stores["train"], stores["val"]
 
 
 # ---------------------------------------------------------------- stage 5: scores
 def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     """Every chosen method's scores (higher = more suspicious) and its seconds."""
-    from ..methods import DataInf, estimator
-
     train = blocks_matching(train_store, config.blocks)
     val = blocks_matching(val_store, config.blocks)
     if config.grouping == "module":
@@ -480,8 +447,6 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData,
                   summary_extra: dict) -> dict:
     """summary.json, scores.csv, suspects.csv, cleaned.csv (with --drop-top) and report.html,
     each written whole or not at all; summary.json last, as the mark of a finished run."""
-    from ..report import write_report
-
     labels = {**METHODS, **REFERENCES}
     methods = {}
     for key, values in scores.items():
@@ -524,9 +489,9 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData,
 @dataclass
 class Prepared:
     """What the expensive stages leave for scoring: the data, the fine-tuned model, its
-    predictions and the two gradient stores, in the locked run folder ``out``."""
+    predictions and the two gradient stores, in the locked run folder ``run.out``."""
 
-    out: Path
+    run: Run
     train: TextData
     val: TextData
     data_info: dict
@@ -535,9 +500,8 @@ class Prepared:
     source: str                 # the adapter: "new", "reused" or "given"
     history: dict | None
     preds: Predictions
-    train_store: object
-    val_store: object
-    stages: Stages
+    train_store: GradientStore | None
+    val_store: GradientStore | None
 
 
 @contextmanager
@@ -548,60 +512,53 @@ def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepare
     adapter have loaded. ``with_gradients=False`` stops after the predictions (the stores are
     then None)."""
     check_settings(config)
-    stages = Stages(config.stage_seconds, lambda message: _say(config, message), config.out)
-    train, val, data_info = stages.timed("data", load_data, config)
+    run = Run.of(config)
+    with run.stage("data"):
+        train, val, data_info = load_data(config)
     check_data(config, train, val)
-    for note in data_info.get("notes", []) if is_main(config.process_group) else []:
+    for note in data_info.get("notes", []) if run.main else []:
         warn(note)
     record = run_record(config, train)
-    group = config.process_group
-    with run_folder(Path(config.out), record, group) as out:
-        model, tokenizer, source, history = stages.timed("model", load_model, config, train,
-                                                         out)
-        if is_main(group):
-            record_run(out, record)
-            for name in OUTPUTS:  # never leave results of other settings next to this run's
-                (out / name).unlink(missing_ok=True)
-        if source == "new":
-            history = stages.timed("fine-tuning", train_adapter, config, model, tokenizer,
-                                   train, val, out, config.progress)
-        elif source == "reused":
-            stages.reuse("fine-tuning")
-        with main_first(group):  # the other ranks then read rank 0's predictions
-            preds, again = stages.timed("predictions", predictions, config, model, tokenizer,
-                                        train, val, out)
+    with run.locked(record):
+        with run.stage("model"):
+            model, tokenizer, source = load_model(config, train, run.out)
+        run.claim(record, OUTPUTS)
+        history = fine_tuned(run, source, lambda: train_adapter(config, model, tokenizer,
+                                                                train, val, run.out))
+        with run.main_first():  # the other ranks then read rank 0's predictions
+            with run.stage("predictions"):
+                preds, again = predictions(config, model, tokenizer, train, val, run.out)
         if again:
-            stages.reuse("predictions")
+            run.reuse("predictions")
         train_store = val_store = None
         if with_gradients:
-            train_store, val_store, again = stages.timed("gradients", gradients, config, model,
-                                                         tokenizer, train, val, out,
-                                                         config.progress)
-            if again:
-                stages.reuse("gradients")
-        yield Prepared(out, train, val, data_info, model, tokenizer, source, history, preds,
-                       train_store, val_store, stages)
+            paths = [run.out / "gradients" / split for split in ("train", "val")]
+            train_store, val_store = collected(run, "gradients", paths, lambda: gradients(
+                config, model, tokenizer, train, val, run.out))
+        yield Prepared(run, train, val, data_info, model, tokenizer, source, history, preds,
+                       train_store, val_store)
 
 
 def run(config: Config) -> dict | None:
     """Run every stage; returns the summary (also written to out/summary.json). With a
     process group, rank 0 writes the outputs and returns the summary; other ranks None."""
     with prepared(config) as p:
-        scores, seconds, notes, blocks = p.stages.timed("scoring", score_all, config,
-                                                        p.train_store, p.val_store,
-                                                        p.preds.train_loss)
-        if not is_main(config.process_group):
+        with p.run.stage("scoring"):
+            scores, seconds, notes, blocks = score_all(config, p.train_store, p.val_store,
+                                                       p.preds.train_loss)
+        if not p.run.main:
             return None
         quality = model_quality(p.preds, p.val)
         if quality["weak"]:
             warn(quality["warning"])
         warn_unconverged(notes)
         extra = {"val_accuracy": round(quality["val_accuracy"], 4), "model_quality": quality,
-                 "training": p.history, "adapter": p.source, "reused_stages": p.stages.reused,
+                 "training": p.history, "adapter": p.source, "reused_stages": p.run.reused,
                  "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))},
                  "data": p.data_info, "processes": world(config.process_group)[1]}
-        return p.stages.timed("report", write_outputs, config, p.out, p.train, p.val, p.preds,
-                              scores, seconds, notes, extra)
+        with p.run.stage("report"):
+            return write_outputs(config, p.run.out, p.train, p.val, p.preds, scores, seconds,
+                                 notes, extra)
 
 
 def majority_rate(data: TextData) -> float:
@@ -630,7 +587,3 @@ def model_quality(preds: Predictions, val: TextData) -> dict:
             "little; train longer (--max-epochs), with a higher --learning-rate, or on more "
             "data")
     return quality
-
-
-def _say(config: Config, message: str) -> None:
-    say(message, config.progress)

@@ -19,35 +19,37 @@ that memory holds (queries per batch) x n scores, never the whole matrix.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from ..data.chat import ChatExample, Encoded, encode_all, lm_batches, read_chat_jsonl
-from ..methods import LABELS
-from ..methods.blocks import names_matching
-from .pairwise import PairwiseOptions, kept, matrix_folder, save_matrices, score_queries
-from .runs import (
-    Stages,
-    adapter_digest,
-    check_numbers,
-    fingerprint,
-    is_main,
-    keyed_folder,
-    main_first,
-    record_run,
-    run_folder,
-    save_adapter,
-    say,
-    settings_json,
-    warn,
-    warn_unconverged,
-    write_atomic,
+from ..data.chat import (
+    ChatExample,
+    Encoded,
+    encode_all,
+    lm_batches,
+    prompt_and_response_text,
+    read_chat_jsonl,
 )
-
-OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
+from ..devices import check_device
+from ..distributed import world
+from ..gradients.collect import collect_gradients
+from ..gradients.source import names_matching
+from ..gradients.store import GradientStore
+from ..gradients.tasks import CausalLM
+from ..identity import fingerprint
+from ..log import warn
+from ..models.hf import check_adapter_folder, check_model_name, load_causal_lm
+from ..report import explain_generation_page
+from ..training.finetune import train_loop
+from .pairwise import OUTPUTS, PairwiseOptions, Scored, kept, scored
+from .pairwise import write_outputs as write_pairwise
+from .pipeline import Run, collected, fine_tuned, query_folder, with_adapter
+from .runs import check_numbers, save_adapter, settings_json, write_atomic
 
 
 @dataclass
@@ -86,9 +88,6 @@ def check_settings(config: Config) -> None:
     check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2,
                            "top": 1, "max_new_tokens": 1, "query_batch": 1},
                   ("learning_rate", "damping", "lora_alpha"))
-    from ..devices import check_device
-    from ..models.hf import check_adapter_folder, check_model_name
-
     check_device(config.device)
     check_model_name(config.model, ("smollm2",))
     if config.adapter is not None:
@@ -97,21 +96,10 @@ def check_settings(config: Config) -> None:
 
 # ---------------------------------------------------------------- stage 2: adapter
 def load_model(config: Config, out: Path):
-    """(model with its LoRA adapter, tokenizer, source): ``source`` is "given", "reused" or
-    "new" (fresh LoRA, to be fine-tuned)."""
-    from ..models.hf import add_lora, load_adapter, load_causal_lm
-
+    """(model with its LoRA adapter, tokenizer, source): see
+    :func:`datainf.jobs.pipeline.with_adapter`."""
     base, tokenizer = load_causal_lm(config.model)
-    saved = out / "adapter"
-    if config.adapter is not None:
-        model, source = load_adapter(base, config.adapter), "given"
-    elif (saved / "adapter_config.json").exists():
-        model, source = load_adapter(base, saved), "reused"
-    else:
-        torch.manual_seed(config.seed)
-        model = add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
-                         target_modules=config.lora_targets)
-        source = "new"
+    model, source = with_adapter(base, config, out)
     if config.blocks is not None:
         names_matching([n for n, p in model.named_parameters() if p.requires_grad],
                        config.blocks)
@@ -121,16 +109,12 @@ def load_model(config: Config, out: Path):
 def response_loss(model, batch: dict) -> torch.Tensor:
     """Per-example mean NLL of the response tokens, shape (B,) (see
     datainf.gradients.tasks.CausalLM)."""
-    from ..gradients.tasks import CausalLM
-
     return CausalLM().losses(model, batch, torch.arange(len(batch["input_ids"])), 0)
 
 
 def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -> dict:
     """LoRA fine-tuning on the mean response loss; the adapter is saved to out/adapter whole
     or not at all, with training.json (loss per epoch)."""
-    from ..training.finetune import train_loop
-
     def batches(order):
         return lm_batches(train, config.batch_size, tokenizer.pad_token_id, order)
 
@@ -140,7 +124,7 @@ def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -
                         learning_rate=config.learning_rate, seed=config.seed,
                         progress=config.progress, process_group=config.process_group)
     history = {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
-    if is_main(config.process_group):
+    if world(config.process_group)[0] == 0:
         save_adapter(model, out, history)
     return history
 
@@ -150,10 +134,6 @@ def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -
 def greedy_answers(model, tokenizer, examples: list[ChatExample], *, max_new_tokens: int,
                    batch_size: int, progress: bool | None = None) -> list[str]:
     """The model's greedy answer to each prompt (special tokens removed, stripped)."""
-    from tqdm.auto import tqdm
-
-    from ..data.chat import prompt_and_response_text
-
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # batched generation continues every row at the end
     answers = []
@@ -199,66 +179,44 @@ def query_answers(config: Config, model, tokenizer, queries: list[ChatExample],
 
 
 # ---------------------------------------------------------------- stage 4: gradients
-def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path):
-    """(store, reused): per-example gradients of the response-only loss at ``path``."""
-    from ..gradients.collect import collect_gradients
-    from ..gradients.store import GradientStore
-
-    reused = GradientStore.is_complete(path)
+def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path) -> GradientStore:
+    """Per-example gradients of the response-only loss, in the store at ``path``."""
     batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id)
-    store = collect_gradients(model, batches, "causal_lm", out=str(path),
-                              progress=config.progress, process_group=config.process_group)
-    return store, reused
+    return collect_gradients(model, batches, "causal_lm", out=str(path),
+                             progress=config.progress, process_group=config.process_group)
 
 
 # ---------------------------------------------------------------- outputs
 def write_outputs(config: Config, out: Path, train: list[ChatExample],
                   queries: list[ChatExample], responses: list[str], generated: list[bool],
-                  tops: dict, seconds: dict, notes: dict, matrix_folder: Path | None,
-                  extra: dict) -> dict:
-    """scores.npz, top.jsonl, report.html, then summary.json (last: its presence says the run
-    is complete). Returns the summary."""
-    from ..report import explain_generation_page
+                  scores: Scored, extra: dict) -> dict:
+    """scores.npz, top.jsonl, report.html and summary.json (see
+    :func:`datainf.jobs.pairwise.write_outputs`). Returns the summary."""
+    rows = [{"query": j, "line": q.line, "prompt": q.messages, "response": responses[j],
+             "generated": generated[j], **kept(q)} for j, q in enumerate(queries)]
 
-    if matrix_folder is not None:
-        save_matrices(matrix_folder, tops, out)
-    rows = []
-    for j, query in enumerate(queries):
-        row = {"query": j, "line": query.line, "prompt": query.messages,
-               "response": responses[j], "generated": generated[j], **kept(query)}
-        for method, per_query in tops.items():
-            row[method] = {side: [{"train": i, "line": train[i].line, "score": s,
-                                   "rank": r + 1, "prompt": train[i].prompt_text,
-                                   "response": train[i].response, **kept(train[i])}
-                                  for r, (i, s) in enumerate(per_query[j][side])]
-                           for side in ("helpful", "harmful")}
-        rows.append(row)
-    write_atomic(out / "top.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    summary = {
-        "command": "explain-generation",
-        "config": settings_json(config, leave_out=("stage_seconds",)),
-        "n_train": len(train), "n_queries": len(queries),
-        "generated_answers": int(sum(generated)),
-        "methods": {m: {"label": LABELS[m], "seconds": round(s, 4), **notes.get(m, {})}
-                    for m, s in seconds.items()},
-        "sign": "negative = helpful (up-weighting the training example lowers the query's "
-                "loss), positive = harmful",
-        "outputs": [name for name in OUTPUTS if name != "scores.npz" or matrix_folder],
-        **extra,
-    }
-    summary["stage_seconds"] = {k: round(v, 2) for k, v in config.stage_seconds.items()}
-    write_atomic(out / "report.html", explain_generation_page(summary, rows, list(tops)))
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    def entry(i: int, score: float, rank: int) -> dict:
+        return {"train": i, "line": train[i].line, "score": score, "rank": rank,
+                "prompt": train[i].prompt_text, "response": train[i].response,
+                **kept(train[i])}
 
+    head = {"command": "explain-generation",
+            "config": settings_json(config, leave_out=("stage_seconds",)),
+            "n_train": len(train), "n_queries": len(queries),
+            "generated_answers": int(sum(generated))}
+    sign = ("negative = helpful (up-weighting the training example lowers the query's loss), "
+            "positive = harmful")
+    return write_pairwise(config, out, scores, rows, entry, head, sign, extra,
+                          lambda summary, rows: explain_generation_page(summary, rows,
+                                                                        list(scores.tops)))
 
 
 # ---------------------------------------------------------------- the job
 @dataclass
 class Prepared:
-    """The expensive stages' results, in the locked run folder ``out``."""
+    """The expensive stages' results, in the locked run folder ``run.out``."""
 
-    out: Path
+    run: Run
     train: list[ChatExample]
     queries: list[ChatExample]
     responses: list[str]
@@ -267,83 +225,59 @@ class Prepared:
     tokenizer: object
     source: str
     history: dict | None
-    train_store: object
-    query_store: object
-    stages: Stages
+    train_store: GradientStore
+    query_store: GradientStore
 
 
 @contextmanager
-def prepared(config: Config):
+def prepared(config: Config) -> Iterator[Prepared]:
     """Runs (or reuses) every expensive stage and yields their results while ``out`` stays
     locked. Settings and data are checked before anything expensive; ``out`` is claimed (its
     run.json written) only once the model and adapter have loaded."""
     check_settings(config)
-    stages = Stages(config.stage_seconds, lambda m: say(m, config.progress), config.out)
-    train = stages.timed("data", read_chat_jsonl, config.train, need_response=True,
-                         what="--train")
+    run = Run.of(config)
+    with run.stage("data"):
+        train = read_chat_jsonl(config.train, need_response=True, what="--train")
     queries = read_chat_jsonl(config.queries, need_response=False, what="--queries")
     record = {**config.expensive(), "train_fingerprint": fingerprint(config.train)}
-    group = config.process_group
-    with run_folder(Path(config.out), record, group) as out:
-        model, tokenizer, source = stages.timed("model", load_model, config, out)
+    with run.locked(record):
+        with run.stage("model"):
+            model, tokenizer, source = load_model(config, run.out)
         encoded_train = encode_all(tokenizer, train, [e.response for e in train],
                                    max_length=config.max_length, what="--train")
         # the prompts alone must fit too, with room for an answer
         encode_all(tokenizer, queries, [q.response for q in queries],
                    max_length=config.max_length, what="--queries")
-        if is_main(group):
-            record_run(out, record)
-            for name in OUTPUTS:  # never leave results of other settings next to this run's
-                (out / name).unlink(missing_ok=True)
-        history = None
-        if source == "new":
-            history = stages.timed("fine-tuning", train_adapter, config, model, tokenizer,
-                                   encoded_train, out)
-        elif source == "reused":
-            stages.reuse("fine-tuning")
-            history = json.loads((out / "adapter" / "training.json").read_text())
-        with main_first(group):  # rank 0 answers; the others read its answers.json
-            folder = _query_folder(out, config, source)
-            responses, generated = stages.timed("answers", query_answers, config, model,
-                                                tokenizer, queries, folder)
+        run.claim(record, OUTPUTS)
+        history = fine_tuned(run, source, lambda: train_adapter(config, model, tokenizer,
+                                                                encoded_train, run.out))
+        with run.main_first():  # rank 0 answers; the others read its answers.json
+            folder = query_folder(run.out, config, source, config.queries,
+                                  max_new_tokens=config.max_new_tokens)
+            with run.stage("answers"):
+                responses, generated = query_answers(config, model, tokenizer, queries, folder)
         encoded_queries = encode_all(tokenizer, queries, responses,
                                      max_length=config.max_length + config.max_new_tokens,
                                      what="--queries")
-        train_store, again = stages.timed("gradients", gradients, config, model, tokenizer,
-                                          encoded_train, out / "gradients" / "train")
-        query_store, again_q = stages.timed("query gradients", gradients, config, model,
-                                            tokenizer, encoded_queries, folder / "gradients")
-        if again:
-            stages.reuse("gradients")
-        if again_q:
-            stages.reuse("query gradients")
-        yield Prepared(out, train, queries, responses, generated, model, tokenizer, source,
-                       history, train_store, query_store, stages)
-
-
-def _query_folder(out: Path, config: Config, source: str) -> Path:
-    """out/query: the queries' answers and gradients, kept while the queries file, the
-    adapter and the generation length stay the same (otherwise emptied)."""
-    adapter = Path(config.adapter) if config.adapter else out / "adapter"
-    return keyed_folder(out / "query", {
-        "queries": fingerprint(config.queries), "max_new_tokens": config.max_new_tokens,
-        "adapter": source if source == "given" else "trained here",
-        "adapter_fingerprint": adapter_digest(adapter)})
+        train_path, query_path = run.out / "gradients" / "train", folder / "gradients"
+        train_store = collected(run, "gradients", [train_path], lambda: gradients(
+            config, model, tokenizer, encoded_train, train_path))
+        query_store = collected(run, "query gradients", [query_path], lambda: gradients(
+            config, model, tokenizer, encoded_queries, query_path))
+        yield Prepared(run, train, queries, responses, generated, model, tokenizer, source,
+                       history, train_store, query_store)
 
 
 def run(config: Config) -> dict | None:
     """Every stage; returns the summary (also written to out/summary.json). With a process
     group, rank 0 writes the outputs and returns the summary; other ranks None."""
-    main = is_main(config.process_group)
-    with prepared(config) as p, matrix_folder(p.out, config.matrix and main) as folder:
-        tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
-                                              p.query_store, folder=folder, **config.scoring())
-        if not main:
+    with prepared(config) as p, scored(p.run, config, p.train_store, p.query_store) as scores:
+        if not p.run.main:
             return None
-        warn_unconverged(notes)
-        extra = {"adapter": p.source, "training": p.history, "reused_stages": p.stages.reused}
-        return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
-                              p.responses, p.generated, tops, seconds, notes, folder, extra)
+        extra = {"adapter": p.source, "training": p.history, "reused_stages": p.run.reused}
+        with p.run.stage("report"):
+            return write_outputs(config, p.run.out, p.train, p.queries, p.responses,
+                                 p.generated, scores, extra)
 
 
 __all__ = ["Config", "prepared", "run"]

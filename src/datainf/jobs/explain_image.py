@@ -20,7 +20,7 @@ query's loss), positive = harmful.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,28 +29,23 @@ import numpy as np
 import torch
 
 from ..data.images import ImageExample, load_images, read_image, read_image_folder, save_png
+from ..devices import check_device
+from ..distributed import world
 from ..errors import DataInfError
-from ..methods import LABELS
-from .pairwise import PairwiseOptions, kept, matrix_folder, save_matrices, score_queries
-from .runs import (
-    Stages,
-    adapter_digest,
-    check_numbers,
-    fingerprint,
-    is_main,
-    keyed_folder,
-    main_first,
-    record_run,
-    run_folder,
-    save_adapter,
-    say,
-    settings_json,
-    warn,
-    warn_unconverged,
-    write_atomic,
-)
+from ..gradients.collect import collect_gradients
+from ..gradients.store import GradientStore
+from ..gradients.tasks import Diffusion
+from ..identity import fingerprint
+from ..log import warn
+from ..models.diffusion import load_pipeline, noise_prediction_loss, to_pixels, with_noise
+from ..models.hf import check_adapter_folder
+from ..report import explain_image_page
+from ..training.finetune import train_loop
+from .pairwise import OUTPUTS, PairwiseOptions, Scored, kept, scored
+from .pairwise import write_outputs as write_pairwise
+from .pipeline import Run, collected, fine_tuned, query_folder, with_adapter
+from .runs import check_numbers, save_adapter, settings_json
 
-OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
 SAMPLES = 8  # training prompts drawn before and after fine-tuning for the report
 
 
@@ -92,9 +87,6 @@ class Config(PairwiseOptions):
 
 def check_settings(config: Config) -> None:
     """Every setting, before anything is loaded."""
-    from ..devices import check_device
-    from ..models.hf import check_adapter_folder
-
     config.check_scoring()
     check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "top": 1,
                            "sampling_steps": 1, "query_batch": 1, "guidance": 1},
@@ -109,22 +101,10 @@ def check_settings(config: Config) -> None:
 
 # ---------------------------------------------------------------- stage 2: adapter
 def load_model(config: Config, out: Path):
-    """(pipeline, UNet with its LoRA adapter, source): ``source`` is "given", "reused" or
-    "new" (fresh LoRA, to be fine-tuned)."""
-    from ..models.diffusion import load_pipeline
-    from ..models.hf import add_lora, load_adapter
-
+    """(pipeline, UNet with its LoRA adapter, source): see
+    :func:`datainf.jobs.pipeline.with_adapter`."""
     pipeline = load_pipeline(config.pipeline, progress=config.progress)
-    saved = out / "adapter"
-    if config.adapter is not None:
-        unet, source = load_adapter(pipeline.unet, config.adapter), "given"
-    elif (saved / "adapter_config.json").exists():
-        unet, source = load_adapter(pipeline.unet, saved), "reused"
-    else:
-        torch.manual_seed(config.seed)
-        unet = add_lora(pipeline.unet, r=config.lora_r, alpha=config.lora_alpha,
-                        target_modules=config.lora_targets)
-        source = "new"
+    unet, source = with_adapter(pipeline.unet, config, out)
     return pipeline, unet.to(config.device), source
 
 
@@ -144,9 +124,6 @@ def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts:
     """LoRA fine-tuning on the noise-prediction loss (random timesteps and noise from a
     generator seeded with ``config.seed``); the adapter is saved to out/adapter whole or not
     at all, with training.json (loss per epoch)."""
-    from ..models.diffusion import noise_prediction_loss, with_noise
-    from ..training.finetune import train_loop
-
     generator = torch.Generator().manual_seed(config.seed)
 
     def batches(order):  # noise drawn per batch, in the order the loss used to draw it
@@ -159,7 +136,7 @@ def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts:
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         seed=config.seed, progress=config.progress, process_group=config.process_group)
     history = {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
-    if is_main(config.process_group):
+    if world(config.process_group)[0] == 0:
         save_adapter(unet, out, history)
     return history
 
@@ -195,7 +172,7 @@ def fitted_images(config: Config, pipeline, examples: list[ImageExample], what: 
     to be converted, cropped or resized."""
     images, changed = load_images(examples, size=pipeline.image_size,
                                   channels=pipeline.channels, what=what)
-    if changed and is_main(config.process_group):  # changes the data: shown even with --quiet
+    if changed and world(config.process_group)[0] == 0:  # changes the data: shown even with --quiet
         warn(f"{what}: {changed} images converted, cropped or resized to "
              f"{pipeline.image_size} x {pipeline.image_size}")
     return images
@@ -203,23 +180,16 @@ def fitted_images(config: Config, pipeline, examples: list[ImageExample], what: 
 
 # ---------------------------------------------------------------- stage 4: gradients
 def gradients(config: Config, pipeline, unet, images: np.ndarray, prompts: list[str],
-              path: Path):
-    """(store, reused): per-example gradients of the noise-prediction MSE at
-    ``config.timesteps`` (noise seeded per example and timestep) at ``path``."""
-    from ..gradients.collect import collect_gradients
-    from ..gradients.store import GradientStore
-    from ..gradients.tasks import Diffusion
-    from ..models.diffusion import to_pixels
-
-    reused = GradientStore.is_complete(path)
+              path: Path) -> GradientStore:
+    """Per-example gradients of the noise-prediction MSE at ``config.timesteps`` (noise
+    seeded per example and timestep), in the store at ``path``."""
     pixels = to_pixels(np.moveaxis(images, -1, 1), pipeline.image_size)
     task = Diffusion(timesteps=tuple(config.timesteps), seed=config.seed,
                      scheduler=pipeline.scheduler)
     # batches are encoded as they are needed (latents of a VAE, text states), not all at once
-    store = collect_gradients(unet, image_batches(pipeline, pixels, prompts, config.batch_size),
-                              task, out=str(path), num_examples=len(prompts),
-                              progress=config.progress, process_group=config.process_group)
-    return store, reused
+    return collect_gradients(unet, image_batches(pipeline, pixels, prompts, config.batch_size),
+                             task, out=str(path), num_examples=len(prompts),
+                             progress=config.progress, process_group=config.process_group)
 
 
 # ---------------------------------------------------------------- outputs
@@ -238,53 +208,35 @@ def samples(config: Config, pipeline, unet, prompts: list[str]) -> dict:
 def write_outputs(config: Config, out: Path, train: list[ImageExample],
                   queries: list[ImageExample], train_images: np.ndarray,
                   query_images_: np.ndarray, query_files: list[Path], seeds: list[int | None],
-                  tops: dict, seconds: dict, notes: dict, matrix_folder: Path | None,
-                  drawn: dict, extra: dict) -> dict:
-    """scores.npz, top.jsonl, report.html, then summary.json (last: its presence says the run
-    is complete). Returns the summary."""
-    from ..report import explain_image_page
+                  scores: Scored, drawn: dict, extra: dict) -> dict:
+    """scores.npz, top.jsonl, report.html and summary.json (see
+    :func:`datainf.jobs.pairwise.write_outputs`). Returns the summary."""
+    rows = [{"query": j, "line": q.line, "text": q.text, "file": str(query_files[j]),
+             "generated": seeds[j] is not None, "seed": seeds[j], **kept(q)}
+            for j, q in enumerate(queries)]
 
-    if matrix_folder is not None:
-        save_matrices(matrix_folder, tops, out)
-    rows = []
-    for j, query in enumerate(queries):
-        row = {"query": j, "line": query.line, "text": query.text,
-               "file": str(query_files[j]), "generated": seeds[j] is not None,
-               "seed": seeds[j], **kept(query)}
-        for method, per_query in tops.items():
-            row[method] = {side: [{"train": i, "file_name": train[i].file.name,
-                                   "line": train[i].line, "text": train[i].text, "score": s,
-                                   "rank": r + 1, **kept(train[i])}
-                                  for r, (i, s) in enumerate(per_query[j][side])]
-                           for side in ("helpful", "harmful")}
-        rows.append(row)
-    write_atomic(out / "top.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    summary = {
-        "command": "explain-image",
-        "config": settings_json(config, leave_out=("stage_seconds",)),
-        "n_train": len(train), "n_queries": len(queries),
-        "generated_images": int(sum(s is not None for s in seeds)),
-        "methods": {m: {"label": LABELS[m], "seconds": round(s, 4), **notes.get(m, {})}
-                    for m, s in seconds.items()},
-        "sign": "negative = helpful (up-weighting the training image lowers the query's "
-                "loss), positive = harmful",
-        "outputs": [name for name in OUTPUTS if name != "scores.npz" or matrix_folder],
-        **extra,
-    }
-    summary["stage_seconds"] = {k: round(v, 2) for k, v in config.stage_seconds.items()}
-    page = explain_image_page(summary, rows, list(tops), train_images, query_images_, drawn)
-    write_atomic(out / "report.html", page)
-    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    return summary
+    def entry(i: int, score: float, rank: int) -> dict:
+        return {"train": i, "file_name": train[i].file.name, "line": train[i].line,
+                "text": train[i].text, "score": score, "rank": rank, **kept(train[i])}
 
+    head = {"command": "explain-image",
+            "config": settings_json(config, leave_out=("stage_seconds",)),
+            "n_train": len(train), "n_queries": len(queries),
+            "generated_images": int(sum(s is not None for s in seeds))}
+    sign = ("negative = helpful (up-weighting the training image lowers the query's loss), "
+            "positive = harmful")
+    return write_pairwise(config, out, scores, rows, entry, head, sign, extra,
+                          lambda summary, rows: explain_image_page(
+                              summary, rows, list(scores.tops), train_images, query_images_,
+                              drawn))
 
 
 # ---------------------------------------------------------------- the job
 @dataclass
 class Prepared:
-    """The expensive stages' results, in the locked run folder ``out``."""
+    """The expensive stages' results, in the locked run folder ``run.out``."""
 
-    out: Path
+    run: Run
     train: list[ImageExample]
     queries: list[ImageExample]
     train_images: np.ndarray
@@ -295,88 +247,60 @@ class Prepared:
     unet: object
     source: str
     history: dict | None
-    train_store: object
-    query_store: object
-    stages: Stages
+    train_store: GradientStore
+    query_store: GradientStore
 
 
 @contextmanager
-def prepared(config: Config):
+def prepared(config: Config) -> Iterator[Prepared]:
     """Runs (or reuses) every expensive stage and yields their results while ``out`` stays
     locked. Settings and folders are checked before anything expensive; ``out`` is claimed
     (its run.json written) only once the model and adapter have loaded."""
-    from ..models.diffusion import to_pixels
-
     check_settings(config)
-    stages = Stages(config.stage_seconds, lambda m: say(m, config.progress), config.out)
-    train = stages.timed("data", read_image_folder, config.train_dir,
-                         what=config.folder_names[0])
+    run = Run.of(config)
+    with run.stage("data"):
+        train = read_image_folder(config.train_dir, what=config.folder_names[0])
     queries = read_image_folder(config.queries, what=config.folder_names[1], need_image=False)
     for example in queries:  # an unreadable query image is refused before any fine-tuning
         if example.file is not None:
             read_image(example, config.folder_names[1])
     record = {**config.expensive(), "train_fingerprint": fingerprint(config.train_dir)}
-    group = config.process_group
-    with run_folder(Path(config.out), record, group) as out:
-        pipeline, unet, source = stages.timed("model", load_model, config, out)
+    with run.locked(record):
+        with run.stage("model"):
+            pipeline, unet, source = load_model(config, run.out)
         train_images = fitted_images(config, pipeline, train, config.folder_names[0])
-        if is_main(group):
-            record_run(out, record)
-            for name in OUTPUTS:  # never leave results of other settings next to this run's
-                (out / name).unlink(missing_ok=True)
+        run.claim(record, OUTPUTS)
         prompts = [e.text for e in train]
-        history = None
-        if source == "new":
-            pixels = to_pixels(np.moveaxis(train_images, -1, 1), pipeline.image_size)
-            history = stages.timed("fine-tuning", train_adapter, config, pipeline, unet,
-                                   pixels, prompts, out)
-        elif source == "reused":
-            stages.reuse("fine-tuning")
-            history = json.loads((out / "adapter" / "training.json").read_text())
-        with main_first(group):  # rank 0 draws the queries; the others read its files
-            folder = _query_folder(out, config, source)
-            q_images, q_files, seeds = stages.timed("query images", query_images, config,
-                                                    pipeline, unet, queries, folder)
-        train_store, again = stages.timed("gradients", gradients, config, pipeline, unet,
-                                          train_images, prompts, out / "gradients" / "train")
-        query_store, again_q = stages.timed("query gradients", gradients, config, pipeline,
-                                            unet, q_images, [q.text for q in queries],
-                                            folder / "gradients")
-        if again:
-            stages.reuse("gradients")
-        if again_q:
-            stages.reuse("query gradients")
-        yield Prepared(out, train, queries, train_images, q_images, q_files, seeds, pipeline,
-                       unet, source, history, train_store, query_store, stages)
-
-
-def _query_folder(out: Path, config: Config, source: str) -> Path:
-    """out/query: the drawn query images and the queries' gradients, kept while the queries
-    folder, the adapter and the drawing settings stay the same (otherwise emptied)."""
-    adapter = Path(config.adapter) if config.adapter else out / "adapter"
-    return keyed_folder(out / "query", {
-        "queries": fingerprint(config.queries), "sampling_steps": config.sampling_steps,
-        "guidance": config.guidance, "adapter": source if source == "given" else "trained here",
-        "adapter_fingerprint": adapter_digest(adapter)})
+        history = fine_tuned(run, source, lambda: train_adapter(
+            config, pipeline, unet, to_pixels(np.moveaxis(train_images, -1, 1),
+                                              pipeline.image_size), prompts, run.out))
+        with run.main_first():  # rank 0 draws the queries; the others read its files
+            folder = query_folder(run.out, config, source, config.queries,
+                                  sampling_steps=config.sampling_steps, guidance=config.guidance)
+            with run.stage("query images"):
+                q_images, q_files, seeds = query_images(config, pipeline, unet, queries, folder)
+        train_path, query_path = run.out / "gradients" / "train", folder / "gradients"
+        train_store = collected(run, "gradients", [train_path], lambda: gradients(
+            config, pipeline, unet, train_images, prompts, train_path))
+        query_store = collected(run, "query gradients", [query_path], lambda: gradients(
+            config, pipeline, unet, q_images, [q.text for q in queries], query_path))
+        yield Prepared(run, train, queries, train_images, q_images, q_files, seeds, pipeline,
+                       unet, source, history, train_store, query_store)
 
 
 def run(config: Config) -> dict | None:
     """Every stage; returns the summary (also written to out/summary.json). With a process
     group, rank 0 writes the outputs and returns the summary; other ranks None."""
-    main = is_main(config.process_group)
-    with prepared(config) as p, matrix_folder(p.out, config.matrix and main) as folder:
-        tops, seconds, notes = p.stages.timed("scoring", score_queries, p.train_store,
-                                              p.query_store, folder=folder, **config.scoring())
-        if not main:
+    with prepared(config) as p, scored(p.run, config, p.train_store, p.query_store) as scores:
+        if not p.run.main:
             return None
-        warn_unconverged(notes)
-        drawn = p.stages.timed("samples", samples, config, p.pipeline, p.unet,
-                               [e.text for e in p.train])
+        with p.run.stage("samples"):
+            drawn = samples(config, p.pipeline, p.unet, [e.text for e in p.train])
         extra = {"pipeline": str(p.pipeline.path), "image_size": p.pipeline.image_size,
-                 "adapter": p.source, "training": p.history, "reused_stages": p.stages.reused}
-        return p.stages.timed("report", write_outputs, config, p.out, p.train, p.queries,
-                              p.train_images, p.query_images, p.query_files, p.seeds, tops,
-                              seconds, notes, folder, drawn, extra)
+                 "adapter": p.source, "training": p.history, "reused_stages": p.run.reused}
+        with p.run.stage("report"):
+            return write_outputs(config, p.run.out, p.train, p.queries, p.train_images,
+                                 p.query_images, p.query_files, p.seeds, scores, drawn, extra)
 
 
 __all__ = ["Config", "prepared", "run"]

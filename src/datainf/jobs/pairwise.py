@@ -9,12 +9,13 @@ the query's loss), positive = harmful.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataInfError
-from ..methods import NAMED, TopK, estimator, top_k_of
-from ..methods.blocks import RowRange, blocks_matching, blocks_pattern
+from ..gradients.source import RowRange, blocks_matching, blocks_pattern
+from ..methods import LABELS, NAMED, TopK, estimator, top_k_of
 from ..methods.damping import Damping, damping_rule
 from ..methods.lissa import LiSSA, worse
+from .runs import warn_unconverged, write_atomic
 
+OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
+SIDES = ("helpful", "harmful")
 # DataInf (the paper's), DataInf on unit gradients (the best cheap method on all three of the
 # generation study's tasks, README) and the Hessian-free baseline; --methods adds the others.
 DEFAULT_METHODS = ("datainf", "datainf_normalized", "hessian_free")
@@ -161,3 +165,58 @@ def save_matrices(folder: Path, methods, out: Path) -> None:
     np.savez(tmp, **arrays)
     del arrays
     os.replace(tmp, out / "scores.npz")
+
+
+@dataclass
+class Scored:
+    """Every method's pairwise scores of a run: ``tops[method][j]`` (see
+    :func:`score_queries`), seconds and notes per method, and the folder of the (m, n)
+    matrices (None: not written, or not by this rank)."""
+
+    tops: dict
+    seconds: dict
+    notes: dict
+    folder: Path | None
+
+
+@contextmanager
+def scored(run, options: PairwiseOptions, train_store, query_store) -> Iterator[Scored]:
+    """The "scoring" stage of an explain-* run (``run``: a :class:`~datainf.jobs.pipeline.
+    Run`); the matrices' temporary folder lives while the block runs. Rank 0 warns of every
+    method that did not converge."""
+    with matrix_folder(run.out, options.matrix and run.main) as folder:
+        with run.stage("scoring"):
+            tops, seconds, notes = score_queries(train_store, query_store, folder=folder,
+                                                 **options.scoring())
+        if run.main:
+            warn_unconverged(notes)
+        yield Scored(tops, seconds, notes, folder)
+
+
+def write_outputs(options: PairwiseOptions, out: Path, scores: Scored, rows: list[dict],
+                  entry: Callable[[int, float, int], dict], head: dict, sign: str,
+                  extra: dict, page: Callable[[dict, list[dict]], str]) -> dict:
+    """scores.npz, top.jsonl, report.html, then summary.json (last: its presence says the run
+    is complete), each whole or not at all. ``rows``: one dict per query (the job's fields),
+    to which each method's lists are added, each training example as ``entry(i, score,
+    rank)``; ``head``: the summary's first keys (command, config, sizes); ``page(summary,
+    rows)``: the report. Returns the summary."""
+    if scores.folder is not None:
+        save_matrices(scores.folder, scores.tops, out)
+    for j, row in enumerate(rows):
+        for method, per_query in scores.tops.items():
+            row[method] = {side: [entry(i, s, r + 1) for r, (i, s) in enumerate(per_query[j][side])]
+                           for side in SIDES}
+    write_atomic(out / "top.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    summary = {
+        **head,
+        "methods": {m: {"label": LABELS[m], "seconds": round(s, 4), **scores.notes.get(m, {})}
+                    for m, s in scores.seconds.items()},
+        "sign": sign,
+        "outputs": [name for name in OUTPUTS if name != "scores.npz" or scores.folder],
+        **extra,
+    }
+    summary["stage_seconds"] = {k: round(v, 2) for k, v in options.stage_seconds.items()}
+    write_atomic(out / "report.html", page(summary, rows))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary

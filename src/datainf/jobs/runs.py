@@ -8,19 +8,17 @@ when the job is repeated with the same settings (``record``: what decides them).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 from pathlib import Path
 
+from ..distributed import broadcast_flag, world
 from ..errors import DataInfError
-from ..gradients.distributed import broadcast_flag, world
+from ..log import warn
 
 LOCK = ".lock"
 
@@ -160,27 +158,6 @@ def keyed_folder(folder: Path, key: dict) -> Path:
     return folder
 
 
-def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 (first 16 hex digits) of a file's bytes, or of a folder's files (names and
-    bytes, sorted by relative path)."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    for file in files:
-        if root.is_dir():
-            digest.update(str(file.relative_to(root)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def adapter_digest(folder: Path) -> str:
-    """Fingerprint of a saved adapter's weights ("" when there are none)."""
-    weights = folder / "adapter_model.safetensors"
-    return fingerprint(weights) if weights.exists() else ""
-
-
 def settings_json(settings: object, names: Iterable[str] | None = None,
                   leave_out: tuple[str, ...] = ()) -> dict:
     """Attributes of the dataclass ``settings`` as JSON values (tuples as lists): ``names``,
@@ -206,33 +183,6 @@ def check_numbers(settings: object, at_least: dict[str, float],
                                f"{getattr(settings, name)}")
 
 
-class Stages:
-    """Times a run's stages into ``seconds`` (name -> s) and says what each did; ``out``: the
-    run folder that reused stages come from."""
-
-    def __init__(self, seconds: dict, say: Callable[[str], None], out: str) -> None:
-        self.seconds = seconds
-        self.say = say
-        self.out = out
-        self.reused: list[str] = []
-
-    def timed(self, name: str, fn, *args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        self.say(f"{name}: {self.seconds[name]:.1f} s")
-        return result
-
-    def reuse(self, name: str) -> None:
-        self.reused.append(name)
-        self.say(f"{name}: reused from an earlier run in {self.out}")
-
-
-def warn(message: str) -> None:
-    """A warning the user must see, on stderr even with --quiet."""
-    print(f"datainf: warning: {message}", file=sys.stderr, flush=True)
-
-
 def warn_unconverged(notes: dict) -> None:
     """A warning for every method whose iterations stopped before converging (LiSSA): its
     scores are approximate."""
@@ -241,9 +191,3 @@ def warn_unconverged(notes: dict) -> None:
             warn(f"{method} did not converge in {note['iterations']} iterations (relative "
                  f"residual {note['relative_residual']:.2g}): its scores are approximate; "
                  "raise --damping, or rank by datainf or exact")
-
-
-def say(message: str, progress: bool | None) -> None:
-    """A stage line on stdout, unless progress is silenced (``progress=False``)."""
-    if progress is not False:
-        print(f"[datainf] {message}", flush=True)

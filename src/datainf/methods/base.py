@@ -4,13 +4,13 @@ Sign convention (the paper's): a POSITIVE score means that up-weighting the trai
 INCREASES the test loss, i.e. the example is harmful; the most helpful examples have the most
 negative scores.
 
-Estimators read gradients block by block (see :mod:`datainf.methods.blocks`) and sum the blocks'
+Estimators read gradients block by block (see :mod:`datainf.gradients.source`) and sum the blocks'
 contributions: I(k) = sum_l I_l(k). Computations run in float64 when the training gradients are
 float64, otherwise in float32 with float64 sums across chunks and blocks; scores are float64.
 
 Given a torch.distributed process group, every rank reads the same training gradients (a store
 on a shared file system) but works on its own shard of training rows (see
-:mod:`datainf.gradients.distributed`): the sums over training examples (row norms for the
+:mod:`datainf.distributed`): the sums over training examples (row norms for the
 damping, DataInf's sum_i c_i g_i, LiSSA's products H x, Exact's G^T G) are summed across ranks
 with all_reduce, each rank scores its rows, and the results are gathered so that every rank
 returns what one process would, to float rounding. Test gradients are read whole by every rank.
@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..devices import check_device
+from ..distributed import all_gather_cat, all_reduce_sum, shard, world
 from ..errors import DataInfError
-from ..gradients.distributed import all_gather_cat, all_reduce_sum, shard, world
-from .blocks import (
+from ..gradients.source import (
     GradientSource,
     RowRange,
     UnitNormRows,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..gradients.distributed import all_gather_cat
+from ..distributed import all_gather_cat
 from .base import InfluenceEstimator
 
 

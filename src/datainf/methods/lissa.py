@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import all_reduce_max
 from ..errors import DataInfError
-from ..gradients.distributed import all_reduce_max
 from .base import InfluenceEstimator
 from .damping import Damping
 

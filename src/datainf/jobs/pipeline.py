@@ -1,0 +1,144 @@
+"""One descent for every job: read -> lock -> model -> fine-tune -> answers -> collect ->
+score -> write. What each job does at a step lives in its own module; what every job does the
+same way lives here:
+
+- :class:`Run`: the locked run folder, made once, with what every later step asks of it
+  (the folder, whether this process writes the outputs, the process group, the stage times);
+  each step is a ``with run.stage("name"):`` block, so every stage is a plain call;
+- :meth:`Run.locked`: lock ``out`` (refused when it holds a run of other expensive
+  settings), and :meth:`Run.claim` once the model has loaded;
+- :func:`with_adapter`: the adapter's source, the same for every job: ``given`` (--adapter),
+  ``reused`` (out/adapter of an earlier run with the same settings) or ``new`` (fresh LoRA,
+  to be fine-tuned);
+- :func:`fine_tuned`: fine-tune a new adapter, or read the history of a reused one;
+- :func:`collected`: a gradient store, said to be reused when it was complete already.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..distributed import world
+from ..gradients.store import GradientStore
+from ..identity import adapter_digest, fingerprint
+from ..log import say
+from ..models.hf import add_lora, load_adapter
+from .runs import keyed_folder, main_first, record_run, run_folder
+
+
+@dataclass
+class Run:
+    """A job's run in its locked folder ``out``: ``main`` is whether this process writes the
+    outputs (rank 0, or the only process); ``seconds``: stage name -> seconds (the Config's
+    ``stage_seconds``, which summaries report); ``reused``: the stages taken from an earlier
+    run in ``out``."""
+
+    out: Path
+    group: object | None = None
+    progress: bool | None = None
+    seconds: dict = field(default_factory=dict)
+    reused: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, config) -> Run:
+        """The run of a job's ``config`` (its ``out``, ``process_group``, ``progress``; stage
+        times into its ``stage_seconds``)."""
+        return cls(Path(config.out), config.process_group, config.progress,
+                   config.stage_seconds)
+
+    @contextmanager
+    def locked(self, record: dict) -> Iterator[Run]:
+        """``out`` locked for this run: refused when it holds a run of other expensive
+        settings (``record``); see :func:`datainf.jobs.runs.run_folder`."""
+        with run_folder(self.out, record, self.group):
+            yield self
+
+    @property
+    def main(self) -> bool:
+        return world(self.group)[0] == 0
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Times the block into ``seconds[name]`` (added up when a stage runs twice) and says
+        how long it took."""
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.say(f"{name}: {self.seconds[name]:.1f} s")
+
+    def reuse(self, name: str) -> None:
+        self.reused.append(name)
+        self.say(f"{name}: reused from an earlier run in {self.out}")
+
+    def say(self, message: str) -> None:
+        say(message, self.progress)
+
+    def main_first(self):
+        """Rank 0 runs the block first (it writes what the others then read); see
+        :func:`datainf.jobs.runs.main_first`."""
+        return main_first(self.group)
+
+    def claim(self, record: dict, outputs: tuple[str, ...]) -> None:
+        """Write run.json (rank 0): from here on ``out`` belongs to ``record``'s settings; the
+        outputs of an earlier run with other cheap settings are removed, so that they are
+        never taken for this run's."""
+        if self.main:
+            record_run(self.out, record)
+            for name in outputs:
+                (self.out / name).unlink(missing_ok=True)
+
+
+def with_adapter(base: torch.nn.Module, config, out: Path) -> tuple[torch.nn.Module, str]:
+    """(``base`` with its LoRA adapter, source): ``config.adapter`` ("given"), the adapter an
+    earlier run saved in out/adapter ("reused"), or a fresh LoRA of ``config.lora_r``,
+    ``lora_alpha`` and ``lora_targets``, initialised with ``config.seed`` ("new")."""
+    saved = out / "adapter"
+    if config.adapter is not None:
+        return load_adapter(base, config.adapter), "given"
+    if (saved / "adapter_config.json").exists():
+        return load_adapter(base, saved), "reused"
+    torch.manual_seed(config.seed)
+    return add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
+                    target_modules=config.lora_targets), "new"
+
+
+def fine_tuned(run: Run, source: str, fine_tune: Callable[[], dict]) -> dict | None:
+    """The training history: ``fine_tune()`` for a new adapter (the "fine-tuning" stage), the
+    saved training.json of a reused one, None for a given one."""
+    if source == "new":
+        with run.stage("fine-tuning"):
+            return fine_tune()
+    if source == "reused":
+        run.reuse("fine-tuning")
+        return json.loads((run.out / "adapter" / "training.json").read_text())
+    return None
+
+
+def collected(run: Run, name: str, paths: list[Path], collect: Callable[[], object]):
+    """``collect()`` as the stage ``name``, said to be reused when every store at ``paths``
+    was complete before it."""
+    again = all(GradientStore.is_complete(p) for p in paths)
+    with run.stage(name):
+        result = collect()
+    if again:
+        run.reuse(name)
+    return result
+
+
+
+def query_folder(out: Path, config, source: str, queries: str, **settings) -> Path:
+    """out/query: what a run keeps of its queries (answers or drawings, gradients), kept while
+    the queries file or folder, the adapter and ``settings`` (how the answers are made) stay
+    the same; emptied otherwise."""
+    adapter = Path(config.adapter) if config.adapter else out / "adapter"
+    return keyed_folder(out / "query", {
+        "queries": fingerprint(queries), **settings,
+        "adapter": source if source == "given" else "trained here",
+        "adapter_fingerprint": adapter_digest(adapter)})
