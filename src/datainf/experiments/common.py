@@ -20,12 +20,119 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.text import builtin_dataset
 from ..errors import DataInfError
-from ..jobs.detect_mislabeled import METHODS, REFERENCES, Config, Prepared, prepared, score_all
+from ..jobs.detect_mislabeled import COMMAND as DETECT
+from ..jobs.detect_mislabeled import (
+    DEMO_NOISE,
+    METHODS,
+    REFERENCES,
+    Config,
+    Prepared,
+    from_command,
+    prepared,
+    score_all,
+)
 from ..jobs.runs import is_main, settings_json
 from ..metrics import mean_interval
 
 LABELS = {**METHODS, **REFERENCES}
+
+
+# The presets of the studies on the detect-mislabeled pipeline ("cells": a LoRA rank and a
+# seed each). Ranks and runs: 25 fine-tunes of the approximation study fit in 30 minutes on a
+# 2-core CPU at 400 training and 100 validation articles of 64 tokens
+CELLS = {
+    "approximation": {"ranks": "1,2,4,8,16", "runs": 5},
+    "mislabeled": {"ranks": "4", "runs": 5},
+    # 13 fine-tunes a run (the run's own, 4 rankings x 3 shares)
+    "removal": {"ranks": "4", "runs": 3},
+}
+# built-in data at the experiments' size; 1e-3 because 400 examples give 100 steps in 4 epochs,
+# too few at 3e-4 to fit (validation accuracy 0.52 on BBC News against 0.85 at 1e-3)
+EXPERIMENT_DATA = {"train_size": 400, "val_size": 100, "learning_rate": 1e-3}
+QUICK = {"train_size": 40, "val_size": 20, "max_length": 16, "epochs": 1, "max_epochs": 1,
+         "runs": 2}
+QUICK_HELP = ("a tiny version that checks the set-up, not the method (a few minutes on 2 CPU "
+              "cores; its numbers mean nothing)")
+# the detect-mislabeled options a cell study takes (an experiment sets the adapter, LoRA rank
+# and alpha, seed and methods per cell), the defaults it gives them and their help
+CELL_OPTIONS = {
+    "data": DETECT.layout["data"],
+    "model": tuple(n for n in DETECT.layout["model"]
+                   if n not in ("adapter", "lora_r", "lora_alpha", "seed")),
+    "scoring": tuple(n for n in DETECT.layout["scoring"] if n != "methods")}
+# one training budget for every cell (no second round, no early stop unless asked): the
+# removal study's retrainings then differ in their data only
+CELL_DEFAULTS = {"max_length": 64, "max_epochs": None, "patience": 0}
+CELL_HELPS = {
+    "train_size": f"training examples drawn (default: {EXPERIMENT_DATA['train_size']} of "
+                  "built-in data; all of a file)",
+    "val_size": f"validation examples drawn (default: {EXPERIMENT_DATA['val_size']} of "
+                "built-in data; --val-fraction of a file)",
+    "learning_rate": f"AdamW (default: {EXPERIMENT_DATA['learning_rate']:g} on built-in data, "
+                     "the job's default on a file)",
+    "noise": f"share of the training labels flipped to measure detection (default: "
+             f"{DEMO_NOISE:g} on any data)",
+}
+CELL_DESCRIPTION = (" Built-in data (default: BBC News) at 400 training and 100 validation "
+                    "examples of 64 tokens, learning rate 1e-3. Every cell is fine-tuned for "
+                    "--epochs epochs (--max-epochs: default --epochs; --patience: default 0, no "
+                    "early stop), so that cells differ only in what the experiment varies.")
+
+
+def cell_options(name: str) -> tuple[tuple[str, dict], ...]:
+    """The options of the cell study ``name`` itself (its "experiment" group)."""
+    own = (("--ranks", {"help": f"comma-separated LoRA ranks (default: {CELLS[name]['ranks']})"}),
+           ("--runs", {"type": int, "help": "runs per rank (seeds 0, 1, ...; default: "
+                                            f"{CELLS[name]['runs']})"}),
+           ("--quick", {"action": "store_true",
+                        "help": f"{QUICK_HELP}: 40 training and 20 validation examples of 16 "
+                                "tokens, 1 epoch, 2 runs, the first two ranks"}),
+           ("--out", {"help": f"the experiment's folder (default: runs/experiment-{name})"}),
+           ("--cache", {"default": "runs/experiment-cache",
+                        "help": "fine-tunes and gradient stores, shared by the experiments"}),
+           ("--quiet", {"action": "store_true", "help": "no progress bars or stage lines"}))
+    if name == "removal":
+        own += (("--shares", {"default": "5,10,20", "help": "percentages of the training data "
+                              "removed (comma-separated)"}),)
+    return own
+
+
+def cell_settings(name: str, settings: dict, *, ranks: str | None, runs: int | None,
+                  quick: bool, out: str | None, cache: str, quiet: bool,
+                  shares: str | None = None, process_group: object | None = None) -> Settings:
+    """The Settings of the cell study ``name`` from its command's options: ``settings`` the
+    detect-mislabeled ones (:data:`CELL_OPTIONS`, as given), the others its own."""
+    given = dict(settings)
+    config = from_command(**settings, methods=("datainf",), progress=False if quiet else None,
+                          process_group=process_group)
+    if given.get("noise") is None:  # the studies measure detection: flipped labels on any data
+        config = replace(config, noise=DEMO_NOISE)
+    if builtin_dataset(given.get("data")) is not None:  # built-in data at the studies' size
+        config = replace(config, **{k: given.get(k) or v for k, v in EXPERIMENT_DATA.items()})
+    config = replace(config, max_epochs=given.get("max_epochs") or config.epochs)
+    preset = QUICK if quick else CELLS[name]  # --quick: the first two of the ranks
+    runs = runs if runs is not None else preset["runs"]
+    ranks = ranks or ",".join(CELLS[name]["ranks"].split(",")[: 2 if quick else None])
+    if quick:
+        config = replace(config, **{k: v for k, v in QUICK.items() if k != "runs"})
+    try:
+        ranks = tuple(int(r) for r in ranks.split(","))
+    except ValueError:
+        raise DataInfError(f"--ranks takes comma-separated integers, not {ranks!r}") from None
+    extra = {"quick": bool(quick)}
+    if name == "removal":
+        try:
+            extra["shares"] = tuple(float(x) / 100 for x in shares.split(","))
+        except ValueError:
+            raise DataInfError(f"--shares takes comma-separated percentages, not "
+                               f"{shares!r}") from None
+        if not all(0 < x < 1 for x in extra["shares"]):
+            raise DataInfError(f"--shares must be percentages between 0 and 100, not "
+                               f"{shares!r}")
+    return Settings(base=config, ranks=ranks, runs=runs,
+                    out=out or f"runs/experiment-{name}", cache=cache, extra=extra)
 
 
 @dataclass

@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.text import TextData, builtin_dataset, load_splits, text_batches
+from ..data.text import (
+    BUILTIN_DATASETS,
+    DEFAULT_DATASET,
+    TextData,
+    builtin_dataset,
+    load_splits,
+    text_batches,
+)
 from ..devices import check_device
 from ..distributed import world
 from ..errors import DataInfError
@@ -44,9 +51,19 @@ from ..methods.damping import damping_rule
 from ..methods.lissa import LiSSA
 from ..metrics import detection_auc
 from ..models.hf import check_adapter_folder, check_model_name, load_classifier
+from ..options import Command, option
 from ..report import write_report
 from ..training.finetune import finetune, predict
-from .pipeline import Run, collected, fine_tuned, with_adapter
+from .pipeline import (
+    DAMPING_HELP,
+    DAMPING_RULE_HELP,
+    DEVICE_HELP,
+    QUIET_HELP,
+    Run,
+    collected,
+    fine_tuned,
+    with_adapter,
+)
 from .runs import check_numbers, save_adapter, settings_json, warn_unconverged, write_atomic
 
 METHODS = {
@@ -68,49 +85,89 @@ DEMO_NOISE = 0.2
 DEFAULT_METHODS = ("datainf", "exact", "lissa", "hessian_free", "datainf_self")
 
 
+def _sizes(what: str) -> str:  # "900 of bbc-news, 2000 of rotten-tomatoes"
+    return ", ".join(f"{getattr(b, what)} of {n}" for n, b in BUILTIN_DATASETS.items())
+
+
 @dataclass
 class Config:
-    """Settings of one run. Those in ``EXPENSIVE`` decide the adapter and gradients."""
+    """Settings of one run. Those in ``EXPENSIVE`` decide the adapter and gradients. Each
+    field's option: :mod:`datainf.options`."""
 
-    data: str | None = None             # None: the shipped BBC News corpus
-    text_columns: tuple[str, ...] = ("text",)
-    label_column: str = "label"
-    id_column: str | None = None        # None: a column named "id" when there is one
-    val_data: str | None = None
-    val_fraction: float = 0.1
-    train_size: int | None = 900        # BBC News default; None: every remaining example
-    val_size: int | None = 100
-    noise: float | None = None          # share of training labels flipped on purpose to
-                                        # measure detection; None: DEMO_NOISE on the
-                                        # built-in corpora, 0 on a user's data
-    model: str = "minilm"
-    adapter: str | None = None
-    lora_r: int = 4
-    lora_alpha: int = 8
-    lora_targets: tuple[str, ...] = ("query", "value")
-    epochs: int = 4                     # per round; see train_adapter
-    max_epochs: int = 12                # more rounds while the model is weak, up to this
-    patience: int = 1                   # stop when the validation loss has not improved for
-                                        # this many epochs (0: run every epoch)
-    batch_size: int = 16
-    learning_rate: float = 3e-4
-    max_length: int = 128
-    device: str = "cpu"
-    seed: int = 0
+    data: str | None = option(  # None: the shipped BBC News corpus
+        None, "training data: a .csv, .tsv, .jsonl or .parquet file, a Hugging Face dataset "
+        "NAME[:CONFIG] (online; its validation split is used) or a built-in corpus: "
+        f"{', '.join(BUILTIN_DATASETS)} (default: {DEFAULT_DATASET})")
+    text_columns: tuple[str, ...] = option(
+        ("text",), "text column (give twice for sentence pairs; default: text)",
+        flag="--text-column", kind="repeat")
+    label_column: str = option("label", "label column")
+    id_column: str | None = option(  # None: a column named "id" when there is one
+        None, "column of record ids, shown next to each example (default: the column 'id' "
+        "when there is one)")
+    val_data: str | None = option(None, "validation file (default: a share of --data)")
+    val_fraction: float = option(
+        0.1, "share of --data held out for validation when there is no --val-data")
+    train_size: int | None = option(  # BBC News default; None: every remaining example
+        900, f"training examples drawn (default: {_sizes('train_size')}; all of a file)",
+        shown=None)
+    val_size: int | None = option(
+        100, f"validation examples drawn (default: {_sizes('val_size')}; --val-fraction of a "
+        "file)", shown=None)
+    # share of training labels flipped on purpose to measure detection; None: DEMO_NOISE on
+    # the built-in corpora, 0 on a user's data
+    noise: float | None = option(
+        None, "share of the training labels flipped on purpose to measure detection (default: "
+        f"{DEMO_NOISE:g} on the built-in corpora, 0 on your --data)", type=float)
+    model: str = option("minilm", "'minilm' (shipped), a HF model folder or hub name")
+    adapter: str | None = option(
+        None, "an existing PEFT adapter folder (skips fine-tuning)")
+    lora_r: int = option(4, "LoRA rank")
+    lora_alpha: int = option(8, "LoRA alpha")
+    lora_targets: tuple[str, ...] = option(
+        ("query", "value"), "modules that get LoRA (comma-separated); the head is trained too",
+        kind="list")
+    epochs: int = option(  # per round; see train_adapter
+        4, "fine-tuning epochs (one round, linear learning-rate decay)")
+    max_epochs: int = option(  # more rounds while the model is weak, up to this
+        12, "while the model is still weak on the validation set after a round, another round "
+        "follows at 3x the learning rate, up to this many epochs in all")
+    patience: int = option(
+        1, "stop fine-tuning once the validation loss has not improved for this many epochs "
+        "and keep the best epoch's adapter (0: run every epoch)")
+    batch_size: int = option(16, "examples per batch")
+    learning_rate: float = option(
+        3e-4, "AdamW (default: 0.0003" + "".join(
+            f"; {b.learning_rate:g} on {n}" for n, b in BUILTIN_DATASETS.items()
+            if b.learning_rate) + ")", shown=None)
+    max_length: int = option(128, "tokens per text")
+    device: str = option("cpu", DEVICE_HELP)
+    seed: int = option(0, "seed of the split, the noise, LoRA and the head")
     # cheap: may change between runs on the same --out
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    blocks: str | None = None
-    grouping: str = "tensor"            # "tensor" (the paper's) or "module"
-    damping: float = 0.1
-    damping_rule: str = "relative"      # or "absolute" (methods.damping.damping_rule)
-    rank_by: str = "datainf"            # the score that orders suspects.csv and the report
-    top: int = 50                       # suspects listed in the report and suspects.csv
-    drop_top: int | None = None         # write cleaned.csv without the top K suspects
+    methods: tuple[str, ...] = option(
+        DEFAULT_METHODS, "comma-separated; the training loss and gradient norm are always "
+        "shown; also datainf_normalized and cosine (variants of ours: gradients scaled to unit "
+        "norm first)", kind="list")
+    blocks: str | None = option(
+        None, "regular expression: only the matching gradient blocks count (e.g. 'classifier' "
+        "or 'layer\\.5\\.')")
+    grouping: str = option(
+        "tensor", "one block per LoRA tensor (the paper's) or per module (A and B together)",
+        choices=("tensor", "module"))
+    damping: float = option(0.1, DAMPING_HELP)
+    damping_rule: str = option(  # or "absolute" (methods.damping.damping_rule)
+        "relative", DAMPING_RULE_HELP, metavar="{relative,absolute}")
+    rank_by: str = option(
+        "datainf", "the score that orders the suspects (a method or 'loss', 'grad_norm')")
+    top: int = option(50, "suspects listed in the report and suspects.csv")
+    drop_top: int | None = option(
+        None, "write cleaned.csv: your data without the K most suspicious examples", type=int,
+        metavar="K")
     # training examples (positions in the training split, after noise) left out of the run:
     # the removal experiment's retraining
     exclude: tuple[int, ...] = ()
-    out: str = "runs/detect-mislabeled"
-    progress: bool | None = None
+    out: str = option("runs/detect-mislabeled", "run folder (reused when repeated)")
+    progress: bool | None = option(None, QUIET_HELP, flag="--quiet", kind="quiet")
     stage_seconds: dict = field(default_factory=dict)
     # torch.distributed: the ranks share fine-tuning (DDP), gradients (a shard each) and
     # scoring; rank 0 writes the outputs. None: one process
@@ -127,6 +184,49 @@ class Config:
 
     def expensive(self) -> dict:
         return settings_json(self, self.EXPENSIVE)
+
+
+def from_command(**settings) -> Config:
+    """The Config of the command's settings: the sizes and learning rate left out (None) are
+    the built-in corpus's (all of a file; the job's learning rate)."""
+    builtin = builtin_dataset(settings.get("data"))
+    rate = builtin.learning_rate if builtin and builtin.learning_rate else Config.learning_rate
+    defaults = {"train_size": builtin.train_size if builtin else None,
+                "val_size": builtin.val_size if builtin else None, "learning_rate": rate}
+    return Config(**{**settings, **{k: settings.get(k) or v for k, v in defaults.items()}})
+
+
+COMMAND = Command(
+    "detect-mislabeled",
+    help="fine-tune a LoRA classifier, score every training example, write a report",
+    description="Find mislabeled training examples of a LoRA fine-tune. Without --data: "
+    "MiniLM-L6 on the shipped BBC News corpus with 20% of the labels flipped (offline, a few "
+    "minutes on a laptop CPU).",
+    config=Config,
+    layout={"data": ("data", "text_columns", "label_column", "id_column", "val_data",
+                     "val_fraction", "train_size", "val_size", "noise"),
+            "model": ("model", "adapter", "lora_r", "lora_alpha", "lora_targets", "epochs",
+                      "max_epochs", "patience", "batch_size", "learning_rate", "max_length",
+                      "device", "seed"),
+            "scoring": ("methods", "blocks", "grouping", "damping", "damping_rule"),
+            "outputs": ("rank_by", "top", "drop_top", "out", "progress")},
+    epilog="""\
+outputs (in --out): summary.json (settings, sizes, AUC and seconds per method), scores.csv (every
+training example: its row in your file, text, given label, the model's label and probability,
+every score and rank), suspects.csv (the --top most suspicious by --rank-by, with a suggested
+label), report.html, cleaned.csv (with --drop-top), the adapter and the gradient stores.
+
+--noise flips that share of the training labels on purpose, so that the report can measure
+how well each score finds wrong labels (AUC). Default: 0.2 on the built-in corpora (a
+demonstration), 0 on your --data (the errors in your labels as given are looked for); the
+suspects and cleaned.csv always show the labels of your file.
+
+examples:
+  datainf detect-mislabeled                                  # shipped BBC News, offline
+  datainf detect-mislabeled --data train.csv --text-column review --label-column stars \\
+      --drop-top 100 --out runs/reviews
+""",
+    make=from_command)
 
 
 # ---------------------------------------------------------------- stage 1: data

@@ -44,11 +44,12 @@ from ..gradients.tasks import CausalLM
 from ..identity import fingerprint
 from ..log import warn
 from ..models.hf import check_adapter_folder, check_model_name, load_causal_lm
+from ..options import Command, option
 from ..report import explain_generation_page
 from ..training.finetune import train_loop
 from .pairwise import OUTPUTS, PairwiseOptions, Scored, kept, scored
 from .pairwise import write_outputs as write_pairwise
-from .pipeline import Run, collected, fine_tuned, query_folder, with_adapter
+from .pipeline import QUIET_HELP, Run, collected, fine_tuned, query_folder, with_adapter
 from .runs import check_numbers, save_adapter, settings_json, write_atomic
 
 
@@ -57,22 +58,28 @@ class Config(PairwiseOptions):
     """Settings of one explain-generation run. Those in ``EXPENSIVE`` decide the adapter and
     the training gradients."""
 
-    train: str = ""
-    queries: str = ""
-    model: str = "smollm2"
-    adapter: str | None = None
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    epochs: int = 3
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    max_length: int = 256
-    seed: int = 0
+    blocks: str | None = option(
+        None, "regular expression: only the matching gradient blocks count (e.g. "
+        "'layers\\.2[0-9]\\.')")
+    train: str = option("", "fine-tuning examples (.jsonl)", required=True, shown=None)
+    queries: str = option("", "queries to explain (.jsonl)", required=True, shown=None)
+    model: str = option(
+        "smollm2", "'smollm2' (shipped SmolLM2-135M-Instruct), a HF causal LM folder or hub name")
+    adapter: str | None = option(
+        None, "an existing PEFT adapter folder for --model (skips fine-tuning)")
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(16, "LoRA alpha")
+    lora_targets: tuple[str, ...] = option(
+        ("q_proj", "v_proj"), "modules that get LoRA (comma-separated)", kind="list")
+    epochs: int = option(3, "fine-tuning epochs")
+    batch_size: int = option(8, "examples per batch")
+    learning_rate: float = option(1e-3, "AdamW")
+    max_length: int = option(256, "tokens of prompt and response (chat template included)")
+    seed: int = option(0, "seed of LoRA and the data order")
     # cheap: may change between runs on the same --out
-    max_new_tokens: int = 64
-    out: str = "runs/explain-generation"
-    progress: bool | None = None
+    max_new_tokens: int = option(64, "tokens the model may generate to answer a query")
+    out: str = option("runs/explain-generation", "run folder (reused when repeated)")
+    progress: bool | None = option(None, QUIET_HELP, flag="--quiet", kind="quiet")
     stage_seconds: dict = field(default_factory=dict)
 
     EXPENSIVE = ("model", "adapter", "lora_r", "lora_alpha", "lora_targets", "epochs",
@@ -80,6 +87,37 @@ class Config(PairwiseOptions):
 
     def expensive(self) -> dict:
         return settings_json(self, self.EXPENSIVE)
+
+
+MODEL_OPTIONS = {  # the generation study runs the same pipeline with these
+    "model": ("model", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",
+              "learning_rate", "max_length", "max_new_tokens", "seed", "device"),
+    "scoring": ("methods", "blocks", "damping", "damping_rule")}
+COMMAND = Command(
+    "explain-generation",
+    help="which fine-tuning examples made the LLM answer like that",
+    description="Influence of every fine-tuning example on the model's answers to your "
+    "queries: LoRA fine-tunes the causal LM on --train (or takes --adapter), answers the "
+    "queries that have no response, and scores every training example against every query.",
+    config=Config,
+    layout={"data": ("train", "queries", "adapter"), **MODEL_OPTIONS,
+            "outputs": ("top", "matrix", "out", "progress")},
+    epilog="""\
+data: JSON lines, one example a line: {"prompt": ..., "response": ...} or {"messages": [{"role":
+..., "content": ...}, ...]} (TRL's chat format: the last assistant turn is the response, the
+turns before it the prompt); other keys are kept and shown. A query without a response is
+answered by the model (greedy) and that answer is explained. Examples longer than --max-length
+tokens are refused, never cut.
+
+outputs (in --out): scores.npz (one queries x training-examples float64 array per method, the
+paper's sign: negative = helpful), top.jsonl (per query, the --top most helpful and most harmful
+training examples), report.html, summary.json, the adapter and the gradient stores.
+
+examples:
+  datainf explain-generation --train train.jsonl --queries queries.jsonl --out runs/explain
+  datainf explain-generation --model DIR --adapter ADAPTER_DIR --train train.jsonl \\
+      --queries queries.jsonl --methods datainf,cosine --out runs/explain
+""")
 
 
 def check_settings(config: Config) -> None:

@@ -39,11 +39,12 @@ from ..identity import fingerprint
 from ..log import warn
 from ..models.diffusion import load_pipeline, noise_prediction_loss, to_pixels, with_noise
 from ..models.hf import check_adapter_folder
+from ..options import Command, option
 from ..report import explain_image_page
 from ..training.finetune import train_loop
 from .pairwise import OUTPUTS, PairwiseOptions, Scored, kept, scored
 from .pairwise import write_outputs as write_pairwise
-from .pipeline import Run, collected, fine_tuned, query_folder, with_adapter
+from .pipeline import QUIET_HELP, Run, collected, fine_tuned, query_folder, with_adapter
 from .runs import check_numbers, save_adapter, settings_json
 
 SAMPLES = 8  # training prompts drawn before and after fine-tuning for the report
@@ -54,28 +55,42 @@ class Config(PairwiseOptions):
     """Settings of one explain-image run. Those in ``EXPENSIVE`` decide the adapter and the
     training gradients."""
 
-    train_dir: str = ""
-    queries: str = ""
+    blocks: str | None = option(
+        None, "regular expression: only the matching gradient blocks count (e.g. 'attn2')")
+    top: int = option(5, "most helpful and most harmful training images shown per query")
+    matrix: bool = option(
+        True, "skip scores.npz (8 x queries x training images bytes per method)",
+        flag="--no-matrix", kind="off")
+    train_dir: str = option("", "training image folder (metadata.jsonl)", required=True,
+                            shown=None)
+    queries: str = option("", "query image folder (metadata.jsonl)", required=True, shown=None)
     # how messages name the two folders: the options, or what a study made them from
     folder_names: tuple[str, str] = ("--train-dir", "--queries")
-    pipeline: str = "digits"
-    adapter: str | None = None
+    pipeline: str = option(
+        "digits", "'digits' (the shipped digit model, pre-trained once on first use) or a "
+        "diffusers Stable Diffusion pipeline folder")
+    adapter: str | None = option(
+        None, "an existing PEFT adapter folder for the pipeline's UNet (skips fine-tuning)")
     # rank 8 for 40 epochs at 3e-3: the digit model learns the style task's styles
     # (benchmarks/diffusion_finetune.py, README)
-    lora_r: int = 8
-    lora_alpha: int = 8
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    epochs: int = 40
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    timesteps: tuple[int, ...] = (25, 225, 425, 525, 725, 925)
-    seed: int = 0
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: int = option(8, "LoRA alpha")
+    lora_targets: tuple[str, ...] = option(
+        ("to_q", "to_k", "to_v", "to_out.0"), "UNet modules that get LoRA (comma-separated)",
+        kind="list")
+    epochs: int = option(40, "fine-tuning epochs")
+    batch_size: int = option(32, "images per batch")
+    learning_rate: float = option(3e-3, "AdamW")
+    timesteps: tuple[int, ...] = option(
+        (25, 225, 425, 525, 725, 925),
+        "diffusion timesteps of the gradients (comma-separated, of 1000)", kind="ints")
+    seed: int = option(0, "seed of LoRA, the data order, the noise and the drawings")
     # cheap: may change between runs on the same --out
-    sampling_steps: int = 50
+    sampling_steps: int = option(50, "DDIM steps when drawing a query")
     # classifier-free guidance; at 3 the digit model's drawings fall apart (README)
-    guidance: float = 1.5
-    out: str = "runs/explain-image"
-    progress: bool | None = None
+    guidance: float = option(1.5, "classifier-free guidance scale when drawing (1 = none)")
+    out: str = option("runs/explain-image", "run folder (reused when repeated)")
+    progress: bool | None = option(None, QUIET_HELP, flag="--quiet", kind="quiet")
     stage_seconds: dict = field(default_factory=dict)
 
     EXPENSIVE = ("pipeline", "adapter", "lora_r", "lora_alpha", "lora_targets", "epochs",
@@ -83,6 +98,39 @@ class Config(PairwiseOptions):
 
     def expensive(self) -> dict:
         return settings_json(self, self.EXPENSIVE)
+
+
+MODEL_OPTIONS = {  # the diffusion study runs the same pipeline with these
+    "model": ("pipeline", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",
+              "learning_rate", "timesteps", "sampling_steps", "guidance", "seed", "device"),
+    "scoring": ("methods", "blocks", "damping", "damping_rule")}
+COMMAND = Command(
+    "explain-image",
+    help="which training images made the diffusion model draw that",
+    description="Influence of every training image on the images of your queries: LoRA "
+    "fine-tunes the text-to-image model's UNet attention on --train-dir (or takes --adapter), "
+    "draws the queries given only as prompts, and scores every training image against every "
+    "query.",
+    config=Config,
+    layout={"data": ("train_dir", "queries", "adapter"), **MODEL_OPTIONS,
+            "outputs": ("top", "matrix", "out", "progress")},
+    epilog="""\
+data: image folders in Hugging Face's ImageFolder convention: image files and a metadata.jsonl
+with one row per image, {"file_name": "0001.png", "text": "the prompt", ...}; other keys are
+kept and shown. Rows are taken in sorted file-name order. In --queries, a row without
+file_name is a prompt: the fine-tuned model draws it (seed: the row's "seed", else --seed plus
+the row's position) and that image is explained. Images are converted to the model's colour
+mode, centre-cropped to a square and resized to its size, with a message.
+
+outputs (in --out): scores.npz (one queries x training-images float64 array per method, the
+paper's sign: negative = helpful), top.jsonl, report.html (image grids), summary.json, the
+adapter and the gradient stores.
+
+examples:
+  datainf explain-image --train-dir my_images/ --queries queries/ --out runs/explain-img
+  datainf explain-image --pipeline SD_FOLDER --adapter ADAPTER_DIR --train-dir my_images/ \\
+      --queries queries/ --out runs/explain-img
+""")
 
 
 def check_settings(config: Config) -> None:

@@ -27,6 +27,8 @@ from ..gradients.source import RowRange, blocks_matching, blocks_pattern
 from ..methods import LABELS, NAMED, TopK, estimator, top_k_of
 from ..methods.damping import Damping, damping_rule
 from ..methods.lissa import LiSSA, worse
+from ..options import option
+from .pipeline import DAMPING_HELP, DAMPING_RULE_HELP, DEVICE_HELP
 from .runs import warn_unconverged, write_atomic
 
 OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
@@ -41,14 +43,21 @@ class PairwiseOptions:
     """What an explain-* job scores and writes: cheap settings, which may change between runs
     on the same --out (the job's own settings follow these in its Config)."""
 
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    blocks: str | None = None           # regular expression: only matching blocks count
-    damping: float = 0.1
-    damping_rule: str = "relative"      # or "absolute" (methods.damping.damping_rule)
-    top: int = 5                        # most helpful and most harmful listed per query
-    matrix: bool = True                 # write scores.npz (m x n per method)
+    methods: tuple[str, ...] = option(
+        DEFAULT_METHODS, "comma-separated: datainf, hessian_free, exact, lissa, and variants "
+        "of ours with gradients scaled to unit norm: datainf_normalized, cosine", kind="list")
+    blocks: str | None = option(  # regular expression: only matching blocks count
+        None, "regular expression: only the matching gradient blocks count")
+    damping: float = option(0.1, DAMPING_HELP)
+    damping_rule: str = option(  # or "absolute" (methods.damping.damping_rule)
+        "relative", DAMPING_RULE_HELP, metavar="{relative,absolute}")
+    top: int = option(  # most helpful and most harmful listed per query
+        5, "most helpful and most harmful training examples listed per query")
+    matrix: bool = option(  # write scores.npz (m x n per method)
+        True, "skip scores.npz (8 x queries x training examples bytes per method)",
+        flag="--no-matrix", kind="off")
     query_batch: int = 64               # queries scored together (memory: query_batch x n)
-    device: str = "cpu"
+    device: str = option("cpu", DEVICE_HELP)
     # torch.distributed: the ranks share fine-tuning, gradients and scoring; rank 0 writes
     # the outputs. None: one process
     process_group: object | None = None

@@ -32,6 +32,13 @@ from ..log import say
 from ..models.hf import add_lora, load_adapter
 from .runs import keyed_folder, main_first, record_run, run_folder
 
+# the help of options that every job has
+DAMPING_HELP = "the damping constant: see --damping-rule"
+DAMPING_RULE_HELP = ("relative: lambda_l = DAMPING x the mean squared gradient entry of block l "
+                     "(the paper's); absolute: lambda_l = DAMPING for every block")
+DEVICE_HELP = "cpu, cuda, cuda:1, ..."
+QUIET_HELP = "no progress bars or stage lines (warnings still show)"
+
 
 @dataclass
 class Run:
