@@ -30,7 +30,7 @@ from tolerances import (
 from datainf import DataInfError, collect_gradients
 from datainf.distributed import shard
 from datainf.gradients.store import GradientStore
-from datainf.methods import NAMED, estimator
+from datainf.methods import PAIRWISE, estimator
 
 # c is wider than n = 41: Exact and DataInf's self-influence take the n x n side there
 WIDTHS = {"a": 6, "b": 30, "c": 64}
@@ -57,7 +57,7 @@ def engine_worker(rank, group, folder, source):
     train = GradientStore.open(folder / "store") if source == "store" else \
         random_gradients(41, WIDTHS, seed=1)
     test = random_gradients(5, WIDTHS, seed=2)
-    found = {method: results(method, train, test, group) for method in NAMED}
+    found = {method: results(method, train, test, group) for method in PAIRWISE}
     torch.save(found, folder / f"rank{rank}.pt")
 
 
@@ -72,7 +72,7 @@ def test_ranks_score_like_one_process(tmp_path, source, size):
         train = random_gradients(41, WIDTHS, seed=1)
     test = random_gradients(5, WIDTHS, seed=2)
     run_ranks(engine_worker, size, tmp_path, tmp_path, source)
-    for method in NAMED:
+    for method in PAIRWISE:
         alone = results(method, train, test)
         # the same sums split over ranks (see tests/tolerances.py): float64 in memory; on the
         # float32 store one float32 pass per score, LiSSA one per iteration (200, unconverged)

@@ -9,7 +9,7 @@ from tolerances import FLOAT32_PASS, FLOAT64, assert_same_ranking
 
 from datainf.errors import DataInfError
 from datainf.gradients.store import GradientStore
-from datainf.methods import NAMED, estimator
+from datainf.methods import PAIRWISE, estimator
 
 WIDTHS = {"a": 12, "b": 30, "c": 80}  # c is wider than n: Exact solves it on the dual side
 
@@ -30,7 +30,7 @@ def expected(scores: torch.Tensor, k: int):
 
 
 @pytest.mark.filterwarnings("ignore:LiSSA did not converge")  # the same either way
-@pytest.mark.parametrize("method", list(NAMED))
+@pytest.mark.parametrize("method", list(PAIRWISE))
 def test_top_k_equals_the_full_sort(method):
     train, test = gradients(50, 0), gradients(7, 1)
     est = estimator(method, progress=False).fit(train)

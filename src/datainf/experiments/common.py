@@ -25,7 +25,6 @@ from ..errors import DataInfError
 from ..jobs.detect_mislabeled import COMMAND as DETECT
 from ..jobs.detect_mislabeled import (
     DEMO_NOISE,
-    METHODS,
     REFERENCES,
     Config,
     Prepared,
@@ -34,9 +33,10 @@ from ..jobs.detect_mislabeled import (
     score_all,
 )
 from ..jobs.runs import is_main, settings_json
+from ..methods import LABELS as METHOD_LABELS
 from ..metrics import mean_interval
 
-LABELS = {**METHODS, **REFERENCES}
+LABELS = {**METHOD_LABELS, **REFERENCES}  # the methods' and the reference scores'
 
 
 # The presets of the studies on the detect-mislabeled pipeline ("cells": a LoRA rank and a

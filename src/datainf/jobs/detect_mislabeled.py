@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,9 +45,8 @@ from ..gradients.source import blocks_matching, blocks_pattern, group_by_module,
 from ..gradients.store import GradientStore
 from ..identity import model_fingerprint
 from ..log import say, warn
-from ..methods import DataInf, estimator
+from ..methods import LABELS, METHODS, score_each
 from ..methods.damping import damping_rule
-from ..methods.lissa import LiSSA
 from ..metrics import detection_auc
 from ..models.hf import check_adapter_folder, check_model_name, load_classifier
 from ..options import Command, option
@@ -66,15 +64,6 @@ from .pipeline import (
 )
 from .runs import check_numbers, save_adapter, settings_json, warn_unconverged, write_atomic
 
-METHODS = {
-    "datainf": "DataInf",
-    "exact": "Exact",
-    "lissa": "LiSSA",
-    "hessian_free": "Hessian-free",
-    "datainf_self": "DataInf self-influence",
-    "datainf_normalized": "DataInf, unit gradients",
-    "cosine": "Cosine (Hessian-free, unit gradients)",
-}
 REFERENCES = {"loss": "Training loss", "grad_norm": "Gradient norm"}
 OUTPUTS = ("summary.json", "report.html", "scores.csv", "suspects.csv", "cleaned.csv")
 WEAK_GAP = 0.25  # see is_weak
@@ -451,22 +440,15 @@ def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
     val = blocks_matching(val_store, config.blocks)
     if config.grouping == "module":
         train, val = group_by_module(train), group_by_module(val)
-    kwargs = {"damping": damping_rule(config.damping_rule, config.damping), "progress": False,
-              "device": config.device, "process_group": config.process_group}
-    scores, seconds, notes = {}, {}, {}
-    for method in config.methods:
-        start = time.perf_counter()
-        if method == "datainf_self":
-            values = DataInf(**kwargs).fit(train).self_influence()
-        else:
-            est = estimator(method, **kwargs)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                values = est.fit(train).score(val, aggregate=True)
-            if isinstance(est, LiSSA):
-                notes[method] = dataclasses.asdict(est.worst_convergence())
-        seconds[method] = time.perf_counter() - start
-        scores[method] = values.cpu().numpy()
+
+    def score(method: str, est) -> np.ndarray:
+        if METHODS[method].self_influence:
+            return est.self_influence().cpu().numpy()
+        return est.score(val, aggregate=True).cpu().numpy()
+
+    scores, seconds, notes = score_each(
+        config.methods, train, score, damping=damping_rule(config.damping_rule, config.damping),
+        progress=False, device=config.device, process_group=config.process_group)
     start = time.perf_counter()
     scores["loss"] = np.asarray(train_loss, dtype=np.float64)
     seconds["loss"] = 0.0
@@ -547,7 +529,7 @@ def write_outputs(config: Config, out: Path, train: TextData, val: TextData,
                   summary_extra: dict) -> dict:
     """summary.json, scores.csv, suspects.csv, cleaned.csv (with --drop-top) and report.html,
     each written whole or not at all; summary.json last, as the mark of a finished run."""
-    labels = {**METHODS, **REFERENCES}
+    labels = {**LABELS, **REFERENCES}
     methods = {}
     for key, values in scores.items():
         entry = {"label": labels[key], "seconds": round(seconds[key], 4)}

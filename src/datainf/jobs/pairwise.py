@@ -8,13 +8,10 @@ the query's loss), positive = harmful.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 import tempfile
-import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +21,8 @@ import numpy as np
 
 from ..errors import DataInfError
 from ..gradients.source import RowRange, blocks_matching, blocks_pattern
-from ..methods import LABELS, NAMED, TopK, estimator, top_k_of
+from ..methods import LABELS, PAIRWISE, TopK, score_each, top_k_of
 from ..methods.damping import Damping, damping_rule
-from ..methods.lissa import LiSSA, worse
 from ..options import option
 from .pipeline import DAMPING_HELP, DAMPING_RULE_HELP, DEVICE_HELP
 from .runs import warn_unconverged, write_atomic
@@ -71,9 +67,9 @@ class PairwiseOptions:
 
     def check_scoring(self) -> None:
         """Refuses unknown methods and a bad --blocks pattern (numbers: the job's check)."""
-        unknown = [m for m in self.methods if m not in NAMED]
+        unknown = [m for m in self.methods if m not in PAIRWISE]
         if unknown or not self.methods:
-            raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(NAMED)}")
+            raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(PAIRWISE)}")
         if self.blocks is not None:
             blocks_pattern(self.blocks)
         damping_rule(self.damping_rule, 1.0)  # refuses an unknown rule
@@ -96,42 +92,29 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
     queries = blocks_matching(query_store, blocks)
     n, m = train.num_rows, queries.num_rows
     k = min(top, n)
-    tops: dict[str, list[dict]] = {}
-    seconds: dict[str, float] = {}
-    notes: dict[str, dict] = {}
-    for method in methods:
-        start = time.perf_counter()
-        est = estimator(method, damping=damping, progress=False, device=device,
-                        process_group=process_group)
-        est.fit(train)
+
+    def score(method: str, est) -> list[dict]:
         written = None
         if matrix and folder is not None:
             written = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
                                                 dtype=np.float64, shape=(m, n))
-        tops[method] = []
-        worst = None  # LiSSA's convergence, worst over the query batches
+        entries = []
         for first in range(0, m, query_batch):
             last = min(m, first + query_batch)
-            with warnings.catch_warnings():  # LiSSA's convergence is reported in the summary
-                warnings.simplefilter("ignore", RuntimeWarning)
-                if not matrix:  # the engine's top k: memory does not grow with n
-                    top = est.top_k(RowRange(queries, first, last), k)
-                else:
-                    scores = est.score(RowRange(queries, first, last))  # (q, n)
-                    if written is not None:
-                        written[first:last] = scores.cpu().numpy()
-                    top = top_k_of(scores, k)
-                tops[method] += _entries(top)
-            if isinstance(est, LiSSA):
-                note = est.worst_convergence()
-                worst = note if worst is None else worse(worst, note)
-        if worst is not None:
-            notes[method] = dataclasses.asdict(worst)
+            if not matrix:  # the engine's top k: memory does not grow with n
+                found = est.top_k(RowRange(queries, first, last), k)
+            else:
+                scores = est.score(RowRange(queries, first, last))  # (q, n)
+                if written is not None:
+                    written[first:last] = scores.cpu().numpy()
+                found = top_k_of(scores, k)
+            entries += _entries(found)
         if written is not None:
             written.flush()
-            del written
-        seconds[method] = time.perf_counter() - start
-    return tops, seconds, notes
+        return entries
+
+    return score_each(methods, train, score, damping=damping, progress=False, device=device,
+                      process_group=process_group)
 
 
 def _entries(top: TopK) -> list[dict]:

@@ -258,6 +258,11 @@ class InfluenceEstimator:
             "HessianFree"
         )
 
+    def notes(self) -> dict:
+        """What a summary reports of this estimator's scoring since fit() (iterative methods:
+        whether they converged); empty for the closed-form methods."""
+        return {}
+
     def _start_scoring(self) -> None:
         """Called before each score(); methods reset per-call diagnostics here."""
 

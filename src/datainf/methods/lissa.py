@@ -17,6 +17,7 @@ rows than columns (n < d_l) the same iterates are computed on the n x n side (se
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -97,6 +98,7 @@ class LiSSA(InfluenceEstimator):
         return acc / self.n_ + self.damping_[name] * X.double()
 
     def _fit_blocks(self) -> None:
+        self.worst_: Convergence | None = None  # over every score() since fit()
         if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
             raise DataInfError(
                 f"max_iterations must be a positive integer, not {self.max_iterations!r}"
@@ -144,6 +146,8 @@ class LiSSA(InfluenceEstimator):
 
     def _finish_scoring(self) -> None:
         self.converged_ = all(c.converged for c in self.convergence_.values())
+        last = self.worst_convergence()
+        self.worst_ = last if self.worst_ is None else worse(self.worst_, last)
         if not self.converged_:
             worst = max(self.convergence_.items(), key=lambda kv: kv[1].relative_residual)
             warnings.warn(
@@ -229,6 +233,11 @@ class LiSSA(InfluenceEstimator):
         """The last score() call's convergence in one record, worst over blocks and test rows
         (for summaries and the console)."""
         return functools.reduce(worse, self.convergence_.values())
+
+    def notes(self) -> dict:
+        """{"converged", "iterations", "relative_residual"}: the worst over blocks, test rows
+        and every score() since fit() (empty before the first)."""
+        return {} if self.worst_ is None else dataclasses.asdict(self.worst_)
 
     def _record(self, name: str, result: Convergence) -> None:
         """Keep the worst record per block over the test batches of one score() call."""
