@@ -17,7 +17,8 @@ LINE_STYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (
 MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 
 
-def _png(fig) -> str:
+def png_base64(fig) -> str:
+    """A matplotlib figure as base64 PNG (for an <img> data URI)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buffer.getvalue()).decode()
@@ -46,7 +47,7 @@ def detection_plot(scores: dict, labels: dict, flipped: np.ndarray) -> str:
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    data = _png(fig)
+    data = png_base64(fig)
     plt.close(fig)
     return data
 

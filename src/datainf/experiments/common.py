@@ -35,6 +35,7 @@ from ..jobs.detect_mislabeled import (
 from ..jobs.runs import is_main, settings_json
 from ..methods import LABELS as METHOD_LABELS
 from ..metrics import mean_interval
+from ..report import png_base64
 
 LABELS = {**METHOD_LABELS, **REFERENCES}  # the methods' and the reference scores'
 
@@ -285,11 +286,9 @@ def figure(draw) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..report import _png
-
     fig, ax = plt.subplots(figsize=(7.2, 4.2))
     draw(ax)
-    data = _png(fig)
+    data = png_base64(fig)
     plt.close(fig)
     return f"<img alt='figure' src='data:image/png;base64,{data}'>"
 

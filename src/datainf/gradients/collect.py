@@ -32,6 +32,7 @@ from ..distributed import (
 from ..distributed import shard as shard_rows
 from ..errors import DataInfError
 from ..identity import adapter_fingerprint, example_digest, model_fingerprint
+from .store import GradientStore
 from .tasks import as_task, batch_size
 
 
@@ -351,8 +352,6 @@ def _rows_of(batch: Mapping, a: int, b: int, B: int) -> Mapping:
 def _open_store(out, model, task, widths, n, dtype, size, rank, group):
     """The store at ``out``, created for ``size`` shards by rank 0 (the others wait for it and
     then open it, so that only one process ever creates files)."""
-    from .store import GradientStore
-
     identity = {
         "model": model_fingerprint(model, trainable_values=False),
         "adapter": adapter_fingerprint(model, widths),
@@ -383,8 +382,6 @@ def _open_store(out, model, task, widths, n, dtype, size, rank, group):
 def _finished(store, group):
     """The store, marked complete if this process wrote its last rows; with a group, after
     every rank is done (then complete on every rank)."""
-    from .store import GradientStore
-
     store.finish()
     if group is None:
         return store

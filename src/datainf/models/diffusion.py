@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from ..data.digits import digit_prompt, mnist_digits
 from ..errors import DataInfError
 from ..log import say
+from ..training.finetune import train_loop
+from .hf import default_cache_dir, minilm_path
 
 IMAGE_SIZE = 16
 MAX_TOKENS = 16
@@ -213,8 +215,6 @@ def _text_encoder(path: Path) -> TextEncoder:
     if reference != "minilm":
         raise DataInfError(f"the pipeline folder {path} has no text_encoder/ subfolder and its "
                            "model_index.json names no text encoder datainf knows")
-    from .hf import minilm_path
-
     folder = minilm_path()
     return TextEncoder(AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder),
                        MAX_TOKENS)
@@ -279,8 +279,6 @@ def digit_model_path(cache_dir: str | os.PathLike | None = None, *,
     if (SHIPPED_DIGITS / FINGERPRINT).is_file():
         check_fingerprint(SHIPPED_DIGITS)
         return SHIPPED_DIGITS
-    from .hf import default_cache_dir
-
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = json.dumps(digit_settings(), sort_keys=True)
     import hashlib
@@ -312,9 +310,6 @@ def pretrain_digit_model(out: str | os.PathLike, *, steps: int, batch_size: int,
     tests) and writes the pipeline folder ``out``; returns the loss of every 100 steps."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
-
-    from ..training.finetune import train_loop
-    from .hf import minilm_path
 
     images, labels = mnist_digits()
     if limit is not None:
