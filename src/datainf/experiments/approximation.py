@@ -17,6 +17,7 @@ from dataclasses import replace
 import pandas as pd
 
 from ..metrics import pearson, spearman, top_k_overlap
+from ..report import study_page
 from .common import (
     CORRELATION,
     LABELS,
@@ -27,7 +28,6 @@ from .common import (
     figure,
     interval,
     interval_bars,
-    page,
     scores_of,
     shown,
     write_outputs,
@@ -107,4 +107,4 @@ def _report(settings: Settings, summary: dict) -> str:
         "<th>Spearman</th><th>top-10% overlap</th><th>paper (MRPC, Pearson)</th></tr>"
         f"{rows}</table><h2>Seconds of Exact per rank</h2><table><tr><th>rank</th>"
         f"<th>seconds</th></tr>{exact}</table>")
-    return page("Approximation error across LoRA ranks", intro, body)
+    return study_page("Approximation error across LoRA ranks", intro, body)

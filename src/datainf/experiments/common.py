@@ -35,7 +35,7 @@ from ..jobs.detect_mislabeled import (
 from ..jobs.runs import is_main, settings_json
 from ..methods import LABELS as METHOD_LABELS
 from ..metrics import mean_interval
-from ..report import png_base64
+from ..report import figure_png
 
 LABELS = {**METHOD_LABELS, **REFERENCES}  # the methods' and the reference scores'
 
@@ -261,36 +261,9 @@ def write_files(out: Path, name: str, summary: dict, table, html: str) -> None:
         os.replace(tmp, out / file)
 
 
-def page(title: str, intro: str, body: str) -> str:
-    """A self-contained HTML page in the style of the detect-mislabeled report."""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>datainf: {title}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-td, th {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }}
-th {{ background: #f3f3f3; }}
-.note {{ color: #555; font-size: 0.9em; }}
-</style></head><body>
-<h1>{title}</h1>
-<p>{intro}</p>
-{body}
-</body></html>
-"""
-
-
 def figure(draw) -> str:
     """An <img> of the matplotlib figure that ``draw(ax)`` fills."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.2, 4.2))
-    draw(ax)
-    data = png_base64(fig)
-    plt.close(fig)
-    return f"<img alt='figure' src='data:image/png;base64,{data}'>"
+    return f"<img alt='figure' src='data:image/png;base64,{figure_png(draw)}'>"
 
 
 def interval_bars(ax, groups: list, series: dict, ylabel: str) -> None:

@@ -13,13 +13,13 @@ to tell class and digit apart.
 
 from __future__ import annotations
 
-import html
 import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from markupsafe import Markup
 
 from ..data.image_tasks import TASKS, make_image_task
 from ..data.images import save_png
@@ -27,9 +27,9 @@ from ..jobs import explain_image
 from ..jobs.runs import is_main, main_first, write_atomic
 from ..metrics import frechet_distance
 from ..models.diffusion import tiny_digit_pipeline
-from ..report import image_uri, stage_line
+from ..report import render, stage_line
 from .classes import score_classes, table_html
-from .common import QUICK_HELP, page, write_files
+from .common import QUICK_HELP, write_files
 
 METHODS = ("datainf", "hessian_free", "lissa", "datainf_normalized", "cosine")
 # the paper's Table 2 (Stable Diffusion v1.5): (AUC, recall)
@@ -215,48 +215,10 @@ def _shown(study: Study, tops: dict, train_images, query_images, train: list[dic
 
 
 def _report(summary: dict, shown: list[dict], quality: dict) -> str:
-    e = html.escape
-
-    def img(image, caption: str, title: str = "") -> str:
-        return (f"<figure title='{e(title)}'><img src='{image_uri(image)}' alt='{e(caption)}'>"
-                f"<figcaption>{e(caption)}</figcaption></figure>")
-
-    def grid(items: list[dict]) -> str:
-        return "".join(img(x["image"], f"{x['score']:+.3g}", f"{x['class']}: {x['text']}")
-                       for x in items)
-
-    figure3 = "".join(
-        f"<h3>Test: {e(x['test']['text'])} <span class='note'>(class {e(str(x['test']['class']))})"
-        f"</span></h3><div class='grid'>{img(x['test']['image'], 'test image')}</div>"
-        f"<table><tr><th>most helpful (DataInf)</th><th>most harmful</th></tr><tr><td>"
-        f"<div class='grid'>{grid(x['helpful'])}</div></td><td><div class='grid'>"
-        f"{grid(x['harmful'])}</div></td></tr></table>" for x in shown)
     count = min(12, len(quality["after"]))
     picks = np.linspace(0, len(quality["after"]) - 1, count).round().astype(int)
-    samples = "".join(f"<td>{img(quality['before'][j], 'before')}"
-                      f"{img(quality['after'][j], 'after')}</td>" for j in picks)
-    dist = quality["distance"]
-    timing = stage_line(summary["stage_seconds"], summary["reused_stages"])
-    intro = (f"Task <b>{e(summary['task'])}</b>: {summary['n_train']} training and "
-             f"{summary['n_test']} test images, {len(summary['classes'])} classes. Pipeline "
-             f"<code>{e(summary['pipeline'])}</code>, LoRA rank {summary['lora_r']} on the "
-             f"UNet's attention, {summary['epochs']} epochs at {summary['learning_rate']:g}; "
-             f"gradients at timesteps {', '.join(map(str, summary['timesteps']))}. Stages: "
-             f"{e(timing)}.")
-    style = ("<style>.grid { display: flex; gap: 0.4em; flex-wrap: wrap; } figure { margin: 0; "
-             "text-align: center; font-size: 0.8em; font-family: monospace; } img { width: "
-             "64px; height: 64px; image-rendering: pixelated; border: 1px solid #999; }</style>")
-    body = (f"{style}<h2>Identifying the training images of the test image's class</h2>"
-            "<p class='note'>Class-detection AUC and recall (share of the class among the s "
-            "most helpful, s = training images per class), mean ± standard deviation over "
-            "the test images; the paper's numbers are for Stable Diffusion v1.5 on other "
-            "images.</p>"
-            f"{table_html(summary['methods'], summary['paper'])}"
-            "<h2>Did the fine-tune learn the task?</h2><p>Fréchet distance to the test images "
-            "(features of a small classifier trained on the training images): images drawn "
-            f"from the test prompts before fine-tuning {dist['before']:.2f}, after "
-            f"{dist['after']:.2f}; the training images themselves {dist['training images']:.2f}"
-            " (the floor).</p>"
-            f"<table><tr>{samples}</tr></table>"
-            f"<h2>Examples (the paper's Figure 3)</h2>{figure3}")
-    return page(f"diffusion study: {e(summary['task'])}", intro, body)
+    return render("diffusion_study.html", summary=summary, shown=shown,
+                  distance=quality["distance"],
+                  samples=[(quality["before"][j], quality["after"][j]) for j in picks],
+                  table=Markup(table_html(summary["methods"], summary["paper"])),
+                  timing=stage_line(summary["stage_seconds"], summary["reused_stages"]))

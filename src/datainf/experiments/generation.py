@@ -22,9 +22,9 @@ from ..data.synthetic import TASKS, make_task
 from ..jobs import explain_generation as generation
 from ..jobs.runs import is_main, main_first, write_atomic
 from ..models.hf import tiny_chat_model
-from ..report import stage_line
+from ..report import stage_line, study_page
 from .classes import score_classes, table_html
-from .common import QUICK_HELP, page, write_files
+from .common import QUICK_HELP, write_files
 
 SYSTEM = "You are a helpful assistant."
 METHODS = ("datainf", "hessian_free", "exact", "lissa", "datainf_normalized", "cosine")
@@ -196,4 +196,4 @@ def _report(summary: dict, examples: list[dict]) -> str:
             "helpful or harmful.</p>"
             f"{table_html(summary['methods'], summary['paper'])}"
             f"<h2>Examples (the paper's Figure 3 in text form)</h2>{figure3}")
-    return page("Text generation: influential training examples", intro, body)
+    return study_page("Text generation: influential training examples", intro, body)

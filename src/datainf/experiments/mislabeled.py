@@ -19,6 +19,7 @@ import pandas as pd
 from ..errors import DataInfError
 from ..jobs.detect_mislabeled import DEFAULT_METHODS
 from ..metrics import detection_auc
+from ..report import study_page
 from .common import (
     LABELS,
     POSITIVE,
@@ -28,7 +29,6 @@ from .common import (
     figure,
     interval,
     interval_bars,
-    page,
     scores_of,
     shown,
     write_outputs,
@@ -112,4 +112,4 @@ def _report(settings: Settings, summary: dict, methods: list[str]) -> str:
             f"<th>seconds</th><th>paper seconds (QQP)</th></tr>{rows}</table>"
             f"<h2>Runtime ratios</h2><table><tr><th>ratio</th><th>ours</th><th>paper</th></tr>"
             f"{ratios}</table>")
-    return page("Mislabeled-data detection over runs", intro, body)
+    return study_page("Mislabeled-data detection over runs", intro, body)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..jobs.detect_mislabeled import prepared
+from ..report import study_page
 from .common import (
     DIFFERENCE,
     LABELS,
@@ -28,7 +29,6 @@ from .common import (
     figure,
     has_spread,
     interval,
-    page,
     scores_of,
     shown,
     write_outputs,
@@ -179,4 +179,4 @@ def _report(settings: Settings, summary: dict, shares: tuple[float, ...]) -> str
             f"<h2>Validation accuracy against the share removed</h2>{figure(curves)}"
             f"<h2>Numbers (mean [95% interval] over runs)</h2><table><tr><th>ranked by</th>"
             f"{head}</tr>{rows}</table>")
-    return page("Removing what the scores flag", intro, body)
+    return study_page("Removing what the scores flag", intro, body)
