@@ -107,7 +107,7 @@ def chat_batches(tokenizer, sizes: dict) -> list[dict]:
 def part_gradients(device, sizes, quick: bool, work: Path) -> dict:
     from datainf.gradients.tasks import as_task
     from datainf.models import add_lora, load_causal_lm, load_classifier
-    from datainf.models.hf import tiny_chat_model
+    from datainf.models.tiny import tiny_chat_model
 
     rows, kept = [], {}
     for name in ("MiniLM-L6", "SmolLM2-135M"):

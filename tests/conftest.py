@@ -61,7 +61,7 @@ def csv_file(tmp_path):
 def tiny_chat_model(tmp_path_factory):
     """Folder of a 2-layer Llama causal LM with SmolLM2's tokenizer and chat template (read
     from the shipped GGUF file), saved like any HF checkpoint: explain-generation in seconds."""
-    from datainf.models.hf import tiny_chat_model
+    from datainf.models.tiny import tiny_chat_model
 
     return str(tiny_chat_model(tmp_path_factory.mktemp("chat") / "tiny-llama-chat"))
 
@@ -70,6 +70,6 @@ def tiny_chat_model(tmp_path_factory):
 def tiny_digit_pipeline(tmp_path_factory):
     """Folder of a digit pipeline with a 2-level UNet of random weights on 8 x 8 images and the
     shipped MiniLM as text encoder: explain-image in seconds."""
-    from datainf.models.diffusion import tiny_digit_pipeline
+    from datainf.models.tiny import tiny_digit_pipeline
 
     return str(tiny_digit_pipeline(tmp_path_factory.mktemp("digits") / "tiny-digits"))

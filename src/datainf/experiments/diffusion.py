@@ -26,7 +26,7 @@ from ..data.images import save_png
 from ..jobs import explain_image
 from ..jobs.runs import is_main, main_first, write_atomic
 from ..metrics import frechet_distance
-from ..models.diffusion import tiny_digit_pipeline
+from ..models.tiny import tiny_digit_pipeline
 from ..report import render, stage_line
 from .classes import score_classes, table_html
 from .common import QUICK_HELP, write_files

