@@ -47,7 +47,15 @@ from ..models.hf import check_adapter_folder, check_model_name, load_causal_lm
 from ..options import Command, option
 from ..report import explain_generation_page
 from ..training.finetune import train_loop
-from .pairwise import OUTPUTS, PairwiseOptions, Scored, kept, scored
+from .pairwise import (
+    OUTPUT_OPTIONS,
+    OUTPUTS,
+    SCORING_OPTIONS,
+    PairwiseOptions,
+    Scored,
+    kept,
+    scored,
+)
 from .pairwise import write_outputs as write_pairwise
 from .pipeline import QUIET_HELP, Run, collected, fine_tuned, query_folder, with_adapter
 from .runs import check_numbers, save_adapter, settings_json, write_atomic
@@ -92,7 +100,7 @@ class Config(PairwiseOptions):
 MODEL_OPTIONS = {  # the generation study runs the same pipeline with these
     "model": ("model", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",
               "learning_rate", "max_length", "max_new_tokens", "seed", "device"),
-    "scoring": ("methods", "blocks", "damping", "damping_rule")}
+    "scoring": SCORING_OPTIONS}
 COMMAND = Command(
     "explain-generation",
     help="which fine-tuning examples made the LLM answer like that",
@@ -101,7 +109,7 @@ COMMAND = Command(
     "queries that have no response, and scores every training example against every query.",
     config=Config,
     layout={"data": ("train", "queries", "adapter"), **MODEL_OPTIONS,
-            "outputs": ("top", "matrix", "out", "progress")},
+            "outputs": OUTPUT_OPTIONS},
     epilog="""\
 data: JSON lines, one example a line: {"prompt": ..., "response": ...} or {"messages": [{"role":
 ..., "content": ...}, ...]} (TRL's chat format: the last assistant turn is the response, the

@@ -42,7 +42,15 @@ from ..models.hf import check_adapter_folder
 from ..options import Command, option
 from ..report import explain_image_page
 from ..training.finetune import train_loop
-from .pairwise import OUTPUTS, PairwiseOptions, Scored, kept, scored
+from .pairwise import (
+    OUTPUT_OPTIONS,
+    OUTPUTS,
+    SCORING_OPTIONS,
+    PairwiseOptions,
+    Scored,
+    kept,
+    scored,
+)
 from .pairwise import write_outputs as write_pairwise
 from .pipeline import QUIET_HELP, Run, collected, fine_tuned, query_folder, with_adapter
 from .runs import check_numbers, save_adapter, settings_json
@@ -103,7 +111,7 @@ class Config(PairwiseOptions):
 MODEL_OPTIONS = {  # the diffusion study runs the same pipeline with these
     "model": ("pipeline", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",
               "learning_rate", "timesteps", "sampling_steps", "guidance", "seed", "device"),
-    "scoring": ("methods", "blocks", "damping", "damping_rule")}
+    "scoring": SCORING_OPTIONS}
 COMMAND = Command(
     "explain-image",
     help="which training images made the diffusion model draw that",
@@ -113,7 +121,7 @@ COMMAND = Command(
     "query.",
     config=Config,
     layout={"data": ("train_dir", "queries", "adapter"), **MODEL_OPTIONS,
-            "outputs": ("top", "matrix", "out", "progress")},
+            "outputs": OUTPUT_OPTIONS},
     epilog="""\
 data: image folders in Hugging Face's ImageFolder convention: image files and a metadata.jsonl
 with one row per image, {"file_name": "0001.png", "text": "the prompt", ...}; other keys are

@@ -29,6 +29,9 @@ from .runs import warn_unconverged, write_atomic
 
 OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
 SIDES = ("helpful", "harmful")
+# the options of PairwiseOptions that the explain-* commands show, by --help group
+SCORING_OPTIONS = ("methods", "blocks", "damping", "damping_rule")
+OUTPUT_OPTIONS = ("top", "matrix", "out", "progress")
 # DataInf (the paper's), DataInf on unit gradients (the best cheap method on all three of the
 # generation study's tasks, README) and the Hessian-free baseline; --methods adds the others.
 DEFAULT_METHODS = ("datainf", "datainf_normalized", "hessian_free")
