@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 import socket
@@ -74,9 +75,11 @@ def test_python_block_runs(index, tmp_path, monkeypatch):
         names["DataInf"] = DataInf
         names["query_grads"] = collect_gradients(names["model"], names["batches"][:1],
                                                  "causal_lm")
+    level = logging.getLogger("datainf").level  # a block may set it: not for the tests after
     try:
         exec(compile(code, f"README.md python block {index + 1}", "exec"), names)
     finally:
+        logging.getLogger("datainf").setLevel(level)
         if dist.is_initialized():
             dist.destroy_process_group()
     results = [v for v in names.values() if isinstance(v, torch.Tensor)]
