@@ -20,7 +20,7 @@ from .distributed import init_from_environment, launched_by_torchrun, rank_devic
 from .errors import DataInfError
 from .experiments import EXPERIMENTS
 from .jobs import detect_mislabeled, explain_generation, explain_image
-from .options import add_options, settings_of
+from .options import add_options, command_line, settings_of
 
 JOBS = {job.COMMAND.name: job for job in (detect_mislabeled, explain_generation, explain_image)}
 
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _join_torchrun(args)
-        args.run(args)
+        with command_line():  # messages name the options the user typed
+            args.run(args)
         _finish_together(args)
     except DataInfError as error:
         print(f"datainf: error: {error}", file=sys.stderr)

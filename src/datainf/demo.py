@@ -16,6 +16,7 @@ import torch
 from .errors import DataInfError
 from .methods import DataInf, Exact, HessianFree, LiSSA
 from .metrics import detection_auc
+from .options import said
 
 
 def make_problem(n_train: int, n_val: int, classes: int, dim: int, noise: float, seed: int):
@@ -72,9 +73,9 @@ def run_demo(
     With a process group, the ranks share the scoring (every rank gets the results)."""
     x, y, flipped, x_val, y_val = make_problem(n_train, n_val, classes, dim, noise, seed)
     if not 0 < int(flipped.sum()) < n_train:
-        raise DataInfError(f"--n-train {n_train} with seed {seed}: {int(flipped.sum())} of the "
-                           f"{n_train} labels flipped, so there is nothing to detect; give "
-                           "--n-train 50 or more")
+        raise DataInfError(f"{said('n_train', n_train)} with seed {seed}: {int(flipped.sum())} "
+                           f"of the {n_train} labels flipped, so there is nothing to detect; "
+                           f"give {said('n_train', 50)} or more")
     W = train_softmax(x, y, classes)
     train, val = per_example_gradients(W, x, y), per_example_gradients(W, x_val, y_val)
     results = {}

@@ -10,13 +10,19 @@ Kinds: ``value`` (int, float or str: the default's type, or ``type``), ``list`` 
 separated: a tuple of strings), ``ints`` (comma-separated integers), ``repeat`` (the option
 given again for each value), ``off`` (a switch that sets the setting to False), ``quiet`` (a
 switch that sets ``progress`` to False, None otherwise).
+
+Messages name a setting as whoever set it typed it: :func:`said` gives ``--max-length 8``
+inside :func:`command_line` (where the ``datainf`` command runs) and ``max_length=8`` from
+Python.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import MISSING, dataclass, field
 
 from .errors import DataInfError
@@ -126,3 +132,28 @@ def settings_of(args: argparse.Namespace, config: type, layout: dict) -> dict:
                                    f"not {value!r}") from None
         settings[name] = value
     return settings
+
+
+_COMMAND_LINE: ContextVar[bool] = ContextVar("datainf_command_line", default=False)
+
+
+@contextmanager
+def command_line() -> Iterator[None]:
+    """Within: messages name each setting as the option a user typed (the ``datainf``
+    command runs in it); outside, as the keyword a Python caller gave."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def said(name: str, *value: object, flag: str | None = None, quoted: bool = False) -> str:
+    """How a message names the setting ``name`` and, when given, its value: ``--max-length 8``
+    on the command line (``flag``: an option named otherwise than the setting; ``quoted``: the
+    value as repr, ``--rank-by 'exact'``), ``max_length=8`` from Python (the value as repr)."""
+    if _COMMAND_LINE.get():
+        option = flag or "--" + name.replace("_", "-")
+        return f"{option} {value[0]!r}" if quoted and value else \
+            f"{option} {value[0]}" if value else option
+    return f"{name}={value[0]!r}" if value else name

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataInfError
+from ..options import said
 from .text import json_records
 
 IGNORE = -100  # the label of a token that is not scored
@@ -173,9 +174,10 @@ def encode_all(tokenizer, examples: list[ChatExample], responses: list[str | Non
     if long:
         lines = ", ".join(str(line) for line, _ in long[:5]) + (" ..." if len(long) > 5 else "")
         raise DataInfError(
-            f"{what}: {len(long)} example(s) are longer than --max-length {max_length} tokens "
-            f"(lines {lines}; the longest has {max(n for _, n in long)}); raise --max-length "
-            "or shorten them (examples are never cut: that would change what is explained)")
+            f"{what}: {len(long)} example(s) are longer than {said('max_length', max_length)} "
+            f"tokens (lines {lines}; the longest has {max(n for _, n in long)}); raise "
+            f"{said('max_length')} or shorten them (examples are never cut: that would change "
+            "what is explained)")
     if empty:
         raise DataInfError(f"{what}: the responses of lines {empty[:5]} have no tokens; give "
                            "them a text")

@@ -35,6 +35,7 @@ from ..jobs.detect_mislabeled import (
 from ..jobs.runs import is_main, settings_json
 from ..methods import LABELS as METHOD_LABELS
 from ..metrics import mean_interval
+from ..options import said
 from ..report import figure_png
 
 LABELS = {**METHOD_LABELS, **REFERENCES}  # the methods' and the reference scores'
@@ -121,16 +122,17 @@ def cell_settings(name: str, settings: dict, *, ranks: str | None, runs: int | N
     try:
         ranks = tuple(int(r) for r in ranks.split(","))
     except ValueError:
-        raise DataInfError(f"--ranks takes comma-separated integers, not {ranks!r}") from None
+        raise DataInfError(f"{said('ranks')} takes comma-separated integers, not {ranks!r}"
+                           ) from None
     extra = {"quick": bool(quick)}
     if name == "removal":
         try:
             extra["shares"] = tuple(float(x) / 100 for x in shares.split(","))
         except ValueError:
-            raise DataInfError(f"--shares takes comma-separated percentages, not "
+            raise DataInfError(f"{said('shares')} takes comma-separated percentages, not "
                                f"{shares!r}") from None
         if not all(0 < x < 1 for x in extra["shares"]):
-            raise DataInfError(f"--shares must be percentages between 0 and 100, not "
+            raise DataInfError(f"{said('shares')} must be percentages between 0 and 100, not "
                                f"{shares!r}")
     return Settings(base=config, ranks=ranks, runs=runs,
                     out=out or f"runs/experiment-{name}", cache=cache, extra=extra)
@@ -166,9 +168,10 @@ class Settings:
 
     def check(self) -> None:
         if not self.ranks or min(self.ranks) < 1:
-            raise DataInfError(f"--ranks must be positive integers, not {list(self.ranks)}")
+            raise DataInfError(f"{said('ranks')} must be positive integers, not "
+                               f"{list(self.ranks)}")
         if self.runs < 1:
-            raise DataInfError(f"--runs must be at least 1, not {self.runs}")
+            raise DataInfError(f"{said('runs')} must be at least 1, not {self.runs}")
         if Path(self.out).resolve() == Path(self.cache).resolve():
             raise DataInfError("--out and --cache must be different folders")
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import DataInfError
+from ..options import said
 
 
 @runtime_checkable
@@ -257,12 +258,12 @@ class UnitNormRows:
 
 
 def blocks_pattern(pattern: str) -> re.Pattern:
-    """The compiled ``--blocks`` regular expression."""
+    """The compiled ``blocks`` regular expression (``--blocks``)."""
     try:
         return re.compile(pattern)
     except re.error as error:
         raise DataInfError(
-            f"--blocks {pattern!r} is not a valid regular expression: {error}"
+            f"{said('blocks', pattern, quoted=True)} is not a valid regular expression: {error}"
         ) from None
 
 
@@ -272,8 +273,8 @@ def names_matching(names: Sequence[str], pattern: str) -> list[str]:
     chosen = [n for n in names if regex.search(n)]
     if not chosen:
         raise DataInfError(
-            f"no gradient block matches --blocks {pattern!r}; block names look like "
-            f"{list(names[:2])}"
+            f"no gradient block matches {said('blocks', pattern, quoted=True)}; block names look "
+            f"like {list(names[:2])}"
         )
     return chosen
 

@@ -49,7 +49,7 @@ from ..methods import LABELS, METHODS, score_each
 from ..methods.damping import damping_rule
 from ..metrics import detection_auc
 from ..models.hf import check_adapter_folder, check_model_name, load_classifier
-from ..options import Command, option
+from ..options import Command, option, said
 from ..report import write_report
 from ..training.finetune import finetune, predict
 from .pipeline import (
@@ -240,11 +240,13 @@ def check_settings(config: Config) -> None:
     if unknown:
         raise DataInfError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if config.rank_by not in (*config.methods, *REFERENCES):
-        raise DataInfError(f"--rank-by {config.rank_by!r} is not among the scores computed "
-                           f"({', '.join((*config.methods, *REFERENCES))}); add it to --methods "
-                           "or pick one of those")
+        raise DataInfError(f"{said('rank_by', config.rank_by, quoted=True)} is not among the "
+                           "scores computed"
+                           f" ({', '.join((*config.methods, *REFERENCES))}); add it to "
+                           f"{said('methods')} or pick one of those")
     if config.grouping not in ("tensor", "module"):
-        raise DataInfError(f"--grouping must be 'tensor' or 'module', not {config.grouping!r}")
+        raise DataInfError(f"{said('grouping')} must be 'tensor' or 'module', not "
+                           f"{config.grouping!r}")
     if config.blocks is not None:
         blocks_pattern(config.blocks)
     check_numbers(config, {"epochs": 1, "max_epochs": 1, "patience": 0, "batch_size": 1,
@@ -252,17 +254,19 @@ def check_settings(config: Config) -> None:
                            "val_size": 1}, ("learning_rate", "damping", "lora_alpha"))
     damping_rule(config.damping_rule, config.damping)  # refuses an unknown rule
     if config.drop_top is not None and config.drop_top < 0:
-        raise DataInfError(f"--drop-top must be 0 or more, not {config.drop_top}")
+        raise DataInfError(f"{said('drop_top')} must be 0 or more, not {config.drop_top}")
     if config.drop_top and config.noise:
         raise DataInfError(
-            f"--drop-top {config.drop_top} with --noise {config.noise:g}: the top suspects would "
-            "be mostly labels this run flipped on purpose, and cleaned.csv would lose correct "
-            "rows of your file; add --noise 0 to clean the labels as given"
+            f"{said('drop_top', config.drop_top)} with {said('noise', config.noise)}: "
+            "the top suspects would be mostly labels this run flipped on purpose, and "
+            f"cleaned.csv would lose correct rows of your file; add {said('noise', 0)} to clean "
+            "the labels as given"
         )
     if not 0 <= config.noise < 1:
-        raise DataInfError(f"--noise must be in [0, 1), not {config.noise}")
+        raise DataInfError(f"{said('noise')} must be in [0, 1), not {config.noise}")
     if not 0 < config.val_fraction < 1:
-        raise DataInfError(f"--val-fraction must be in (0, 1), not {config.val_fraction}")
+        raise DataInfError(f"{said('val_fraction')} must be in (0, 1), not "
+                           f"{config.val_fraction}")
     check_device(config.device)
     check_model_name(config.model)
     if config.adapter is not None:
@@ -275,13 +279,14 @@ def check_data(config: Config, train: TextData, val: TextData) -> None:
         raise DataInfError(f"{len(train)} training and {len(val)} validation examples are too "
                            "few; give more data")
     if config.drop_top and config.drop_top >= len(train):
-        raise DataInfError(f"--drop-top {config.drop_top} would drop every one of the "
+        raise DataInfError(f"{said('drop_top', config.drop_top)} would drop every one of the "
                            f"{len(train)} training examples; give a K below {len(train)}")
     if train.flipped is not None and not 0 < train.flipped.sum() < len(train):
         raise DataInfError(
-            f"--noise {config.noise} flips {int(train.flipped.sum())} of the {len(train)} "
-            "training labels, so there is nothing to detect; raise --noise, give more data, "
-            "or use --noise 0 to rank the data as it is"
+            f"{said('noise', config.noise)} flips {int(train.flipped.sum())} of the "
+            f"{len(train)} training labels, so there is nothing to detect; raise "
+            f"{said('noise')}, give more data, or use {said('noise', 0)} to rank the data as it "
+            "is"
         )
 
 
@@ -602,6 +607,6 @@ def model_quality(preds: Predictions, val: TextData) -> dict:
         quality["warning"] = (
             f"the fine-tuned model is weak: validation accuracy {accuracy:.3f} against "
             f"{majority:.3f} for always answering the most frequent class, so the scores mean "
-            "little; train longer (--max-epochs), with a higher --learning-rate, or on more "
-            "data")
+            f"little; train longer ({said('max_epochs')}), with a higher "
+            f"{said('learning_rate')}, or on more data")
     return quality

@@ -44,7 +44,7 @@ from ..gradients.tasks import CausalLM
 from ..identity import fingerprint
 from ..log import warn
 from ..models.hf import check_adapter_folder, check_model_name, load_causal_lm
-from ..options import Command, option
+from ..options import Command, option, said
 from ..report import explain_generation_page
 from ..training.finetune import train_loop
 from .pairwise import (
@@ -215,8 +215,8 @@ def query_answers(config: Config, model, tokenizer, queries: list[ChatExample],
                                  batch_size=config.batch_size, progress=config.progress)
         empty = [queries[i].line for i, a in zip(todo, answers, strict=True) if not a]
         if empty:
-            warn(f"the model answered --queries lines {empty[:5]} with an empty text: what is "
-                 "explained there is its ending the turn at once")
+            warn(f"the model answered {said('queries')} lines {empty[:5]} with an empty text: "
+                 "what is explained there is its ending the turn at once")
         generated.update({str(i): a for i, a in zip(todo, answers, strict=True)})
         write_atomic(path, json.dumps(generated, indent=2))
     responses = [q.response if q.response is not None else generated[str(i)]
@@ -283,17 +283,17 @@ def prepared(config: Config) -> Iterator[Prepared]:
     check_settings(config)
     run = Run.of(config)
     with run.stage("data"):
-        train = read_chat_jsonl(config.train, need_response=True, what="--train")
-    queries = read_chat_jsonl(config.queries, need_response=False, what="--queries")
+        train = read_chat_jsonl(config.train, need_response=True, what=said("train"))
+    queries = read_chat_jsonl(config.queries, need_response=False, what=said("queries"))
     record = {**config.expensive(), "train_fingerprint": fingerprint(config.train)}
     with run.locked(record):
         with run.stage("model"):
             model, tokenizer, source = load_model(config, run.out)
         encoded_train = encode_all(tokenizer, train, [e.response for e in train],
-                                   max_length=config.max_length, what="--train")
+                                   max_length=config.max_length, what=said("train"))
         # the prompts alone must fit too, with room for an answer
         encode_all(tokenizer, queries, [q.response for q in queries],
-                   max_length=config.max_length, what="--queries")
+                   max_length=config.max_length, what=said("queries"))
         run.claim(record, OUTPUTS)
         history = fine_tuned(run, source, lambda: train_adapter(config, model, tokenizer,
                                                                 encoded_train, run.out))
@@ -304,7 +304,7 @@ def prepared(config: Config) -> Iterator[Prepared]:
                 responses, generated = query_answers(config, model, tokenizer, queries, folder)
         encoded_queries = encode_all(tokenizer, queries, responses,
                                      max_length=config.max_length + config.max_new_tokens,
-                                     what="--queries")
+                                     what=said("queries"))
         train_path, query_path = run.out / "gradients" / "train", folder / "gradients"
         train_store = collected(run, "gradients", [train_path], lambda: gradients(
             config, model, tokenizer, encoded_train, train_path))

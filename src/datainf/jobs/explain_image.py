@@ -39,7 +39,7 @@ from ..identity import fingerprint
 from ..log import warn
 from ..models.diffusion import load_pipeline, noise_prediction_loss, to_pixels, with_noise
 from ..models.hf import check_adapter_folder
-from ..options import Command, option
+from ..options import Command, option, said
 from ..report import explain_image_page
 from ..training.finetune import train_loop
 from .pairwise import (
@@ -148,7 +148,7 @@ def check_settings(config: Config) -> None:
                            "sampling_steps": 1, "query_batch": 1, "guidance": 1},
                   ("learning_rate", "damping", "lora_alpha"))
     if not config.timesteps or any(not 0 <= t < 1000 for t in config.timesteps):
-        raise DataInfError(f"--timesteps must be integers in [0, 1000), not "
+        raise DataInfError(f"{said('timesteps')} must be integers in [0, 1000), not "
                            f"{list(config.timesteps)}")
     check_device(config.device)
     if config.adapter is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..distributed import broadcast_flag, world
 from ..errors import DataInfError
 from ..log import warn
+from ..options import said
 
 LOCK = ".lock"
 
@@ -33,8 +34,8 @@ def run_folder(out: Path, record: dict, group: object | None = None) -> Iterator
     the others go on once it has (and stop if it could not)."""
     if world(group)[0] > 0:
         if not broadcast_flag(False, group):
-            raise DataInfError(f"rank 0 could not claim --out {out} (see its error); this "
-                               "rank stops too")
+            raise DataInfError(f"rank 0 could not claim {said('out', str(out))} (see its "
+                               "error); this rank stops too")
         yield out
         return
     with ExitStack() as stack:
@@ -73,25 +74,25 @@ def is_main(group: object | None) -> bool:
 @contextmanager
 def _locked_run_folder(out: Path, record: dict) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
-        raise DataInfError(f"--out {out} is a file; choose a folder")
+        raise DataInfError(f"{said('out', str(out))} is a file; choose a folder")
     created = not out.exists()
     if not created and (out / "run.json").exists():
         check_same_run(out, record)
     elif not created and any(p.name != LOCK for p in out.iterdir()):
-        raise DataInfError(f"--out {out} is not empty and holds no datainf run; choose another "
-                           "--out or empty it")
+        raise DataInfError(f"{said('out', str(out))} is not empty and holds no datainf run; choose "
+                           f"another {said('out')} or empty it")
     try:
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / LOCK, "a")  # noqa: SIM115 (held for the whole run)
     except OSError as error:
-        raise DataInfError(f"cannot write to --out {out} ({error.strerror}); choose a folder "
-                           "you can write to") from None
+        raise DataInfError(f"cannot write to {said('out', str(out))} ({error.strerror}); choose a "
+                           "folder you can write to") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataInfError(f"--out {out} is in use by another datainf run; wait for it to "
-                               "finish or choose another --out") from None
+            raise DataInfError(f"{said('out', str(out))} is in use by another datainf run; "
+                               f"wait for it to finish or choose another {said('out')}") from None
     except BaseException:
         handle.close()
         raise
@@ -113,13 +114,14 @@ def check_same_run(out: Path, record: dict) -> None:
     try:
         old = json.loads(path.read_text())
     except ValueError:
-        raise DataInfError(f"{path} is damaged; delete {out} or choose another --out") from None
+        raise DataInfError(f"{path} is damaged; delete {out} or choose another {said('out')}"
+                           ) from None
     differ = [f"{k} ({old.get(k)!r} there, {record[k]!r} now)"
               for k in record if old.get(k) != record[k]]
     if differ:
         raise DataInfError(
-            f"--out {out} holds a run made with other settings: " + "; ".join(differ[:4])
-            + ". Use another --out, or delete that folder"
+            f"{said('out', str(out))} holds a run made with other settings: "
+            + "; ".join(differ[:4]) + f". Use another {said('out')}, or delete that folder"
         )
 
 
@@ -172,14 +174,14 @@ def settings_json(settings: object, names: Iterable[str] | None = None,
 def check_numbers(settings: object, at_least: dict[str, float],
                   positive: tuple[str, ...] = ()) -> None:
     """Each ``at_least`` setting (None allowed) is >= its bound, each ``positive`` one > 0;
-    otherwise a DataInfError naming the option (``--max-length`` for ``max_length``)."""
+    otherwise a DataInfError naming the setting (``--max-length`` on the command line)."""
     for name, low in at_least.items():
         value = getattr(settings, name)
         if value is not None and value < low:
-            raise DataInfError(f"--{name.replace('_', '-')} must be at least {low}, not {value}")
+            raise DataInfError(f"{said(name)} must be at least {low}, not {value}")
     for name in positive:
         if not getattr(settings, name) > 0:
-            raise DataInfError(f"--{name.replace('_', '-')} must be positive, not "
+            raise DataInfError(f"{said(name)} must be positive, not "
                                f"{getattr(settings, name)}")
 
 

@@ -108,7 +108,7 @@ class InfluenceEstimator:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DataInfError(f"{name} must be a positive integer, not {value!r}")
         if self.device is not None:
-            check_device(self.device, "device=")
+            check_device(self.device)
         train = self._source(train_gradients, "training gradients")
         if train.num_rows == 0:
             raise DataInfError(

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import DataInfError
+from ..options import said
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def damping_rule(rule: str, value: float) -> Damping:
     """The commands' ``--damping-rule`` and ``--damping``: "relative" (lambda_l = value x block
     l's mean squared gradient entry, the paper's) or "absolute" (lambda_l = value, every block)."""
     if rule not in DAMPING_RULES:
-        raise DataInfError(f"--damping-rule must be one of {', '.join(DAMPING_RULES)}, "
+        raise DataInfError(f"{said('damping_rule')} must be one of {', '.join(DAMPING_RULES)}, "
                            f"not {rule!r}")
     return Damping(**{rule: value})
 
