@@ -93,9 +93,6 @@ class Config(PairwiseOptions):
     EXPENSIVE = ("model", "adapter", "lora_r", "lora_alpha", "lora_targets", "epochs",
                  "batch_size", "learning_rate", "max_length", "seed")
 
-    def expensive(self) -> dict:
-        return settings_json(self, self.EXPENSIVE)
-
 
 MODEL_OPTIONS = {  # the generation study runs the same pipeline with these
     "model": ("model", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",

@@ -104,9 +104,6 @@ class Config(PairwiseOptions):
     EXPENSIVE = ("pipeline", "adapter", "lora_r", "lora_alpha", "lora_targets", "epochs",
                  "batch_size", "learning_rate", "timesteps", "seed")
 
-    def expensive(self) -> dict:
-        return settings_json(self, self.EXPENSIVE)
-
 
 MODEL_OPTIONS = {  # the diffusion study runs the same pipeline with these
     "model": ("pipeline", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from ..methods import LABELS, PAIRWISE, TopK, score_each, top_k_of
 from ..methods.damping import Damping, damping_rule
 from ..options import option
 from .pipeline import DAMPING_HELP, DAMPING_RULE_HELP, DEVICE_HELP
-from .runs import warn_unconverged, write_atomic
+from .runs import settings_json, warn_unconverged, write_atomic
 
 OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
 SIDES = ("helpful", "harmful")
@@ -60,6 +61,13 @@ class PairwiseOptions:
     # torch.distributed: the ranks share fine-tuning, gradients and scoring; rank 0 writes
     # the outputs. None: one process
     process_group: object | None = None
+
+    # the job's settings that decide its adapter and stores
+    EXPENSIVE: ClassVar[tuple[str, ...]] = ()
+
+    def expensive(self) -> dict:
+        """The settings of ``EXPENSIVE`` as run.json records them."""
+        return settings_json(self, self.EXPENSIVE)
 
     def scoring(self) -> dict:
         """The options of :func:`score_queries`."""
