@@ -19,6 +19,7 @@ import hashlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,26 @@ import torch.nn.functional as F
 from ..errors import DataInfError
 
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What a gradient is the gradient of: the interface every task below implements (and a
+    user's own task object may). A row of the gradients holds ``num_passes`` passes (the
+    diffusion task's timesteps) concatenated."""
+
+    num_passes: int
+
+    def settings(self) -> dict:
+        """What identifies the task in a store's manifest (JSON values)."""
+        ...
+
+    def losses(self, model: torch.nn.Module, batch: Mapping, rows: torch.Tensor,
+               pass_index: int) -> torch.Tensor:
+        """Per-example losses, shape (B,), of the batch's examples (``rows``: their positions
+        in the whole data, (B,)) in pass ``pass_index``; each equal to the example's loss
+        alone."""
+        ...
 
 
 def batch_size(batch: Mapping) -> int:
@@ -230,7 +251,7 @@ class CustomLoss:
 TASKS = {"classification": Classification, "causal_lm": CausalLM, "diffusion": Diffusion}
 
 
-def as_task(task: object, **settings) -> object:
+def as_task(task: object, **settings) -> Task:
     """A task object from a name ("classification", "causal_lm", "diffusion"), a task object,
     or a callable returning per-example losses."""
     if isinstance(task, str):
@@ -242,7 +263,7 @@ def as_task(task: object, **settings) -> object:
         return TASKS[task](**settings)
     if settings:
         raise DataInfError("task settings are given with a task name, e.g. task='diffusion'")
-    if hasattr(task, "losses") and hasattr(task, "settings"):
+    if isinstance(task, Task):
         return task
     if callable(task):
         return CustomLoss(task)
