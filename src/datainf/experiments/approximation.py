@@ -11,13 +11,12 @@ n < d), so ranks the paper could not run are included; its seconds are reported 
 
 from __future__ import annotations
 
-import html
 from dataclasses import replace
 
 import pandas as pd
 
 from ..metrics import pearson, spearman, top_k_overlap
-from ..report import study_page
+from ..report import figure_png, study_page
 from .common import (
     CORRELATION,
     LABELS,
@@ -25,11 +24,9 @@ from .common import (
     UNIT,
     Settings,
     cells,
-    figure,
     interval,
     interval_bars,
     scores_of,
-    shown,
     write_outputs,
 )
 
@@ -75,7 +72,6 @@ def _with_methods(settings: Settings) -> Settings:
 
 
 def _report(settings: Settings, summary: dict) -> str:
-    e = html.escape
     ranks = [str(r) for r in settings.ranks]
     per = summary["per_rank"]
     figures = []
@@ -84,27 +80,11 @@ def _report(settings: Settings, summary: dict) -> str:
                         ("top10_overlap", "share of Exact's top 10% found")):
         series = {LABELS[m]: {r: per[r][m][stat] for r in ranks} for m in COMPARED}
         low = 0 if stat == "top10_overlap" else -1
-        figures.append(f"<h2>{e(label)}</h2>" + figure(
+        figures.append((label, figure_png(
             lambda ax, series=series, label=label, low=low: (
                 interval_bars(ax, ranks, series, label), ax.set_xlabel("LoRA rank"),
-                ax.set_ylim(low, 1.05))))
-    rows = "".join(
-        f"<tr><td>{r}</td><td>{e(LABELS[m])}</td><td>{shown(per[r][m]['pearson'])}</td>"
-        f"<td>{shown(per[r][m]['spearman'])}</td><td>{shown(per[r][m]['top10_overlap'])}</td>"
-        f"<td>{PAPER_MRPC_RANK1.get(m, '') if r == '1' else ''}</td></tr>"
-        for r in ranks for m in COMPARED)
-    exact = "".join(f"<tr><td>{r}</td><td>{shown(summary['exact_seconds'][r])}</td></tr>"
-                    for r in ranks)
-    base = settings.base
-    intro = (f"Model <code>{e(str(base.model))}</code> on <code>"
-             f"{e(str(base.data or 'BBC News (shipped)'))}</code>, {settings.runs} runs (seeds "
-             f"0 to {settings.runs - 1}: split, noise draw, LoRA initialisation, data order) per "
-             f"rank, {base.noise:.0%} of the training labels flipped. Scores: influence on the "
-             "mean validation loss, every method on the same damping. Means with 95% t "
-             "intervals over runs.")
-    body = "".join(figures) + (
-        "<h2>Numbers</h2><table><tr><th>rank</th><th>method</th><th>Pearson</th>"
-        "<th>Spearman</th><th>top-10% overlap</th><th>paper (MRPC, Pearson)</th></tr>"
-        f"{rows}</table><h2>Seconds of Exact per rank</h2><table><tr><th>rank</th>"
-        f"<th>seconds</th></tr>{exact}</table>")
-    return study_page("Approximation error across LoRA ranks", intro, body)
+                ax.set_ylim(low, 1.05)))))
+    return study_page("approximation_study.html", "Approximation error across LoRA ranks",
+                      base=settings.base, runs=settings.runs, figures=figures, ranks=ranks,
+                      compared=COMPARED, labels=LABELS, per=per, paper=PAPER_MRPC_RANK1,
+                      exact_seconds=summary["exact_seconds"])

@@ -1,17 +1,14 @@
 """Class detection on the pairwise scores of a prepared explain-* run, shared by the paper's
 generation and diffusion studies (the paper's Table 2): every method's scores streamed into a
-temporary folder of the run, the class-detection AUC and recall per test example, and the
-table (mean and standard deviation over test examples) beside the paper's numbers."""
+temporary folder of the run, and the class-detection AUC and recall per test example (the
+reports show them beside the paper's numbers: report/templates/macros.html, class_table)."""
 
 from __future__ import annotations
-
-import html
 
 import numpy as np
 import pandas as pd
 
 from ..jobs.pairwise import matrix_folder, score_queries
-from ..methods import LABELS
 from ..metrics import class_detection
 
 
@@ -36,17 +33,3 @@ def score_classes(p, job, train_classes: np.ndarray, test_classes: np.ndarray
                           "seconds": round(r.seconds, 3), **notes.get(r.method, {})}
                for r in table.itertuples()}
     return table, methods, tops
-
-
-def table_html(methods: dict, paper: dict) -> str:
-    """The metrics table of summary.json's ``methods`` beside the paper's (AUC, recall)."""
-    e = html.escape
-    head = ("<tr><th>method</th><th>AUC</th><th>recall</th><th>AUC of |score| (ours)</th>"
-            "<th>seconds</th><th>paper AUC / recall</th></tr>")
-    rows = "".join(
-        f"<tr><td>{e(LABELS[m])}</td><td>{v['auc']:.3f} ± {v['auc_std']:.3f}</td>"
-        f"<td>{v['recall']:.3f} ± {v['recall_std']:.3f}</td><td>{v['auc_magnitude']:.3f}</td>"
-        f"<td>{v['seconds']:.2f}</td><td>"
-        + (f"{paper[m]['auc']:.3f} / {paper[m]['recall']:.3f}" if m in paper else "–")
-        + "</td></tr>" for m, v in methods.items())
-    return f"<table>{head}{rows}</table>"

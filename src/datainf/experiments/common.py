@@ -36,7 +36,6 @@ from ..jobs.runs import is_main, settings_json
 from ..methods import LABELS as METHOD_LABELS
 from ..metrics import mean_interval
 from ..options import said
-from ..report import figure_png
 
 LABELS = {**METHOD_LABELS, **REFERENCES}  # the methods' and the reference scores'
 
@@ -226,15 +225,6 @@ QUICK_NOTE = ("--quick: a tiny version that checks that everything runs. Its num
               "the methods.")
 
 
-def shown(value: dict | None, digits: str = ".3f") -> str:
-    """An interval dict as "mean [low, high]" ("–" when there is no value)."""
-    if value is None or value["mean"] is None:
-        return "–"
-    if value["low"] is None:
-        return f"{value['mean']:{digits}}"
-    return f"{value['mean']:{digits}} [{value['low']:{digits}}, {value['high']:{digits}}]"
-
-
 def write_outputs(settings: Settings, name: str, summary: dict, table, html: str) -> None:
     """summary.json, NAME.csv and report.html in ``settings.out``; summary.json last (by
     rank 0 alone when the runs share a process group)."""
@@ -262,11 +252,6 @@ def write_files(out: Path, name: str, summary: dict, table, html: str) -> None:
         tmp = out / f"{file}.tmp"
         write(tmp)
         os.replace(tmp, out / file)
-
-
-def figure(draw) -> str:
-    """An <img> of the matplotlib figure that ``draw(ax)`` fills."""
-    return f"<img alt='figure' src='data:image/png;base64,{figure_png(draw)}'>"
 
 
 def interval_bars(ax, groups: list, series: dict, ylabel: str) -> None:

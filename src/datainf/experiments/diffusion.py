@@ -19,16 +19,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from markupsafe import Markup
 
 from ..data.image_tasks import TASKS, make_image_task
 from ..data.images import save_png
 from ..jobs import explain_image
 from ..jobs.runs import is_main, main_first, write_atomic
+from ..methods import LABELS
 from ..metrics import frechet_distance
 from ..models.tiny import tiny_digit_pipeline
-from ..report import render, stage_line
-from .classes import score_classes, table_html
+from ..report import stage_line, study_page
+from .classes import score_classes
 from .common import QUICK_HELP, write_files
 
 METHODS = ("datainf", "hessian_free", "lissa", "datainf_normalized", "cosine")
@@ -217,8 +217,9 @@ def _shown(study: Study, tops: dict, train_images, query_images, train: list[dic
 def _report(summary: dict, shown: list[dict], quality: dict) -> str:
     count = min(12, len(quality["after"]))
     picks = np.linspace(0, len(quality["after"]) - 1, count).round().astype(int)
-    return render("diffusion_study.html", summary=summary, shown=shown,
-                  distance=quality["distance"],
-                  samples=[(quality["before"][j], quality["after"][j]) for j in picks],
-                  table=Markup(table_html(summary["methods"], summary["paper"])),
-                  timing=stage_line(summary["stage_seconds"], summary["reused_stages"]))
+    return study_page("diffusion_study.html", f"diffusion study: {summary['task']}",
+                      summary=summary, shown=shown,
+                      distance=quality["distance"],
+                      samples=[(quality["before"][j], quality["after"][j]) for j in picks],
+                      labels=LABELS,
+                      timing=stage_line(summary["stage_seconds"], summary["reused_stages"]))

@@ -11,7 +11,6 @@ fine-tuning (the paper's Table 4).
 
 from __future__ import annotations
 
-import html
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,9 +20,10 @@ import numpy as np
 from ..data.synthetic import TASKS, make_task
 from ..jobs import explain_generation as generation
 from ..jobs.runs import is_main, main_first, write_atomic
+from ..methods import LABELS
 from ..models.tiny import tiny_chat_model
 from ..report import stage_line, study_page
-from .classes import score_classes, table_html
+from .classes import score_classes
 from .common import QUICK_HELP, write_files
 
 SYSTEM = "You are a helpful assistant."
@@ -169,31 +169,7 @@ def _shown(study: Study, p, tops: dict, train: list[dict], test: list[dict]) -> 
 
 
 def _report(summary: dict, examples: list[dict]) -> str:
-    e = html.escape
-    acc = summary["accuracy"]
-
-    def listed(items):
-        return "".join(f"<li><span class='note'>class {x['class']}, {x['score']:+.3g}</span> "
-                       f"{e(x['prompt'])} → <i>{e(x['response'])}</i></li>" for x in items)
-
-    figure3 = "".join(
-        f"<h3>Test: {e(x['test']['prompt'])} → <i>{e(x['test']['response'])}</i> "
-        f"<span class='note'>(class {x['test']['class']})</span></h3><table><tr><th>most "
-        f"helpful (DataInf)</th><th>most harmful</th></tr><tr><td><ol>{listed(x['helpful'])}"
-        f"</ol></td><td><ol>{listed(x['harmful'])}</ol></td></tr></table>" for x in examples)
-    timing = stage_line(summary["stage_seconds"], summary["reused_stages"])
-    intro = (f"Task <b>{e(summary['task'])}</b>: {summary['n_train']} training and "
-             f"{summary['n_test']} test examples, 10 classes. Model "
-             f"<code>{e(summary['model'])}</code>, LoRA rank {summary['lora_r']}, "
-             f"{summary['epochs']} epochs at {summary['learning_rate']:g}. Exact-match test "
-             f"accuracy of greedy answers: {acc['before']:.2f} before fine-tuning, "
-             f"{acc['after']:.2f} after. Stages: {e(timing)}.")
-    body = ("<h2>Identifying the training examples of the test example's class</h2>"
-            "<p class='note'>Class-detection AUC and recall (share of the class among the s "
-            "most helpful, s = training examples per class), mean ± standard deviation over "
-            "the test examples; the paper's numbers are for Llama-2-13B-chat. AUC of |score| "
-            "(a diagnostic of ours): whether the class stands out by the size of its influence, "
-            "helpful or harmful.</p>"
-            f"{table_html(summary['methods'], summary['paper'])}"
-            f"<h2>Examples (the paper's Figure 3 in text form)</h2>{figure3}")
-    return study_page("Text generation: influential training examples", intro, body)
+    return study_page("generation_study.html", "Text generation: influential training examples",
+                      summary=summary, examples=examples,
+                      labels=LABELS,
+                      timing=stage_line(summary["stage_seconds"], summary["reused_stages"]))

@@ -10,7 +10,6 @@ gradients) and the paper's ratios Exact / DataInf and LiSSA / DataInf.
 
 from __future__ import annotations
 
-import html
 from dataclasses import replace
 
 import numpy as np
@@ -19,18 +18,16 @@ import pandas as pd
 from ..errors import DataInfError
 from ..jobs.detect_mislabeled import DEFAULT_METHODS
 from ..metrics import detection_auc
-from ..report import study_page
+from ..report import figure_png, study_page
 from .common import (
     LABELS,
     POSITIVE,
     UNIT,
     Settings,
     cells,
-    figure,
     interval,
     interval_bars,
     scores_of,
-    shown,
     write_outputs,
 )
 
@@ -75,8 +72,7 @@ def run(settings: Settings) -> dict:
 
 
 def _report(settings: Settings, summary: dict, methods: list[str]) -> str:
-    e = html.escape
-    aucs = figure(lambda ax: (
+    aucs = figure_png(lambda ax: (
         interval_bars(ax, ["AUC"], {LABELS[m]: {"AUC": summary["auc"][m]} for m in methods},
                       "AUC, flipped labels (0.5 = chance)"),
         ax.set_ylim(0, 1.0), ax.axhline(0.5, color="grey", linestyle=":")))
@@ -91,25 +87,7 @@ def _report(settings: Settings, summary: dict, methods: list[str]) -> str:
         ax.set_ylabel("seconds of the influence step (log scale)")
         ax.grid(axis="y", alpha=0.3)
 
-    rows = "".join(
-        f"<tr><td>{e(LABELS[m])}</td><td>{shown(summary['auc'][m], '.3g')}</td>"
-        f"<td>{shown(summary['seconds'].get(m), '.3g')}</td>"
-        f"<td>{PAPER_SECONDS_QQP.get(m, '')}</td></tr>" for m in methods)
-    ratios = "".join(
-        f"<tr><td>{e(name.replace('_over_', ' / ').replace('_', ' '))}</td>"
-        f"<td>{shown(value, '.3g')}</td><td>{summary['paper_seconds_qqp'][name]}</td></tr>"
-        for name, value in summary["ratios"].items())
-    base = settings.base
-    intro = (f"Model <code>{e(str(base.model))}</code> on <code>"
-             f"{e(str(base.data or 'BBC News (shipped)'))}</code>, LoRA rank "
-             f"{', '.join(map(str, settings.ranks))}, {settings.runs} runs (seeds 0 to "
-             f"{settings.runs - 1}), {base.noise:.0%} of the training labels flipped. Every "
-             "score: higher = more suspicious. Means with 95% t intervals over runs. The "
-             "paper's seconds are for QQP (4,500 examples) at rank 4 on one A40 GPU; ours for "
-             "this data on this machine: compare the ratios, not the seconds.")
-    body = (f"<h2>AUC per method</h2>{aucs}<h2>Seconds of the influence step</h2>"
-            f"{figure(runtime)}<h2>Numbers</h2><table><tr><th>score</th><th>AUC</th>"
-            f"<th>seconds</th><th>paper seconds (QQP)</th></tr>{rows}</table>"
-            f"<h2>Runtime ratios</h2><table><tr><th>ratio</th><th>ours</th><th>paper</th></tr>"
-            f"{ratios}</table>")
-    return study_page("Mislabeled-data detection over runs", intro, body)
+    return study_page("mislabeled_study.html", "Mislabeled-data detection over runs",
+                      base=settings.base, ranks=settings.ranks, runs=settings.runs,
+                      summary=summary, methods=methods, labels=LABELS,
+                      paper=PAPER_SECONDS_QQP, aucs=aucs, runtime=figure_png(runtime))

@@ -10,7 +10,6 @@ trained on everything (k = 0). Removed examples that were flipped on purpose are
 
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import replace
 
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..jobs.detect_mislabeled import prepared
-from ..report import study_page
+from ..report import figure_png, study_page
 from .common import (
     DIFFERENCE,
     LABELS,
@@ -26,11 +25,9 @@ from .common import (
     UNIT,
     Settings,
     cells,
-    figure,
     has_spread,
     interval,
     scores_of,
-    shown,
     write_outputs,
 )
 
@@ -143,7 +140,6 @@ def _row(rank: int, seed: int, method: str, share: float, removed: int, flipped:
 
 
 def _report(settings: Settings, summary: dict, shares: tuple[float, ...]) -> str:
-    e = html.escape
     xs = [0.0, *shares]
 
     def curves(ax):
@@ -157,26 +153,7 @@ def _report(settings: Settings, summary: dict, shares: tuple[float, ...]) -> str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
-    head = "".join(f"<th>{s:.0%} removed</th>" for s in shares)
-    rows = "".join(
-        f"<tr><td>{e(NAMES[m])}</td>"
-        + "".join(f"<td>{shown(summary['accuracy'][f'{m}@{s:g}'])}<br><span class='note'>"
-                  + (f"gain over random {shown(summary['gain_over_random'][f'{m}@{s:g}'], '+.3f')}"
-                     f"<br>loss change over random "
-                     f"{shown(summary['loss_change_over_random'][f'{m}@{s:g}'], '+.3f')}<br>"
-                     if m != "random" else "")
-                  + f"flipped removed {shown(summary['flipped_removed'][f'{m}@{s:g}'], '.1f')}"
-                  "</span></td>" for s in shares) + "</tr>" for m in RANKED_BY)
-    base = settings.base
-    intro = (f"Model <code>{e(str(base.model))}</code> on <code>"
-             f"{e(str(base.data or 'BBC News (shipped)'))}</code>, LoRA rank "
-             f"{', '.join(map(str, settings.ranks))}, {settings.runs} runs, {base.noise:.0%} "
-             "of the training labels flipped. Each method's most suspicious examples are "
-             "removed and the model is fine-tuned again from the same initialisation, with the "
-             f"same training budget ({base.epochs} epochs at {base.learning_rate:g}). With "
-             f"everything kept: validation accuracy {shown(summary['accuracy']['none@0'])}.")
-    body = (f"<p><strong>{e(summary['verdict'])}</strong></p>"
-            f"<h2>Validation accuracy against the share removed</h2>{figure(curves)}"
-            f"<h2>Numbers (mean [95% interval] over runs)</h2><table><tr><th>ranked by</th>"
-            f"{head}</tr>{rows}</table>")
-    return study_page("Removing what the scores flag", intro, body)
+    return study_page("removal_study.html", "Removing what the scores flag",
+                      base=settings.base, ranks=settings.ranks, runs=settings.runs,
+                      summary=summary, shares=shares, ranked_by=RANKED_BY, names=NAMES,
+                      curves=figure_png(curves))

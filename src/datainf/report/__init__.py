@@ -9,11 +9,12 @@ from .pages import (
     explain_generation_page,
     explain_image_page,
     render,
+    shown,
     stage_line,
     study_page,
     write_report,
 )
 
 __all__ = ["NONE_LISTED", "class_breakdown", "detection_plot", "explain_generation_page",
-           "explain_image_page", "figure_png", "render", "image_uri", "png_base64", "stage_line",
-           "study_page", "write_report"]
+           "explain_image_page", "figure_png", "image_uri", "png_base64", "render", "shown",
+           "stage_line", "study_page", "write_report"]

@@ -25,11 +25,21 @@ def _none_note(lists: dict, side: str) -> str:
     return Markup("" if lists[side] else f"<p class='note'>{NONE_LISTED[side]}</p>")
 
 
+def shown(value: dict | None, digits: str = ".3f") -> str:
+    """An interval dict as "mean [low, high]" ("–" when there is no value)."""
+    if value is None or value["mean"] is None:
+        return "–"
+    if value["low"] is None:
+        return f"{value['mean']:{digits}}"
+    return f"{value['mean']:{digits}} [{value['low']:{digits}}, {value['high']:{digits}}]"
+
+
 TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("datainf.report", "templates"), autoescape=True,
     trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 TEMPLATES.filters["f"] = format            # {{ x | f(".3f") }}
 TEMPLATES.filters["image_uri"] = image_uri
+TEMPLATES.filters["shown"] = shown        # {{ interval | shown(".3g") }}
 TEMPLATES.globals["none_note"] = _none_note
 
 
@@ -114,6 +124,7 @@ def explain_image_page(summary: dict, rows: list[dict], methods: list[str], trai
                   timing=stage_line(summary["stage_seconds"], summary.get("reused_stages", [])))
 
 
-def study_page(title: str, intro: str, body: str) -> str:
-    """A study's page: ``title`` (text), ``intro`` and ``body`` (HTML the study made)."""
-    return render("study.html", title=title, intro=Markup(intro), body=Markup(body))
+def study_page(template: str, title: str, **values) -> str:
+    """A study's page: ``template`` extends ``study.html`` (``title``, an introduction and
+    what the study shows)."""
+    return render(template, title=title, **values)
