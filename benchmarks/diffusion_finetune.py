@@ -64,11 +64,7 @@ def main() -> None:
 
 
 def _train(config, pipeline, unet, pixels, prompts):
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as out:
-        return train_adapter(config, pipeline, unet, pixels, prompts, Path(out))
+    return train_adapter(config, pipeline, unet, pixels, prompts)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,9 @@ def main() -> None:
             held = np.flatnonzero(fold_of == k)
             fit = job.Config(**settings, out=str(Path(folder) / f"fold{k}"), progress=False)
             Path(fit.out).mkdir()
-            model, tokenizer, _, _ = job.load_model(fit, train, Path(fit.out))
+            model, tokenizer, _ = job.load_model(fit, train, Path(fit.out))
             job.train_adapter(fit, model, tokenizer, train.subset(np.flatnonzero(fold_of != k)),
-                              val, Path(fit.out), False)
+                              val)
             _, probs[held] = predict(model, tokenizer, train.subset(held),
                                      batch_size=fit.batch_size, max_length=fit.max_length)
             print(f"fold {k + 1} of {folds}: {time.perf_counter() - start:.0f} s", flush=True)

@@ -38,7 +38,6 @@ from ..data.text import (
     text_batches,
 )
 from ..devices import check_device
-from ..distributed import world
 from ..errors import DataInfError
 from ..gradients.collect import collect_gradients
 from ..gradients.source import blocks_matching, blocks_pattern, group_by_module, names_matching
@@ -62,7 +61,7 @@ from .pipeline import (
     fine_tuned,
     with_adapter,
 )
-from .runs import check_numbers, save_adapter, settings_json, warn_unconverged, write_atomic
+from .runs import check_numbers, settings_json, warn_unconverged, write_atomic
 from .suspects import cleaned_table, score_table, suspect_table
 
 REFERENCES = {"loss": "Training loss", "grad_norm": "Gradient norm"}
@@ -322,10 +321,9 @@ def load_model(config: Config, train: TextData, out: Path):
     return model.to(config.device), tokenizer, source
 
 
-def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path
-                  ) -> dict:
+def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextData) -> dict:
     """LoRA fine-tuning that goes on while the model is weak and stops on the validation loss;
-    the adapter is saved to out/adapter (whole or not at all). Returns the training history.
+    returns the training history.
 
     Training runs in rounds of ``epochs`` epochs, each with its own linear learning-rate decay.
     After a round, a model that is still weak on the validation set (:func:`is_weak`) gets
@@ -378,8 +376,6 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
                 if name in best["state"]:
                     param.copy_(best["state"][name])
         history["kept_epoch"] = best["epoch"]
-    if world(config.process_group)[0] == 0:
-        save_adapter(model, out, history)
     return history
 
 
@@ -404,10 +400,10 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def predictions(config: Config, model, tokenizer, train: TextData, val: TextData,
-                out: Path) -> tuple[Predictions, bool]:
+                run: Run) -> tuple[Predictions, bool]:
     """(predictions, reused), cached in out/predictions.npz for the model's weights (written
     by rank 0 only)."""
-    path = out / "predictions.npz"
+    path = run.out / "predictions.npz"
     fingerprint = model_fingerprint(model)
     keys = [f.name for f in dataclasses.fields(Predictions)]
     if path.exists():
@@ -418,8 +414,8 @@ def predictions(config: Config, model, tokenizer, train: TextData, val: TextData
     for split, data in (("train", train), ("val", val)):
         found[f"{split}_loss"], found[f"{split}_probs"] = predict(
             model, tokenizer, data, batch_size=config.batch_size, max_length=config.max_length)
-    if world(config.process_group)[0] == 0:
-        tmp = out / "predictions.tmp.npz"
+    if run.main:
+        tmp = run.out / "predictions.tmp.npz"
         np.savez(tmp, model=fingerprint, **found)
         os.replace(tmp, path)
     return Predictions(**found), False
@@ -546,11 +542,11 @@ def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepare
         with run.stage("model"):
             model, tokenizer, source = load_model(config, train, run.out)
         run.claim(record, OUTPUTS)
-        history = fine_tuned(run, source, lambda: train_adapter(config, model, tokenizer,
-                                                                train, val, run.out))
+        history = fine_tuned(run, source, model, lambda: train_adapter(config, model, tokenizer,
+                                                                       train, val))
         with run.main_first():  # the other ranks then read rank 0's predictions
             with run.stage("predictions"):
-                preds, again = predictions(config, model, tokenizer, train, val, run.out)
+                preds, again = predictions(config, model, tokenizer, train, val, run)
         if again:
             run.reuse("predictions")
         train_store = val_store = None
@@ -578,7 +574,7 @@ def run(config: Config) -> dict | None:
         extra = {"val_accuracy": round(quality["val_accuracy"], 4), "model_quality": quality,
                  "training": p.history, "adapter": p.source, "reused_stages": p.run.reused,
                  "blocks": {"count": len(blocks), "parameters": int(sum(blocks.values()))},
-                 "data": p.data_info, "processes": world(config.process_group)[1]}
+                 "data": p.data_info, "processes": p.run.size}
         with p.run.stage("report"):
             return write_outputs(config, p.run.out, p.train, p.val, p.preds, scores, seconds,
                                  notes, extra)

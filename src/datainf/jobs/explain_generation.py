@@ -36,7 +36,6 @@ from ..data.chat import (
     read_chat_jsonl,
 )
 from ..devices import check_device
-from ..distributed import world
 from ..gradients.collect import collect_gradients
 from ..gradients.source import names_matching
 from ..gradients.store import GradientStore
@@ -58,7 +57,7 @@ from .pairwise import (
 )
 from .pairwise import write_outputs as write_pairwise
 from .pipeline import QUIET_HELP, Run, collected, fine_tuned, query_folder, with_adapter
-from .runs import check_numbers, save_adapter, settings_json, write_atomic
+from .runs import check_numbers, settings_json, write_atomic
 
 
 @dataclass
@@ -155,9 +154,9 @@ def response_loss(model, batch: dict) -> torch.Tensor:
     return CausalLM().losses(model, batch, torch.arange(len(batch["input_ids"])), 0)
 
 
-def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -> dict:
-    """LoRA fine-tuning on the mean response loss; the adapter is saved to out/adapter whole
-    or not at all, with training.json (loss per epoch)."""
+def train_adapter(config: Config, model, tokenizer, train: Encoded) -> dict:
+    """LoRA fine-tuning on the mean response loss; returns the history (loss per epoch)."""
+
     def batches(order):
         return lm_batches(train, config.batch_size, tokenizer.pad_token_id, order)
 
@@ -166,10 +165,7 @@ def train_adapter(config: Config, model, tokenizer, train: Encoded, out: Path) -
                         epochs=config.epochs, batch_size=config.batch_size,
                         learning_rate=config.learning_rate, seed=config.seed,
                         progress=config.progress, process_group=config.process_group)
-    history = {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
-    if world(config.process_group)[0] == 0:
-        save_adapter(model, out, history)
-    return history
+    return {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
 
 
 # ---------------------------------------------------------------- stage 3: answers
@@ -292,8 +288,8 @@ def prepared(config: Config) -> Iterator[Prepared]:
         encode_all(tokenizer, queries, [q.response for q in queries],
                    max_length=config.max_length, what=said("queries"))
         run.claim(record, OUTPUTS)
-        history = fine_tuned(run, source, lambda: train_adapter(config, model, tokenizer,
-                                                                encoded_train, run.out))
+        history = fine_tuned(run, source, model, lambda: train_adapter(config, model, tokenizer,
+                                                                       encoded_train))
         with run.main_first():  # rank 0 answers; the others read its answers.json
             folder = query_folder(run.out, config, source, config.queries,
                                   max_new_tokens=config.max_new_tokens)

@@ -30,7 +30,6 @@ import torch
 
 from ..data.images import ImageExample, load_images, read_image, read_image_folder, save_png
 from ..devices import check_device
-from ..distributed import world
 from ..errors import DataInfError
 from ..gradients.collect import collect_gradients
 from ..gradients.store import GradientStore
@@ -53,7 +52,7 @@ from .pairwise import (
 )
 from .pairwise import write_outputs as write_pairwise
 from .pipeline import QUIET_HELP, Run, collected, fine_tuned, query_folder, with_adapter
-from .runs import check_numbers, save_adapter, settings_json
+from .runs import check_numbers, settings_json
 
 SAMPLES = 8  # training prompts drawn before and after fine-tuning for the report
 
@@ -172,11 +171,10 @@ def image_batches(pipeline, pixels: torch.Tensor, prompts: list[str], batch_size
                "encoder_hidden_states": pipeline.conditioning([prompts[i] for i in rows])}
 
 
-def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts: list[str],
-                  out: Path) -> dict:
+def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts: list[str]
+                  ) -> dict:
     """LoRA fine-tuning on the noise-prediction loss (random timesteps and noise from a
-    generator seeded with ``config.seed``); the adapter is saved to out/adapter whole or not
-    at all, with training.json (loss per epoch)."""
+    generator seeded with ``config.seed``); returns the history (loss per epoch)."""
     generator = torch.Generator().manual_seed(config.seed)
 
     def batches(order):  # noise drawn per batch, in the order the loss used to draw it
@@ -188,10 +186,7 @@ def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts:
         lambda module, b: noise_prediction_loss(module, pipeline.scheduler, b, generator),
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
         seed=config.seed, progress=config.progress, process_group=config.process_group)
-    history = {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
-    if world(config.process_group)[0] == 0:
-        save_adapter(unet, out, history)
-    return history
+    return {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
 
 
 # ---------------------------------------------------------------- stage 3: query images
@@ -213,19 +208,19 @@ def query_images(config: Config, pipeline, unet, queries: list[ImageExample],
                                  batch=config.query_batch)
         for j, image in zip(todo, drawings, strict=True):
             save_png(image, files[j])
-    images = fitted_images(config, pipeline, [ImageExample(q.text, files[j], q.line)
+    images = fitted_images(pipeline, [ImageExample(q.text, files[j], q.line)
                                               for j, q in enumerate(queries)],
                            config.folder_names[1])
     return images, files, seeds
 
 
-def fitted_images(config: Config, pipeline, examples: list[ImageExample], what: str
+def fitted_images(pipeline, examples: list[ImageExample], what: str, main: bool = True
                   ) -> np.ndarray:
     """The examples' images fitted to the pipeline (uint8 (n, H, W, C)), saying how many had
     to be converted, cropped or resized."""
     images, changed = load_images(examples, size=pipeline.image_size,
                                   channels=pipeline.channels, what=what)
-    if changed and world(config.process_group)[0] == 0:  # changes the data: shown even with --quiet
+    if changed and main:  # changes the data: shown even with --quiet (rank 0 says it)
         warn(f"{what}: {changed} images converted, cropped or resized to "
              f"{pipeline.image_size} x {pipeline.image_size}")
     return images
@@ -321,12 +316,12 @@ def prepared(config: Config) -> Iterator[Prepared]:
     with run.locked(record):
         with run.stage("model"):
             pipeline, unet, source = load_model(config, run.out)
-        train_images = fitted_images(config, pipeline, train, config.folder_names[0])
+        train_images = fitted_images(pipeline, train, config.folder_names[0], run.main)
         run.claim(record, OUTPUTS)
         prompts = [e.text for e in train]
-        history = fine_tuned(run, source, lambda: train_adapter(
+        history = fine_tuned(run, source, unet, lambda: train_adapter(
             config, pipeline, unet, to_pixels(np.moveaxis(train_images, -1, 1),
-                                              pipeline.image_size), prompts, run.out))
+                                              pipeline.image_size), prompts))
         with run.main_first():  # rank 0 draws the queries; the others read its files
             folder = query_folder(run.out, config, source, config.queries,
                                   sampling_steps=config.sampling_steps, guidance=config.guidance)

@@ -30,7 +30,7 @@ from ..gradients.store import GradientStore
 from ..identity import adapter_digest, fingerprint
 from ..log import say
 from ..models.hf import add_lora, load_adapter
-from .runs import keyed_folder, main_first, record_run, run_folder
+from .runs import keyed_folder, main_first, record_run, run_folder, save_adapter
 
 # the help of options that every job has
 DAMPING_HELP = "the damping constant: see --damping-rule"
@@ -70,6 +70,11 @@ class Run:
     @property
     def main(self) -> bool:
         return world(self.group)[0] == 0
+
+    @property
+    def size(self) -> int:
+        """Processes that share the run (1 without a process group)."""
+        return world(self.group)[1]
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -116,12 +121,17 @@ def with_adapter(base: torch.nn.Module, config, out: Path) -> tuple[torch.nn.Mod
                     target_modules=config.lora_targets), "new"
 
 
-def fine_tuned(run: Run, source: str, fine_tune: Callable[[], dict]) -> dict | None:
-    """The training history: ``fine_tune()`` for a new adapter (the "fine-tuning" stage), the
-    saved training.json of a reused one, None for a given one."""
+def fine_tuned(run: Run, source: str, model: torch.nn.Module,
+               fine_tune: Callable[[], dict]) -> dict | None:
+    """The training history: for a new adapter, ``fine_tune()`` (the "fine-tuning" stage),
+    then ``model``'s adapter saved with its history in out/adapter, whole or not at all (rank
+    0); the saved training.json of a reused one; None for a given one."""
     if source == "new":
         with run.stage("fine-tuning"):
-            return fine_tune()
+            history = fine_tune()
+            if run.main:
+                save_adapter(model, run.out, history)
+        return history
     if source == "reused":
         run.reuse("fine-tuning")
         return json.loads((run.out / "adapter" / "training.json").read_text())
