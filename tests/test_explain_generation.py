@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tolerances import FLOAT32_PASS, assert_same_ranking, relative
+from tolerances import FLOAT32_PASS, FLOAT64, assert_same_ranking, relative
 
 from datainf.cli import main
 from datainf.data.chat import IGNORE, encode_all, lm_batches, read_chat_jsonl
@@ -51,6 +51,87 @@ def run(tiny_chat_model, train, queries, out, *extra):
     return main(["explain-generation", "--train", train, "--queries", queries, "--model",
                tiny_chat_model, "--out", str(out), "--epochs", "1", "--batch-size", "4",
                "--max-new-tokens", "3", "--quiet", *map(str, extra)])
+
+
+def test_loss_spans_score_their_tokens(tiny_chat_model, files):
+    """--loss-on: the labels of each span; a prompt token's label changes the prompt loss and
+    not the response loss; the full loss is both (their token-weighted mean)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from datainf.gradients.tasks import CausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float64).eval()
+    examples = read_chat_jsonl(files[0], need_response=True, what="--train")[:2]
+    encoded = encode_all(tokenizer, examples, [e.response for e in examples], max_length=128,
+                         what="--train")
+    batches = {span: lm_batches(encoded, 2, tokenizer.pad_token_id, loss_on=span)[0]
+               for span in ("response", "prompt", "full")}
+    for row, n_prompt in enumerate(encoded.prompt_lengths):
+        n = len(encoded.ids[row])
+        ids = batches["full"]["input_ids"][row]
+        assert (batches["prompt"]["labels"][row, :n_prompt] == ids[:n_prompt]).all()
+        assert (batches["prompt"]["labels"][row, n_prompt:] == IGNORE).all()
+        assert (batches["full"]["labels"][row, :n] == ids[:n]).all()
+        assert (batches["full"]["labels"][row, n:] == IGNORE).all()
+    losses = {span: CausalLM().losses(model, b, torch.arange(2), 0)
+              for span, b in batches.items()}
+    with torch.no_grad():
+        # scored tokens per example: a label at position t is predicted from position t - 1
+        scored = {span: (b["labels"][:, 1:] != IGNORE).sum(1).double()
+                  for span, b in batches.items()}
+        both = (losses["prompt"] * scored["prompt"] + losses["response"] * scored["response"]) \
+            / scored["full"]
+        assert relative(losses["full"], both) < FLOAT64
+        # a prompt token's label (the token it should be; the input unchanged): the prompt and
+        # full losses move, the response loss does not (it never scores that position)
+        for span, b in batches.items():
+            changed = {k: v.clone() for k, v in b.items()}
+            if changed["labels"][0, 2] != IGNORE:
+                changed["labels"][0, 2] = (changed["labels"][0, 2] + 1) % len(tokenizer)
+            moved = CausalLM().losses(model, changed, torch.arange(2), 0)
+            assert bool(moved[0] != losses[span][0]) == (span != "response"), span
+            assert moved[1] == losses[span][1]
+
+
+def test_loss_span_has_its_own_stores(tiny_chat_model, files, tmp_path, capsys):
+    """The adapter is shared across spans; each span's gradients are computed for it (a store
+    of another span is refused, never taken for this one's), and each is reused when asked
+    again."""
+    from datainf.gradients.collect import collect_gradients
+
+    out = tmp_path / "run"
+    scores = {}
+    for span in ("response", "prompt", "response", "full"):
+        capsys.readouterr()
+        assert main(["explain-generation", "--train", files[0], "--queries", files[1],
+                     "--model", tiny_chat_model, "--out", str(out), "--epochs", "1",
+                     "--batch-size", "4", "--max-new-tokens", "3", "--methods", "datainf",
+                     "--loss-on", span]) == 0
+        said = capsys.readouterr().out
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["config"]["loss_on"] == span
+        assert ("gradients: reused" in said) == (span in scores), (span, said)
+        assert "fine-tuning: reused" in said or not scores
+        matrix = np.load(out / "scores.npz")["datainf"]
+        if span in scores:
+            assert np.array_equal(matrix, scores[span])
+        scores[span] = matrix
+    assert not np.allclose(scores["prompt"], scores["response"])
+    assert not np.allclose(scores["full"], scores["response"])
+
+    from datainf.errors import DataInfError
+    from datainf.models.hf import load_adapter, load_causal_lm
+
+    base, tokenizer = load_causal_lm(tiny_chat_model)
+    model = load_adapter(base, out / "adapter")
+    examples = read_chat_jsonl(files[0], need_response=True, what="--train")
+    encoded = encode_all(tokenizer, examples, [e.response for e in examples], max_length=256,
+                         what="--train")
+    with pytest.raises(DataInfError, match="made from other data"):
+        collect_gradients(model, lm_batches(encoded, 4, tokenizer.pad_token_id,
+                                            loss_on="prompt"), "causal_lm",
+                          out=str(out / "gradients" / "train"), progress=False)
 
 
 def test_formats_are_read_with_their_keys(files):

@@ -14,9 +14,11 @@ assistant): the model then answers it and that answer is explained.
 Tokenization uses the model's own chat template: ``prompt`` is the template applied to the
 prompt turns with the generation prompt (``<|im_start|>assistant\\n`` for SmolLM2), the
 response is what the template adds after it for the assistant turn (the answer and its end of
-turn). Labels are -100 on every prompt token, so the loss is the mean negative log-likelihood of
-the response tokens given the prompt. A model without a chat template takes the prompt format
-only, as ``prompt + "\\n"`` followed by ``response + eos``.
+turn). Fine-tuning scores the response: labels are -100 on every prompt token, so the loss is
+the mean negative log-likelihood of the response tokens given the prompt; the gradients for
+influence may score the prompt or both instead (``loss_on``, :data:`LOSS_SPANS`). A model
+without a chat template takes the prompt format only, as ``prompt + "\\n"`` followed by
+``response + eos``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from ..options import said
 from .text import json_records
 
 IGNORE = -100  # the label of a token that is not scored
+# which tokens a loss scores: the response (what the model answered, the default), the prompt
+# alone (the authors' influence gradients), or both (bergson's, Li et al.'s)
+LOSS_SPANS = ("response", "prompt", "full")
 
 
 @dataclass
@@ -184,9 +189,15 @@ def encode_all(tokenizer, examples: list[ChatExample], responses: list[str | Non
     return Encoded(ids, prompts)
 
 
-def lm_batches(encoded: Encoded, batch_size: int, pad_id: int, order=None) -> list[dict]:
+def lm_batches(encoded: Encoded, batch_size: int, pad_id: int, order=None,
+               loss_on: str = "response") -> list[dict]:
     """Right-padded batches {input_ids, attention_mask, labels} in ``order``; labels are the
-    ids on response tokens and -100 on prompt and padding tokens."""
+    ids on the tokens ``loss_on`` scores (:data:`LOSS_SPANS`: the response, the prompt or
+    both) and -100 on the others and on padding. The first token is never scored (nothing
+    predicts it)."""
+    if loss_on not in LOSS_SPANS:
+        raise DataInfError(f"{said('loss_on')} must be one of {', '.join(LOSS_SPANS)}, not "
+                           f"{loss_on!r}")
     order = range(len(encoded)) if order is None else order
     order = list(order)
     batches = []
@@ -200,6 +211,8 @@ def lm_batches(encoded: Encoded, batch_size: int, pad_id: int, order=None) -> li
             tokens, n_prompt = encoded.ids[i], encoded.prompt_lengths[i]
             input_ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
-            labels[row, n_prompt : len(tokens)] = torch.tensor(tokens[n_prompt:])
+            first, stop = {"response": (n_prompt, len(tokens)), "prompt": (0, n_prompt),
+                           "full": (0, len(tokens))}[loss_on]
+            labels[row, first:stop] = torch.tensor(tokens[first:stop])
         batches.append({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
     return batches

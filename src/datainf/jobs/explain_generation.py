@@ -6,8 +6,8 @@ the same settings; new queries reuse the adapter and the training gradients):
 1. data      --train and --queries JSON lines (see :mod:`datainf.data.chat`)        -> recomputed
 2. adapter   LoRA fine-tuning of the causal LM on --train (or --adapter)       -> out/adapter/
 3. answers   greedy answers to the queries that have no response              -> out/query/
-4. gradients per-example gradients of the response-only loss                  -> out/gradients/,
-                                                                                  out/query/
+4. gradients per-example gradients of the loss on --loss-on's tokens (the response by
+             default)                                         -> out/gradients/, out/query/
 5. scores    every method's pairwise influence of every training example on every query
              -> scores.npz, top.jsonl, summary.json, report.html (always recomputed)
 
@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.chat import (
+    LOSS_SPANS,
     ChatExample,
     Encoded,
     encode_all,
@@ -85,6 +86,13 @@ class Config(PairwiseOptions):
     seed: int = option(0, "seed of LoRA and the data order")
     # cheap: may change between runs on the same --out
     max_new_tokens: int = option(64, "tokens the model may generate to answer a query")
+    # the tokens whose loss the influence gradients are of (fine-tuning always scores the
+    # response); each span has its own stores (see _suffix)
+    loss_on: str = option(
+        "response", "the tokens whose loss is attributed: the response (what made the "
+        "answer), the prompt alone (the DataInf authors' gradients; they also fine-tuned on the "
+        "whole text and scored right padding, we do neither) or the full text (bergson's)",
+        choices=LOSS_SPANS)
     out: str = option("runs/explain-generation", "run folder (reused when repeated)")
     progress: bool | None = option(None, QUIET_HELP, flag="--quiet", kind="quiet")
     stage_seconds: dict = field(default_factory=dict)
@@ -96,7 +104,7 @@ class Config(PairwiseOptions):
 MODEL_OPTIONS = {  # the generation study runs the same pipeline with these
     "model": ("model", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",
               "learning_rate", "max_length", "max_new_tokens", "seed", "device"),
-    "scoring": SCORING_OPTIONS}
+    "scoring": ("loss_on", *SCORING_OPTIONS)}
 COMMAND = Command(
     "explain-generation",
     help="which fine-tuning examples made the LLM answer like that",
@@ -219,8 +227,10 @@ def query_answers(config: Config, model, tokenizer, queries: list[ChatExample],
 
 # ---------------------------------------------------------------- stage 4: gradients
 def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path) -> GradientStore:
-    """Per-example gradients of the response-only loss, in the store at ``path``."""
-    batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id)
+    """Per-example gradients of the loss on ``config.loss_on``'s tokens, in the store at
+    ``path``."""
+    batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id,
+                         loss_on=config.loss_on)
     return collect_gradients(model, batches, "causal_lm", out=str(path),
                              progress=config.progress, process_group=config.process_group)
 
@@ -298,13 +308,21 @@ def prepared(config: Config) -> Iterator[Prepared]:
         encoded_queries = encode_all(tokenizer, queries, responses,
                                      max_length=config.max_length + config.max_new_tokens,
                                      what=said("queries"))
-        train_path, query_path = run.out / "gradients" / "train", folder / "gradients"
+        train_path = run.out / "gradients" / ("train" + _suffix(config))
+        query_path = folder / ("gradients" + _suffix(config))
         train_store = collected(run, "gradients", [train_path], lambda: gradients(
             config, model, tokenizer, encoded_train, train_path))
         query_store = collected(run, "query gradients", [query_path], lambda: gradients(
             config, model, tokenizer, encoded_queries, query_path))
         yield Prepared(run, train, queries, responses, generated, model, tokenizer, source,
                        history, train_store, query_store)
+
+
+def _suffix(config: Config) -> str:
+    """The stores of each loss span have their own folders (gradients/train-prompt, ...), so a
+    store of another span is never taken for this run's; the response's keep the names of
+    runs made before the choice existed."""
+    return "" if config.loss_on == "response" else f"-{config.loss_on}"
 
 
 def run(config: Config) -> dict | None:
