@@ -209,6 +209,10 @@ def test_end_to_end(tiny_chat_model, files, tmp_path):
     assert rows[1]["keys"] == {"id": "q2"}
     page = (out / "report.html").read_text()
     assert "most helpful" in page and "Cosine" in page
+    # the optimizer's second moments are kept beside the adapter, one per LoRA tensor
+    from datainf.training.moments import read_second_moments
+    moments = read_second_moments(out / "adapter")
+    assert moments and all("lora_" in name for name in moments)
     # repeated with new queries: the adapter and the training gradients are reused
     adapter = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     queries = write_jsonl(tmp_path / "q2.jsonl", [{"prompt": "Name a colour.",

@@ -321,9 +321,11 @@ def load_model(config: Config, train: TextData, out: Path):
     return model.to(config.device), tokenizer, source
 
 
-def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextData) -> dict:
+def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextData,
+                  second_moments: dict | None = None) -> dict:
     """LoRA fine-tuning that goes on while the model is weak and stops on the validation loss;
-    returns the training history.
+    returns the training history and fills ``second_moments`` with the optimizer's second
+    moments of the kept epoch (see :func:`datainf.training.finetune.train_loop`).
 
     Training runs in rounds of ``epochs`` epochs, each with its own linear learning-rate decay.
     After a round, a model that is still weak on the validation set (:func:`is_weak`) gets
@@ -336,7 +338,8 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
     (p = 0: the last epoch's is kept).
     """
     history: dict = {"val_losses": [], "val_accuracy": [], "epoch_losses": [], "rounds": 0}
-    best: dict = {"loss": float("inf"), "epoch": 0, "state": None}
+    best: dict = {"loss": float("inf"), "epoch": 0, "state": None, "moments": {}}
+    moments: dict = {}
 
     def after_epoch(_epoch_in_round: int, train_loss: float) -> bool:
         losses, probs = predict(model, tokenizer, val, batch_size=config.batch_size,
@@ -348,7 +351,7 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
         if history["val_losses"][-1] < best["loss"]:
             best.update(loss=history["val_losses"][-1], epoch=epoch,
                         state={n: p.detach().clone() for n, p in model.named_parameters()
-                               if p.requires_grad})
+                               if p.requires_grad}, moments=dict(moments))
         history["stopped_on_val_loss"] = 0 < config.patience <= epoch - best["epoch"]
         return history["stopped_on_val_loss"]
 
@@ -360,7 +363,8 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
         finetune(model, tokenizer, train, epochs=config.epochs,
                  batch_size=config.batch_size, learning_rate=rate,
                  max_length=config.max_length, seed=config.seed + round_, progress=config.progress,
-                 on_epoch=after_epoch, process_group=config.process_group)
+                 on_epoch=after_epoch, process_group=config.process_group,
+                 second_moments=moments)
         history["rounds"] += 1
         if history["stopped_on_val_loss"] or not is_weak(history["val_accuracy"][-1], val):
             break
@@ -376,6 +380,9 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
                 if name in best["state"]:
                     param.copy_(best["state"][name])
         history["kept_epoch"] = best["epoch"]
+        moments = best["moments"]
+    if second_moments is not None:
+        second_moments.update(moments)
     return history
 
 
@@ -542,8 +549,8 @@ def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepare
         with run.stage("model"):
             model, tokenizer, source = load_model(config, train, run.out)
         run.claim(record, OUTPUTS)
-        history = fine_tuned(run, source, model, lambda: train_adapter(config, model, tokenizer,
-                                                                       train, val))
+        history = fine_tuned(run, source, model, lambda moments: train_adapter(
+            config, model, tokenizer, train, val, moments))
         with run.main_first():  # the other ranks then read rank 0's predictions
             with run.stage("predictions"):
                 preds, again = predictions(config, model, tokenizer, train, val, run)

@@ -162,8 +162,10 @@ def response_loss(model, batch: dict) -> torch.Tensor:
     return CausalLM().losses(model, batch, torch.arange(len(batch["input_ids"])), 0)
 
 
-def train_adapter(config: Config, model, tokenizer, train: Encoded) -> dict:
-    """LoRA fine-tuning on the mean response loss; returns the history (loss per epoch)."""
+def train_adapter(config: Config, model, tokenizer, train: Encoded,
+                  second_moments: dict | None = None) -> dict:
+    """LoRA fine-tuning on the mean response loss; returns the history (loss per epoch) and
+    fills ``second_moments`` (see :func:`datainf.training.finetune.train_loop`)."""
 
     def batches(order):
         return lm_batches(train, config.batch_size, tokenizer.pad_token_id, order)
@@ -172,7 +174,8 @@ def train_adapter(config: Config, model, tokenizer, train: Encoded) -> dict:
                         lambda module, b: response_loss(module, b).mean(),
                         epochs=config.epochs, batch_size=config.batch_size,
                         learning_rate=config.learning_rate, seed=config.seed,
-                        progress=config.progress, process_group=config.process_group)
+                        progress=config.progress, process_group=config.process_group,
+                        second_moments=second_moments)
     return {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
 
 
@@ -298,8 +301,8 @@ def prepared(config: Config) -> Iterator[Prepared]:
         encode_all(tokenizer, queries, [q.response for q in queries],
                    max_length=config.max_length, what=said("queries"))
         run.claim(record, OUTPUTS)
-        history = fine_tuned(run, source, model, lambda: train_adapter(config, model, tokenizer,
-                                                                       encoded_train))
+        history = fine_tuned(run, source, model, lambda moments: train_adapter(
+            config, model, tokenizer, encoded_train, moments))
         with run.main_first():  # rank 0 answers; the others read its answers.json
             folder = query_folder(run.out, config, source, config.queries,
                                   max_new_tokens=config.max_new_tokens)

@@ -171,10 +171,11 @@ def image_batches(pipeline, pixels: torch.Tensor, prompts: list[str], batch_size
                "encoder_hidden_states": pipeline.conditioning([prompts[i] for i in rows])}
 
 
-def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts: list[str]
-                  ) -> dict:
+def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts: list[str],
+                  second_moments: dict | None = None) -> dict:
     """LoRA fine-tuning on the noise-prediction loss (random timesteps and noise from a
-    generator seeded with ``config.seed``); returns the history (loss per epoch)."""
+    generator seeded with ``config.seed``); returns the history (loss per epoch) and fills
+    ``second_moments`` (see :func:`datainf.training.finetune.train_loop`)."""
     generator = torch.Generator().manual_seed(config.seed)
 
     def batches(order):  # noise drawn per batch, in the order the loss used to draw it
@@ -185,7 +186,8 @@ def train_adapter(config: Config, pipeline, unet, pixels: torch.Tensor, prompts:
         unet, len(prompts), batches,
         lambda module, b: noise_prediction_loss(module, pipeline.scheduler, b, generator),
         epochs=config.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-        seed=config.seed, progress=config.progress, process_group=config.process_group)
+        seed=config.seed, progress=config.progress, process_group=config.process_group,
+        second_moments=second_moments)
     return {"epoch_losses": [round(x, 5) for x in losses], "epochs_run": len(losses)}
 
 
@@ -319,9 +321,9 @@ def prepared(config: Config) -> Iterator[Prepared]:
         train_images = fitted_images(pipeline, train, config.folder_names[0], run.main)
         run.claim(record, OUTPUTS)
         prompts = [e.text for e in train]
-        history = fine_tuned(run, source, unet, lambda: train_adapter(
+        history = fine_tuned(run, source, unet, lambda moments: train_adapter(
             config, pipeline, unet, to_pixels(np.moveaxis(train_images, -1, 1),
-                                              pipeline.image_size), prompts))
+                                              pipeline.image_size), prompts, moments))
         with run.main_first():  # rank 0 draws the queries; the others read its files
             folder = query_folder(run.out, config, source, config.queries,
                                   sampling_steps=config.sampling_steps, guidance=config.guidance)

@@ -122,15 +122,18 @@ def with_adapter(base: torch.nn.Module, config, out: Path) -> tuple[torch.nn.Mod
 
 
 def fine_tuned(run: Run, source: str, model: torch.nn.Module,
-               fine_tune: Callable[[], dict]) -> dict | None:
-    """The training history: for a new adapter, ``fine_tune()`` (the "fine-tuning" stage),
-    then ``model``'s adapter saved with its history in out/adapter, whole or not at all (rank
-    0); the saved training.json of a reused one; None for a given one."""
+               fine_tune: Callable[[dict], dict]) -> dict | None:
+    """The training history: for a new adapter, ``fine_tune(second_moments)`` (the
+    "fine-tuning" stage; it fills the dict with the optimizer's second moments of the adapter
+    it keeps), then ``model``'s adapter saved with its history and moments in out/adapter,
+    whole or not at all (rank 0); the saved training.json of a reused one; None for a given
+    one."""
     if source == "new":
         with run.stage("fine-tuning"):
-            history = fine_tune()
+            moments: dict = {}
+            history = fine_tune(moments)
             if run.main:
-                save_adapter(model, run.out, history)
+                save_adapter(model, run.out, history, moments)
         return history
     if source == "reused":
         run.reuse("fine-tuning")

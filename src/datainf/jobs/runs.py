@@ -20,6 +20,7 @@ from ..distributed import broadcast_flag, world
 from ..errors import DataInfError
 from ..log import warn
 from ..options import said
+from ..training.moments import save_second_moments
 
 LOCK = ".lock"
 
@@ -137,13 +138,15 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_adapter(model, out: Path, history: dict) -> None:
-    """The model's PEFT adapter and its training history (training.json) into out/adapter,
-    whole or not at all: written beside it, then renamed over any older one."""
+def save_adapter(model, out: Path, history: dict, second_moments: dict | None = None) -> None:
+    """The model's PEFT adapter, its training history (training.json) and the optimizer's
+    second moments (see :mod:`datainf.training.moments`) into out/adapter, whole or not at
+    all: written beside it, then renamed over any older one."""
     tmp = out / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps(history, indent=2))
+    save_second_moments(second_moments or {}, tmp)
     shutil.rmtree(out / "adapter", ignore_errors=True)
     os.replace(tmp, out / "adapter")
 

@@ -21,6 +21,7 @@ from ..distributed import (
     world,
 )
 from ..gradients.tasks import text_model_inputs
+from .moments import adam_second_moments
 
 
 def finetune(
@@ -36,10 +37,12 @@ def finetune(
     progress: bool | None = None,
     on_epoch: Callable[[int, float], bool | None] | None = None,
     process_group: object | None = None,
+    second_moments: dict | None = None,
 ) -> list[float]:
     """Train a classifier's trainable parameters in place on the mean cross entropy of each
     batch; returns the mean loss of each epoch. See :func:`train_loop` for ``on_epoch`` and
-    ``process_group``."""
+    ``process_group``
+    and ``second_moments``."""
 
     def batches(order: np.ndarray) -> list[dict]:
         return text_batches(tokenizer, data, batch_size, max_length, order=order)
@@ -50,7 +53,8 @@ def finetune(
 
     return train_loop(model, len(data), batches, loss, epochs=epochs, batch_size=batch_size,
                       learning_rate=learning_rate, seed=seed, progress=progress,
-                      on_epoch=on_epoch, process_group=process_group)
+                      on_epoch=on_epoch, process_group=process_group,
+                      second_moments=second_moments)
 
 
 def train_loop(
@@ -67,6 +71,7 @@ def train_loop(
     on_epoch: Callable[[int, float], bool | None] | None = None,
     desc: str = "fine-tuning",
     process_group: object | None = None,
+    second_moments: dict | None = None,
 ) -> list[float]:
     """AdamW on the trainable parameters, the learning rate decayed linearly to 0, the data
     shuffled with ``seed`` every epoch; returns the mean loss of each epoch.
@@ -76,7 +81,8 @@ def train_loop(
     example; ``loss(module, batch)``: the batch's mean loss (a scalar) from ``module``'s
     forward. ``on_epoch(epoch, mean_loss)`` is called after each epoch (1-based) with the model
     in eval mode; when it returns True, training stops there. ``desc``: the progress bar's
-    label.
+    label. ``second_moments``, when given, is filled after each epoch (before ``on_epoch``)
+    with Adam's bias-corrected second moments (see :mod:`datainf.training.moments`).
 
     With a torch.distributed ``process_group`` of W ranks, every rank builds the same batches
     (same seed) and takes its contiguous share of each one; the model is wrapped in
@@ -118,6 +124,9 @@ def train_loop(
             bar.set_postfix(loss=f"{sums[0] / sums[1]:.3f}")
         sums = all_reduce_sum(sums, process_group)
         history.append(float(sums[0] / sums[1]))
+        if second_moments is not None:
+            second_moments.clear()
+            second_moments.update(adam_second_moments(model, optimizer))
         if on_epoch is not None:
             model.eval()
             stop = broadcast_flag(bool(on_epoch(len(history), history[-1])), process_group)
