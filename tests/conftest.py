@@ -20,6 +20,18 @@ def random_gradients(n: int, widths: dict[str, int], seed: int, dtype=torch.floa
     return out
 
 
+def any_estimator(method: str, widths: dict[str, int], **kwargs):
+    """``datainf.methods.estimator(method, **kwargs)`` with what a method needs beyond the
+    gradients: for ``less``, second moments that differ across entries (so that the
+    preconditioner matters), (j + 1) * 1e-3 for entry j of each block."""
+    from datainf.methods import METHODS, estimator
+
+    if METHODS[method].second_moments:
+        kwargs["second_moments"] = {name: (torch.arange(d) + 1.0) * 1e-3
+                                    for name, d in widths.items()}
+    return estimator(method, **kwargs)
+
+
 @pytest.fixture
 def grads():
     """Training and test gradients with blocks narrower and wider than n = 40."""

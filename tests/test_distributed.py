@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import random_gradients
+from conftest import any_estimator, random_gradients
 from ranks import run_ranks
 from tolerances import (
     FLOAT32_PASS,
@@ -30,7 +30,7 @@ from tolerances import (
 from datainf import DataInfError, collect_gradients
 from datainf.distributed import shard
 from datainf.gradients.store import GradientStore
-from datainf.methods import PAIRWISE, estimator
+from datainf.methods import PAIRWISE
 
 # c is wider than n = 41: Exact and DataInf's self-influence take the n x n side there
 WIDTHS = {"a": 6, "b": 30, "c": 64}
@@ -43,7 +43,8 @@ def results(method: str, train, test, group=None) -> dict[str, torch.Tensor]:
     (unconverged here: the bound of the comparison grows with the iterations)."""
     float64 = isinstance(train, dict)
     kwargs = {"max_iterations": 400, "tol": 1e-10} if method == "lissa" and float64 else {}
-    est = estimator(method, progress=False, process_group=group, **kwargs).fit(train)
+    est = any_estimator(method, WIDTHS, progress=False, process_group=group,
+                        **kwargs).fit(train)
     out = {"score": est.score(test), "aggregate": est.score(test, aggregate=True)}
     top = est.top_k(test, 4, chunk_rows=6)
     out.update(helpful=top.helpful, helpful_scores=top.helpful_scores, harmful=top.harmful,

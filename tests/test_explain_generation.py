@@ -247,15 +247,16 @@ def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
     from datainf.gradients.store import GradientStore
     from datainf.jobs.explain_generation import Config
     from datainf.jobs.pairwise import score_queries
+    from datainf.methods import Inputs
 
     out = tmp_path / "run"
     assert run(tiny_chat_model, *files, out, "--methods", "datainf") == 0
     train = GradientStore.open(out / "gradients" / "train")
     queries = GradientStore.open(out / "query" / "gradients")
     config = Config(methods=("datainf",), top=2)
-    whole, _, _ = score_queries(train, queries, folder=None, **config.scoring())
+    whole, _, _ = score_queries(Inputs(train, queries), folder=None, **config.scoring())
     (tmp_path / "m").mkdir()
-    single, _, _ = score_queries(train, queries, folder=tmp_path / "m",
+    single, _, _ = score_queries(Inputs(train, queries), folder=tmp_path / "m",
                                  **replace(config, query_batch=1).scoring())
     matrix = np.load(tmp_path / "m" / "datainf.npy")
     # the same float32 rows scored in other query batches: one float32 pass (tolerances.py)
@@ -263,9 +264,9 @@ def test_streamed_scores_equal_one_batch(tiny_chat_model, files, tmp_path):
     assert_same_ranking([[t["helpful"][0][0]] for t in single["datainf"]],
                         [[t["helpful"][0][0]] for t in whole["datainf"]], matrix, FLOAT32_PASS)
     # without a matrix the engine's top_k gives the same lists, scores equal to rounding
-    lean, _, _ = score_queries(train, queries, folder=None, **replace(
+    lean, _, _ = score_queries(Inputs(train, queries), folder=None, **replace(
         config, methods=("datainf", "cosine"), matrix=False).scoring())
-    full, _, _ = score_queries(train, queries, folder=tmp_path / "m",
+    full, _, _ = score_queries(Inputs(train, queries), folder=tmp_path / "m",
                                **replace(config, methods=("datainf", "cosine")).scoring())
     for method in ("datainf", "cosine"):
         scores = np.load(tmp_path / "m" / f"{method}.npy")

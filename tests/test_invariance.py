@@ -4,7 +4,7 @@ import pytest
 import torch
 from tolerances import FLOAT32_PASS, FLOAT64, float32_passes, relative
 
-from datainf import DataInf, Exact, HessianFree, LiSSA
+from datainf import DataInf, Exact, HessianFree, Less, LiSSA, RepSim
 
 # LiSSA runs a fixed 30 iterations here, converged or not: the point is that it is deterministic
 pytestmark = pytest.mark.filterwarnings("ignore:LiSSA did not converge")
@@ -14,6 +14,11 @@ METHODS = {
     "exact": Exact,
     "hessian_free": HessianFree,
     "lissa": lambda **kw: LiSSA(max_iterations=30, **kw),  # same iterations either way
+    # the grads fixture's blocks, moments that differ across entries (conftest.any_estimator)
+    "less": lambda **kw: Less({"layer.0.lora_A": torch.arange(6.0) + 1,
+                               "layer.0.lora_B": torch.arange(64.0) + 1,
+                               "head": torch.arange(17.0) + 1}, **kw),
+    "repsim": RepSim,  # the gradients' blocks taken as features
 }
 
 

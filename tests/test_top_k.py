@@ -5,6 +5,7 @@ in-memory gradients and on a store read in many chunks."""
 import numpy as np
 import pytest
 import torch
+from conftest import any_estimator
 from tolerances import FLOAT32_PASS, FLOAT64, assert_same_ranking
 
 from datainf.errors import DataInfError
@@ -33,7 +34,7 @@ def expected(scores: torch.Tensor, k: int):
 @pytest.mark.parametrize("method", list(PAIRWISE))
 def test_top_k_equals_the_full_sort(method):
     train, test = gradients(50, 0), gradients(7, 1)
-    est = estimator(method, progress=False).fit(train)
+    est = any_estimator(method, WIDTHS, progress=False).fit(train)
     full = est.score(test)
     top = est.top_k(test, 5, chunk_rows=8)  # 7 chunks, the last one partial
     low, high = expected(full, 5)

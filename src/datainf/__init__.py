@@ -8,7 +8,16 @@ most negative scores.
 from .errors import DataInfError
 from .gradients.collect import collect_gradients
 from .gradients.store import GradientStore
-from .methods import Convergence, DataInf, Exact, HessianFree, InfluenceEstimator, LiSSA
+from .methods import (
+    Convergence,
+    DataInf,
+    Exact,
+    HessianFree,
+    InfluenceEstimator,
+    Less,
+    LiSSA,
+    RepSim,
+)
 from .methods.damping import Damping
 
 __all__ = [
@@ -21,7 +30,9 @@ __all__ = [
     "collect_gradients",
     "HessianFree",
     "InfluenceEstimator",
+    "Less",
     "LiSSA",
+    "RepSim",
 ]
 
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ def score_classes(p, job, train_classes: np.ndarray, test_classes: np.ndarray
     the method's notes (LiSSA: converged); ``tops`` as :func:`score_queries` gives them."""
     with matrix_folder(p.run.out) as folder:
         with p.run.stage("scoring"):
-            tops, seconds, notes = score_queries(p.train_store, p.query_store, folder=folder,
+            tops, seconds, notes = score_queries(p.inputs, folder=folder,
                                                  **{**job.scoring(), "matrix": True})
         metrics = {m: class_detection(np.load(folder / f"{m}.npy"), train_classes,
                                       test_classes) for m in job.methods}

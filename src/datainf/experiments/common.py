@@ -189,8 +189,7 @@ def cells(settings: Settings) -> Iterator[tuple[int, int, Prepared, Config]]:
 def scores_of(config: Config, p: Prepared) -> tuple[dict, dict, dict]:
     """(scores, seconds, notes) of ``config.methods`` and the references, as
     detect-mislabeled computes them (higher = more suspicious)."""
-    scores, seconds, notes, _ = score_all(config, p.train_store, p.val_store,
-                                          p.preds.train_loss)
+    scores, seconds, notes, _ = score_all(config, p.inputs, p.preds.train_loss)
     return scores, seconds, notes
 
 

@@ -257,6 +257,40 @@ class UnitNormRows:
             yield start, chunk * scale[:, None]
 
 
+class ScaledColumns:
+    """``source`` with the columns of every block multiplied by a fixed vector (a view):
+
+        g_il -> p_l * g_il     (entrywise; p_l of width d_l, float64 products rounded back)
+
+    ``scales``: block -> (d_l,) tensor; a block of :class:`GroupedBlocks` takes its members'
+    scales in order."""
+
+    def __init__(self, source: GradientSource, scales: Mapping[str, torch.Tensor],
+                 what: str = "scales") -> None:
+        self.source = source
+        self.block_names = source.block_names
+        self.block_widths = dict(source.block_widths)
+        self.num_rows = source.num_rows
+        groups = getattr(source, "groups", {})
+        self.scales = {}
+        for name in source.block_names:
+            members = [name] if name in scales else groups.get(name, [name])
+            missing = [m for m in members if m not in scales]
+            if missing:
+                raise DataInfError(f"{what}: none for gradient block {missing[0]!r}; they hold "
+                                   f"{len(scales)} blocks such as {list(scales)[:2]}")
+            vector = torch.cat([torch.as_tensor(scales[m]).flatten() for m in members])
+            if len(vector) != source.block_widths[name]:
+                raise DataInfError(f"{what}: block {name!r} has {source.block_widths[name]} "
+                                   f"columns but {len(vector)} scales")
+            self.scales[name] = vector.double()
+
+    def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, chunk in self.source.iter_block(name, rows):
+            scale = self.scales[name].to(chunk.device)
+            yield start, (chunk.double() * scale).to(chunk.dtype)
+
+
 def blocks_pattern(pattern: str) -> re.Pattern:
     """The compiled ``blocks`` regular expression (``--blocks``)."""
     try:

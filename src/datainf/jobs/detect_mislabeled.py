@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +40,12 @@ from ..data.text import (
 from ..devices import check_device
 from ..errors import DataInfError
 from ..gradients.collect import collect_gradients
+from ..gradients.representations import representations
 from ..gradients.source import blocks_matching, blocks_pattern, group_by_module, names_matching
 from ..gradients.store import GradientStore
 from ..identity import model_fingerprint
 from ..log import say, warn
-from ..methods import LABELS, METHODS, score_each
+from ..methods import LABELS, METHODS, Inputs, score_each
 from ..methods.damping import damping_rule
 from ..metrics import detection_auc
 from ..models.hf import check_adapter_folder, check_model_name, load_classifier
@@ -57,9 +58,12 @@ from .pipeline import (
     DEVICE_HELP,
     QUIET_HELP,
     Run,
+    check_second_moments,
     collected,
     fine_tuned,
+    second_moments,
     with_adapter,
+    with_features,
 )
 from .runs import check_numbers, settings_json, warn_unconverged, write_atomic
 from .suspects import cleaned_table, score_table, suspect_table
@@ -248,6 +252,7 @@ def check_settings(config: Config) -> None:
                            f"{config.grouping!r}")
     if config.blocks is not None:
         blocks_pattern(config.blocks)
+    check_second_moments(config)
     check_numbers(config, {"epochs": 1, "max_epochs": 1, "patience": 0, "batch_size": 1,
                            "lora_r": 1, "max_length": 2, "top": 1, "train_size": 2,
                            "val_size": 1}, ("learning_rate", "damping", "lora_alpha"))
@@ -442,21 +447,29 @@ def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, 
     return stores["train"], stores["val"]
 
 
+def features(config: Config, model, tokenizer, data: TextData) -> torch.Tensor:
+    """The representations repsim compares, (n, d): the features the classifier's head
+    reads."""
+    batches = text_batches(tokenizer, data, config.batch_size, config.max_length)
+    return representations(model, batches, "classification")
+
+
 # ---------------------------------------------------------------- stage 5: scores
-def score_all(config: Config, train_store, val_store, train_loss: np.ndarray):
+def score_all(config: Config, inputs: Inputs, train_loss: np.ndarray):
     """Every chosen method's scores (higher = more suspicious) and its seconds."""
-    train = blocks_matching(train_store, config.blocks)
-    val = blocks_matching(val_store, config.blocks)
+    train = blocks_matching(inputs.train, config.blocks)
+    val = blocks_matching(inputs.test, config.blocks)
     if config.grouping == "module":
         train, val = group_by_module(train), group_by_module(val)
+    inputs = replace(inputs, train=train, test=val)
 
-    def score(method: str, est) -> np.ndarray:
+    def score(method: str, est, val) -> np.ndarray:
         if METHODS[method].self_influence:
             return est.self_influence().cpu().numpy()
         return est.score(val, aggregate=True).cpu().numpy()
 
     scores, seconds, notes = score_each(
-        config.methods, train, score, damping=damping_rule(config.damping_rule, config.damping),
+        config.methods, inputs, score, damping=damping_rule(config.damping_rule, config.damping),
         progress=False, device=config.device, process_group=config.process_group)
     start = time.perf_counter()
     scores["loss"] = np.asarray(train_loss, dtype=np.float64)
@@ -528,6 +541,7 @@ class Prepared:
     preds: Predictions
     train_store: GradientStore | None
     val_store: GradientStore | None
+    inputs: Inputs | None = None  # what the methods score (None without gradients)
 
 
 @contextmanager
@@ -551,18 +565,23 @@ def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepare
         run.claim(record, OUTPUTS)
         history = fine_tuned(run, source, model, lambda moments: train_adapter(
             config, model, tokenizer, train, val, moments))
+        moments = second_moments(run, config, source) if with_gradients else None
         with run.main_first():  # the other ranks then read rank 0's predictions
             with run.stage("predictions"):
                 preds, again = predictions(config, model, tokenizer, train, val, run)
         if again:
             run.reuse("predictions")
-        train_store = val_store = None
+        train_store = val_store = inputs = None
         if with_gradients:
             paths = [run.out / "gradients" / split for split in ("train", "val")]
             train_store, val_store = collected(run, "gradients", paths, lambda: gradients(
                 config, model, tokenizer, train, val, run.out))
+            inputs = with_features(run, Inputs(train_store, val_store, second_moments=moments),
+                                   config.methods, lambda: tuple(
+                                       features(config, model, tokenizer, data)
+                                       for data in (train, val)))
         yield Prepared(run, train, val, data_info, model, tokenizer, source, history, preds,
-                       train_store, val_store)
+                       train_store, val_store, inputs)
 
 
 def run(config: Config) -> dict | None:
@@ -570,8 +589,7 @@ def run(config: Config) -> dict | None:
     process group, rank 0 writes the outputs and returns the summary; other ranks None."""
     with prepared(config) as p:
         with p.run.stage("scoring"):
-            scores, seconds, notes, blocks = score_all(config, p.train_store, p.val_store,
-                                                       p.preds.train_loss)
+            scores, seconds, notes, blocks = score_all(config, p.inputs, p.preds.train_loss)
         if not p.run.main:
             return None
         quality = model_quality(p.preds, p.val)

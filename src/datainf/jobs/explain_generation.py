@@ -38,11 +38,13 @@ from ..data.chat import (
 )
 from ..devices import check_device
 from ..gradients.collect import collect_gradients
+from ..gradients.representations import representations
 from ..gradients.source import names_matching
 from ..gradients.store import GradientStore
 from ..gradients.tasks import CausalLM
 from ..identity import fingerprint
 from ..log import warn
+from ..methods import Inputs
 from ..models.hf import check_adapter_folder, check_model_name, load_causal_lm
 from ..options import Command, option, said
 from ..report import explain_generation_page
@@ -57,7 +59,17 @@ from .pairwise import (
     scored,
 )
 from .pairwise import write_outputs as write_pairwise
-from .pipeline import QUIET_HELP, Run, collected, fine_tuned, query_folder, with_adapter
+from .pipeline import (
+    QUIET_HELP,
+    Run,
+    check_second_moments,
+    collected,
+    fine_tuned,
+    query_folder,
+    second_moments,
+    with_adapter,
+    with_features,
+)
 from .runs import check_numbers, settings_json, write_atomic
 
 
@@ -142,6 +154,7 @@ def check_settings(config: Config) -> None:
     check_model_name(config.model, ("smollm2",))
     if config.adapter is not None:
         check_adapter_folder(config.adapter)
+        check_second_moments(config)
 
 
 # ---------------------------------------------------------------- stage 2: adapter
@@ -238,6 +251,14 @@ def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path) ->
                              progress=config.progress, process_group=config.process_group)
 
 
+def features(config: Config, model, tokenizer, encoded: Encoded) -> torch.Tensor:
+    """The representations repsim compares, (n, d): the mean last hidden state over the
+    positions that predict ``config.loss_on``'s tokens."""
+    batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id,
+                         loss_on=config.loss_on)
+    return representations(model, batches, "causal_lm")
+
+
 # ---------------------------------------------------------------- outputs
 def write_outputs(config: Config, out: Path, train: list[ChatExample],
                   queries: list[ChatExample], responses: list[str], generated: list[bool],
@@ -279,6 +300,7 @@ class Prepared:
     history: dict | None
     train_store: GradientStore
     query_store: GradientStore
+    inputs: Inputs              # what the methods score: the stores, moments, features
 
 
 @contextmanager
@@ -303,6 +325,7 @@ def prepared(config: Config) -> Iterator[Prepared]:
         run.claim(record, OUTPUTS)
         history = fine_tuned(run, source, model, lambda moments: train_adapter(
             config, model, tokenizer, encoded_train, moments))
+        moments = second_moments(run, config, source)
         with run.main_first():  # rank 0 answers; the others read its answers.json
             folder = query_folder(run.out, config, source, config.queries,
                                   max_new_tokens=config.max_new_tokens)
@@ -317,8 +340,12 @@ def prepared(config: Config) -> Iterator[Prepared]:
             config, model, tokenizer, encoded_train, train_path))
         query_store = collected(run, "query gradients", [query_path], lambda: gradients(
             config, model, tokenizer, encoded_queries, query_path))
+        inputs = with_features(run, Inputs(train_store, query_store, second_moments=moments),
+                               config.methods, lambda: tuple(
+                                   features(config, model, tokenizer, encoded)
+                                   for encoded in (encoded_train, encoded_queries)))
         yield Prepared(run, train, queries, responses, generated, model, tokenizer, source,
-                       history, train_store, query_store)
+                       history, train_store, query_store, inputs)
 
 
 def _suffix(config: Config) -> str:
@@ -331,7 +358,7 @@ def _suffix(config: Config) -> str:
 def run(config: Config) -> dict | None:
     """Every stage; returns the summary (also written to out/summary.json). With a process
     group, rank 0 writes the outputs and returns the summary; other ranks None."""
-    with prepared(config) as p, scored(p.run, config, p.train_store, p.query_store) as scores:
+    with prepared(config) as p, scored(p.run, config, p.inputs) as scores:
         if not p.run.main:
             return None
         extra = {"adapter": p.source, "training": p.history, "reused_stages": p.run.reused}

@@ -36,6 +36,7 @@ from ..gradients.store import GradientStore
 from ..gradients.tasks import Diffusion
 from ..identity import fingerprint
 from ..log import warn
+from ..methods import Inputs
 from ..models.diffusion import load_pipeline, noise_prediction_loss, to_pixels, with_noise
 from ..models.hf import check_adapter_folder
 from ..options import Command, option, said
@@ -51,7 +52,17 @@ from .pairwise import (
     scored,
 )
 from .pairwise import write_outputs as write_pairwise
-from .pipeline import QUIET_HELP, Run, collected, fine_tuned, query_folder, with_adapter
+from .pipeline import (
+    QUIET_HELP,
+    Run,
+    check_second_moments,
+    collected,
+    fine_tuned,
+    query_folder,
+    reads_features,
+    second_moments,
+    with_adapter,
+)
 from .runs import check_numbers, settings_json
 
 SAMPLES = 8  # training prompts drawn before and after fine-tuning for the report
@@ -147,8 +158,14 @@ def check_settings(config: Config) -> None:
         raise DataInfError(f"{said('timesteps')} must be integers in [0, 1000), not "
                            f"{list(config.timesteps)}")
     check_device(config.device)
+    if reads_features(config.methods):
+        raise DataInfError(
+            "repsim is not offered for images: the UNet has no one representation of an image "
+            "(its features depend on the timestep and the noise drawn); leave it out of "
+            f"{said('methods')}")
     if config.adapter is not None:
         check_adapter_folder(config.adapter)
+        check_second_moments(config)
 
 
 # ---------------------------------------------------------------- stage 2: adapter
@@ -299,6 +316,7 @@ class Prepared:
     history: dict | None
     train_store: GradientStore
     query_store: GradientStore
+    inputs: Inputs              # what the methods score: the two stores, the moments
 
 
 @contextmanager
@@ -324,6 +342,7 @@ def prepared(config: Config) -> Iterator[Prepared]:
         history = fine_tuned(run, source, unet, lambda moments: train_adapter(
             config, pipeline, unet, to_pixels(np.moveaxis(train_images, -1, 1),
                                               pipeline.image_size), prompts, moments))
+        moments = second_moments(run, config, source)
         with run.main_first():  # rank 0 draws the queries; the others read its files
             folder = query_folder(run.out, config, source, config.queries,
                                   sampling_steps=config.sampling_steps, guidance=config.guidance)
@@ -334,14 +353,15 @@ def prepared(config: Config) -> Iterator[Prepared]:
             config, pipeline, unet, train_images, prompts, train_path))
         query_store = collected(run, "query gradients", [query_path], lambda: gradients(
             config, pipeline, unet, q_images, [q.text for q in queries], query_path))
+        inputs = Inputs(train_store, query_store, second_moments=moments)
         yield Prepared(run, train, queries, train_images, q_images, q_files, seeds, pipeline,
-                       unet, source, history, train_store, query_store)
+                       unet, source, history, train_store, query_store, inputs)
 
 
 def run(config: Config) -> dict | None:
     """Every stage; returns the summary (also written to out/summary.json). With a process
     group, rank 0 writes the outputs and returns the summary; other ranks None."""
-    with prepared(config) as p, scored(p.run, config, p.train_store, p.query_store) as scores:
+    with prepared(config) as p, scored(p.run, config, p.inputs) as scores:
         if not p.run.main:
             return None
         with p.run.stage("samples"):

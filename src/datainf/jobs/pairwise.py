@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import DataInfError
 from ..gradients.source import RowRange, blocks_matching, blocks_pattern
-from ..methods import LABELS, PAIRWISE, TopK, score_each, top_k_of
+from ..methods import LABELS, PAIRWISE, Inputs, TopK, score_each, top_k_of
 from ..methods.damping import Damping, damping_rule
 from ..options import option
 from .pipeline import DAMPING_HELP, DAMPING_RULE_HELP, DEVICE_HELP
@@ -44,8 +44,10 @@ class PairwiseOptions:
     on the same --out (the job's own settings follow these in its Config)."""
 
     methods: tuple[str, ...] = option(
-        DEFAULT_METHODS, "comma-separated: datainf, hessian_free, exact, lissa, and variants "
-        "of ours with gradients scaled to unit norm: datainf_normalized, cosine", kind="list")
+        DEFAULT_METHODS, "comma-separated: datainf, hessian_free, exact, lissa; variants of "
+        "ours with gradients scaled to unit norm: datainf_normalized, cosine; baselines: less "
+        "(cosine of Adam-preconditioned gradients; needs an adapter datainf trained), repsim "
+        "(cosine of the model's hidden states)", kind="list")
     blocks: str | None = option(  # regular expression: only matching blocks count
         None, "regular expression: only the matching gradient blocks count")
     damping: float = option(0.1, DAMPING_HELP)
@@ -86,7 +88,7 @@ class PairwiseOptions:
         damping_rule(self.damping_rule, 1.0)  # refuses an unknown rule
 
 
-def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping: Damping,
+def score_queries(inputs: Inputs, *, methods: tuple[str, ...], damping: Damping,
                   blocks: str | None, top: int, query_batch: int, device: str,
                   matrix: bool, folder: Path | None,
                   process_group: object | None = None) -> tuple[dict, dict, dict]:
@@ -98,13 +100,15 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
     ranks other than 0); memory holds
     ``query_batch`` x n scores, never the whole matrix. Without ``matrix``, the engine's
     ``top_k`` scores the training rows a chunk at a time: memory does not grow with n at all.
-    With a process group, every rank takes the same path and gets the same lists."""
-    train = blocks_matching(train_store, blocks)
-    queries = blocks_matching(query_store, blocks)
-    n, m = train.num_rows, queries.num_rows
+    With a process group, every rank takes the same path and gets the same lists.
+    ``inputs``: the training and query gradients, and what other methods read
+    (:class:`~datainf.methods.Inputs`); ``blocks`` selects among the gradients' blocks."""
+    inputs = replace(inputs, train=blocks_matching(inputs.train, blocks),
+                     test=blocks_matching(inputs.test, blocks))
+    n, m = inputs.train.num_rows, inputs.test.num_rows
     k = min(top, n)
 
-    def score(method: str, est) -> list[dict]:
+    def score(method: str, est, queries) -> list[dict]:
         written = None
         if matrix and folder is not None:
             written = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
@@ -124,7 +128,7 @@ def score_queries(train_store, query_store, *, methods: tuple[str, ...], damping
             written.flush()
         return entries
 
-    return score_each(methods, train, score, damping=damping, progress=False, device=device,
+    return score_each(methods, inputs, score, damping=damping, progress=False, device=device,
                       process_group=process_group)
 
 
@@ -183,14 +187,13 @@ class Scored:
 
 
 @contextmanager
-def scored(run, options: PairwiseOptions, train_store, query_store) -> Iterator[Scored]:
+def scored(run, options: PairwiseOptions, inputs: Inputs) -> Iterator[Scored]:
     """The "scoring" stage of an explain-* run (``run``: a :class:`~datainf.jobs.pipeline.
     Run`); the matrices' temporary folder lives while the block runs. Rank 0 warns of every
     method that did not converge."""
     with matrix_folder(run.out, options.matrix and run.main) as folder:
         with run.stage("scoring"):
-            tops, seconds, notes = score_queries(train_store, query_store, folder=folder,
-                                                 **options.scoring())
+            tops, seconds, notes = score_queries(inputs, folder=folder, **options.scoring())
         if run.main:
             warn_unconverged(notes)
         yield Scored(tops, seconds, notes, folder)

@@ -11,7 +11,9 @@ same way lives here:
   ``reused`` (out/adapter of an earlier run with the same settings) or ``new`` (fresh LoRA,
   to be fine-tuned);
 - :func:`fine_tuned`: fine-tune a new adapter, or read the history of a reused one;
-- :func:`collected`: a gradient store, said to be reused when it was complete already.
+- :func:`collected`: a gradient store, said to be reused when it was complete already;
+- :func:`second_moments`, :func:`with_features`: what the methods that read more than
+  gradients need (``less``: the fine-tune's Adam moments; ``repsim``: the model's features).
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ from pathlib import Path
 import torch
 
 from ..distributed import world
+from ..errors import DataInfError
 from ..gradients.store import GradientStore
 from ..identity import adapter_digest, fingerprint
 from ..log import say
+from ..methods import METHODS, Inputs
 from ..models.hf import add_lora, load_adapter
+from ..training.moments import FILE as MOMENTS_FILE
+from ..training.moments import read_second_moments
 from .runs import keyed_folder, main_first, record_run, run_folder, save_adapter
 
 # the help of options that every job has
@@ -162,3 +168,48 @@ def query_folder(out: Path, config, source: str, queries: str, **settings) -> Pa
         "queries": fingerprint(queries), **settings,
         "adapter": source if source == "given" else "trained here",
         "adapter_fingerprint": adapter_digest(adapter)})
+
+
+def check_second_moments(config) -> None:
+    """Before anything is loaded: a given ``config.adapter`` without the optimizer's second
+    moments is refused when one of ``config.methods`` needs them."""
+    if config.adapter is not None:
+        _moments(Path(config.adapter), config.methods, given=True)
+
+
+def second_moments(run: Run, config, source: str) -> dict | None:
+    """Adam's second moments of the run's adapter (given, or out/adapter) when one of
+    ``config.methods`` needs them (``less``), else None; refused when the adapter has none."""
+    folder = Path(config.adapter) if source == "given" else run.out / "adapter"
+    return _moments(folder, config.methods, given=source == "given")
+
+
+def _moments(folder: Path, methods, given: bool) -> dict | None:
+    needing = [m for m in methods if METHODS[m].second_moments]
+    if not needing:
+        return None
+    moments = read_second_moments(folder)
+    if moments is None:
+        fix = ("pass an adapter that datainf fine-tuned, or leave it out of --methods" if given
+               else f"delete {folder} to fine-tune again, or leave it out of --methods")
+        raise DataInfError(
+            f"{needing[0]} needs the second moments of the optimizer that trained the adapter, "
+            f"and {folder} has no {MOMENTS_FILE} (datainf keeps them beside the adapters it "
+            f"trains since this version; an adapter trained elsewhere has none): {fix}")
+    return moments
+
+
+def reads_features(methods) -> bool:
+    """Whether one of ``methods`` reads the model's representations (``repsim``)."""
+    return any(METHODS[m].reads == "representations" for m in methods)
+
+
+def with_features(run: Run, inputs: Inputs, methods, features: Callable[[], tuple]) -> Inputs:
+    """``inputs`` with the (train, test) representations of ``features()`` (the
+    "representations" stage) when one of ``methods`` reads them."""
+    if not reads_features(methods):
+        return inputs
+    with run.stage("representations"):
+        train, test = features()
+    inputs.train_features, inputs.test_features = train, test
+    return inputs

@@ -4,9 +4,11 @@ from .base import InfluenceEstimator, TopK, top_k_of
 from .datainf import DataInf
 from .exact import Exact
 from .hessian_free import HessianFree
+from .less import Less
 from .lissa import Convergence, LiSSA
-from .registry import LABELS, METHODS, PAIRWISE, Method, estimator, score_each
+from .registry import LABELS, METHODS, PAIRWISE, Inputs, Method, estimator, score_each
+from .repsim import RepSim
 
 __all__ = ["LABELS", "METHODS", "PAIRWISE", "Convergence", "DataInf", "Exact", "HessianFree",
-           "InfluenceEstimator", "LiSSA", "Method", "TopK", "estimator", "score_each",
-           "top_k_of"]
+           "InfluenceEstimator", "Inputs", "Less", "LiSSA", "Method", "RepSim", "TopK",
+           "estimator", "score_each", "top_k_of"]

@@ -276,10 +276,14 @@ class InfluenceEstimator:
         check_same_blocks(self.train_, test)
         if test.num_rows == 0:
             raise DataInfError("test gradients: there are no examples (0 rows)")
-        return UnitNormRows(test, "test gradients") if self.normalize else test
+        return self._view(test, "test gradients")
 
     def _source(self, gradients: object, where: str) -> GradientSource:
-        source = as_gradient_source(gradients, where)
+        return self._view(as_gradient_source(gradients, where), where)
+
+    def _view(self, source: GradientSource, where: str) -> GradientSource:
+        """The rows the method computes with, training and test alike: unit rows when
+        normalizing (methods that transform the gradients first extend this)."""
         if self.normalize and source.num_rows:
             return UnitNormRows(source, where)
         return source
