@@ -57,6 +57,17 @@ def test_less_refuses_missing_or_mismatched_moments():
         Less({"a": torch.ones(3)}).fit(train)
 
 
+def test_less_repeats_the_moments_of_each_pass():
+    """A block of k passes concatenated (the diffusion task's timesteps) takes the parameter's
+    moments once a pass."""
+    torch.manual_seed(2)
+    train, test = torch.randn(5, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    v = torch.rand(3)
+    step = (1 / (v.double().sqrt() + 1e-8)).repeat(2)
+    got = Less({"a": v}).fit({"a": train}).score({"a": test})
+    assert torch.allclose(got, cosine_scores(test * step, train * step), rtol=0, atol=1e-14)
+
+
 def test_repsim_is_the_cosine_of_features():
     torch.manual_seed(1)
     train, test = torch.randn(8, 5), torch.randn(3, 5)

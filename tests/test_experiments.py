@@ -58,11 +58,11 @@ def test_quick_runs_share_the_cache(tmp_path):
     assert adapters(cache) == first  # shared: nothing trained again
     summary = json.loads((tmp_path / "mislabeled" / "summary.json").read_text())
     assert set(summary["auc"]) == {"datainf", "exact", "lissa", "hessian_free", "datainf_self",
-                                   "loss", "grad_norm"}
+                                   "cosine", "less", "repsim", "loss", "grad_norm"}
     assert summary["auc"]["datainf"]["n"] == 2
     assert {"exact_over_datainf", "lissa_over_datainf"} <= set(summary["ratios"])
     table = pd.read_csv(tmp_path / "mislabeled" / "mislabeled.csv")
-    assert table["auc"].between(0, 1).all() and len(table) == 2 * 7
+    assert table["auc"].between(0, 1).all() and len(table) == 2 * 10
     for name in ("approximation", "mislabeled"):
         page = (tmp_path / name / "report.html").read_text()
         assert page.count("data:image/png;base64,") >= 2

@@ -31,7 +31,7 @@ from ..report import stage_line, study_page
 from .classes import score_classes
 from .common import QUICK_HELP, write_files
 
-METHODS = ("datainf", "hessian_free", "lissa", "datainf_normalized", "cosine")
+METHODS = ("datainf", "hessian_free", "lissa", "datainf_normalized", "cosine", "less")
 # the paper's Table 2 (Stable Diffusion v1.5): (AUC, recall)
 PAPER = {"style": {"hessian_free": (0.692, 0.533), "datainf": (0.820, 0.687)},
          "subject": {"hessian_free": (0.820, 0.210), "datainf": (0.865, 0.315)}}

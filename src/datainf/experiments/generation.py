@@ -27,7 +27,8 @@ from .classes import score_classes
 from .common import QUICK_HELP, write_files
 
 SYSTEM = "You are a helpful assistant."
-METHODS = ("datainf", "hessian_free", "exact", "lissa", "datainf_normalized", "cosine")
+METHODS = ("datainf", "hessian_free", "exact", "lissa", "datainf_normalized", "cosine", "less",
+           "repsim")
 # the paper's Table 2 (Llama-2-13B-chat): (AUC, recall)
 PAPER = {
     "sentence-transformations": {"hessian_free": (0.999, 0.985), "datainf": (1.000, 0.997)},

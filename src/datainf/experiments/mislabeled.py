@@ -33,6 +33,8 @@ from .common import (
 
 # SPEC section 6, item 2: the inverse step at rank 4 on QQP, one A40 GPU (seconds)
 PAPER_SECONDS_QQP = {"datainf": 13.0, "lissa": 70.0, "exact": 11279.0}
+# the command's defaults and the baselines beside them
+METHODS = (*DEFAULT_METHODS, "cosine", "less", "repsim")
 RATIOS = {"exact_over_datainf": ("exact", "datainf"), "lissa_over_datainf": ("lissa", "datainf")}
 
 
@@ -41,7 +43,7 @@ def run(settings: Settings) -> dict:
     report.html into ``settings.out`` and returns the summary."""
     if not settings.base.noise > 0:
         raise DataInfError("the mislabeled experiment needs flipped labels: --noise > 0")
-    settings = replace(settings, base=replace(settings.base, methods=DEFAULT_METHODS))
+    settings = replace(settings, base=replace(settings.base, methods=METHODS))
     rows = []
     for rank, seed, p, config in cells(settings):
         scores, seconds, notes = scores_of(config, p)

@@ -263,7 +263,8 @@ class ScaledColumns:
         g_il -> p_l * g_il     (entrywise; p_l of width d_l, float64 products rounded back)
 
     ``scales``: block -> (d_l,) tensor; a block of :class:`GroupedBlocks` takes its members'
-    scales in order."""
+    scales in order; a block k times as wide as its scales (k passes concatenated, as the
+    diffusion task's timesteps are) takes them k times."""
 
     def __init__(self, source: GradientSource, scales: Mapping[str, torch.Tensor],
                  what: str = "scales") -> None:
@@ -280,10 +281,12 @@ class ScaledColumns:
                 raise DataInfError(f"{what}: none for gradient block {missing[0]!r}; they hold "
                                    f"{len(scales)} blocks such as {list(scales)[:2]}")
             vector = torch.cat([torch.as_tensor(scales[m]).flatten() for m in members])
-            if len(vector) != source.block_widths[name]:
-                raise DataInfError(f"{what}: block {name!r} has {source.block_widths[name]} "
-                                   f"columns but {len(vector)} scales")
-            self.scales[name] = vector.double()
+            width = source.block_widths[name]
+            if width % len(vector):
+                raise DataInfError(f"{what}: block {name!r} has {width} columns but "
+                                   f"{len(vector)} scales")
+            # a row of several passes (the diffusion task's timesteps) holds one copy a pass
+            self.scales[name] = vector.double().repeat(width // len(vector))
 
     def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         for start, chunk in self.source.iter_block(name, rows):
