@@ -51,13 +51,15 @@ class Run:
     """A job's run in its locked folder ``out``: ``main`` is whether this process writes the
     outputs (rank 0, or the only process); ``seconds``: stage name -> seconds (the Config's
     ``stage_seconds``, which summaries report); ``reused``: the stages taken from an earlier
-    run in ``out``."""
+    run in ``out``; ``moments``: the optimizer's second moments of an adapter fine-tuned in
+    this run (every rank holds them)."""
 
     out: Path
     group: object | None = None
     progress: bool | None = None
     seconds: dict = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
+    moments: dict | None = None
 
     @classmethod
     def of(cls, config) -> Run:
@@ -136,10 +138,10 @@ def fine_tuned(run: Run, source: str, model: torch.nn.Module,
     one."""
     if source == "new":
         with run.stage("fine-tuning"):
-            moments: dict = {}
-            history = fine_tune(moments)
+            run.moments = {}
+            history = fine_tune(run.moments)
             if run.main:
-                save_adapter(model, run.out, history, moments)
+                save_adapter(model, run.out, history, run.moments)
         return history
     if source == "reused":
         run.reuse("fine-tuning")
@@ -178,8 +180,13 @@ def check_second_moments(config) -> None:
 
 
 def second_moments(run: Run, config, source: str) -> dict | None:
-    """Adam's second moments of the run's adapter (given, or out/adapter) when one of
-    ``config.methods`` needs them (``less``), else None; refused when the adapter has none."""
+    """Adam's second moments of the run's adapter when one of ``config.methods`` needs them
+    (``less``), else None: those of the fine-tune when it ran here (every rank has them; rank
+    0's file may not be written yet), else read from the adapter's folder (given, or
+    out/adapter), refused when it has none."""
+    if source == "new" and run.moments and any(METHODS[m].second_moments
+                                               for m in config.methods):
+        return run.moments
     folder = Path(config.adapter) if source == "given" else run.out / "adapter"
     return _moments(folder, config.methods, given=source == "given")
 
