@@ -245,18 +245,21 @@ def query_answers(config: Config, model, tokenizer, queries: list[ChatExample],
 def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path) -> GradientStore:
     """Per-example gradients of the loss on ``config.loss_on``'s tokens, in the store at
     ``path``."""
-    batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id,
-                         loss_on=config.loss_on)
-    return collect_gradients(model, batches, "causal_lm", out=str(path),
-                             progress=config.progress, process_group=config.process_group)
+    return collect_gradients(model, scored_batches(config, tokenizer, encoded), "causal_lm",
+                             out=str(path), progress=config.progress,
+                             process_group=config.process_group)
 
 
 def features(config: Config, model, tokenizer, encoded: Encoded) -> torch.Tensor:
     """The representations repsim compares, (n, d): the mean last hidden state over the
     positions that predict ``config.loss_on``'s tokens."""
-    batches = lm_batches(encoded, config.batch_size, tokenizer.pad_token_id,
-                         loss_on=config.loss_on)
-    return representations(model, batches, "causal_lm")
+    return representations(model, scored_batches(config, tokenizer, encoded), "causal_lm")
+
+
+def scored_batches(config: Config, tokenizer, encoded: Encoded) -> list[dict]:
+    """Batches of ``encoded`` labelled on ``config.loss_on``'s tokens (the attributed loss)."""
+    return lm_batches(encoded, config.batch_size, tokenizer.pad_token_id,
+                      loss_on=config.loss_on)
 
 
 # ---------------------------------------------------------------- outputs

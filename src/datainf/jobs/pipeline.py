@@ -175,8 +175,8 @@ def query_folder(out: Path, config, source: str, queries: str, **settings) -> Pa
 def check_second_moments(config) -> None:
     """Before anything is loaded: a given ``config.adapter`` without the optimizer's second
     moments is refused when one of ``config.methods`` needs them."""
-    if config.adapter is not None:
-        _moments(Path(config.adapter), config.methods, given=True)
+    if config.adapter is not None and _needing(config.methods):
+        _read_moments(Path(config.adapter), _needing(config.methods), given=True)
 
 
 def second_moments(run: Run, config, source: str) -> dict | None:
@@ -184,17 +184,21 @@ def second_moments(run: Run, config, source: str) -> dict | None:
     (``less``), else None: those of the fine-tune when it ran here (every rank has them; rank
     0's file may not be written yet), else read from the adapter's folder (given, or
     out/adapter), refused when it has none."""
-    if source == "new" and run.moments and any(METHODS[m].second_moments
-                                               for m in config.methods):
-        return run.moments
-    folder = Path(config.adapter) if source == "given" else run.out / "adapter"
-    return _moments(folder, config.methods, given=source == "given")
-
-
-def _moments(folder: Path, methods, given: bool) -> dict | None:
-    needing = [m for m in methods if METHODS[m].second_moments]
+    needing = _needing(config.methods)
     if not needing:
         return None
+    if source == "new":
+        return run.moments
+    folder = Path(config.adapter) if source == "given" else run.out / "adapter"
+    return _read_moments(folder, needing, given=source == "given")
+
+
+def _needing(methods) -> list[str]:
+    """The ``methods`` that need the optimizer's second moments."""
+    return [m for m in methods if METHODS[m].second_moments]
+
+
+def _read_moments(folder: Path, needing: list[str], given: bool) -> dict:
     moments = read_second_moments(folder)
     if moments is None:
         fix = ("pass an adapter that datainf fine-tuned, or leave it out of --methods" if given

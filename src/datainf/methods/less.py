@@ -39,8 +39,9 @@ class Less(HessianFree):
         super().__init__(**kwargs)
         self.second_moments = second_moments
         self.eps = eps
+        # p = 1 / (sqrt(v_hat) + eps), per block, for the training and every test source
+        self.step_ = {name: 1.0 / (torch.as_tensor(v).double().sqrt() + eps)
+                      for name, v in second_moments.items()}
 
     def _view(self, source: GradientSource, where: str) -> GradientSource:
-        step = {name: 1.0 / (torch.as_tensor(v).double().sqrt() + self.eps)
-                for name, v in self.second_moments.items()}
-        return super()._view(ScaledColumns(source, step, "second moments"), where)
+        return super()._view(ScaledColumns(source, self.step_, "second moments"), where)
