@@ -13,6 +13,7 @@ from datainf.cli import main
 from datainf.data.digits import digit_prompt, mnist_digits
 from datainf.data.images import ImageExample, load_images, read_image_folder
 from datainf.errors import DataInfError
+from datainf.gradients.store import GradientStore
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,16 @@ def test_end_to_end(tiny_digit_pipeline, folders, tmp_path, capsys):
     again = json.loads((out / "summary.json").read_text())
     assert {"fine-tuning", "gradients", "query gradients"} <= set(again["reused_stages"])
     assert np.allclose(np.load(out / "scores.npz")["datainf"], first, rtol=1e-6, atol=0)
+    # the queries' own noise: the adapter and the training gradients stay, the queries'
+    # gradients are taken again from another noise stream, and their scores change
+    assert run(tiny_digit_pipeline, *folders, out, "--methods", "datainf",
+               "--query-noise", "own") == 0
+    own = json.loads((out / "summary.json").read_text())
+    assert {"fine-tuning", "gradients"} <= set(own["reused_stages"])
+    assert "query gradients" not in own["reused_stages"]
+    store = GradientStore.open(out / "query" / "gradients")
+    assert store.identity["task"]["noise_stream"] == 1
+    assert not np.allclose(np.load(out / "scores.npz")["datainf"], first, rtol=1e-3, atol=0)
 
 
 def run_error(capsys, *args):

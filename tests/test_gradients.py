@@ -14,6 +14,7 @@ from tiny_models import (
 
 from datainf import DataInfError, collect_gradients
 from datainf.gradients.tasks import Diffusion
+from datainf.models.hf import add_lora
 
 TOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 
@@ -164,6 +165,50 @@ def test_diffusion_noise_does_not_depend_on_batching():
         assert_equal_to_rounding(b[k], a[k])
     c = collect_gradients(model, [batch], Diffusion(timesteps=(100,), seed=2))
     assert not all(torch.allclose(a[k], c[k]) for k in a)
+
+
+def test_diffusion_noise_streams():
+    """Stream 0 gives row i the same noise in every store of a seed (a query and the training
+    image at position i share it); another stream gives every row other noise, and its
+    settings say so while stream 0's stay those of earlier stores."""
+    shared, own = Diffusion(seed=3), Diffusion(seed=3, noise_stream=1)
+    shape = torch.Size([1, 8, 8])
+    assert torch.equal(shared.noise(shape, 4, 25), Diffusion(seed=3).noise(shape, 4, 25))
+    for row in range(3):
+        a, b = shared.noise(shape, row, 25), own.noise(shape, row, 25)
+        assert abs(float((a * b).mean())) < 0.3  # independent draws: correlation ~ N(0, 1/64)
+    assert "noise_stream" not in shared.settings()
+    assert own.settings()["noise_stream"] == 1
+
+
+def test_diffusion_gradients_same_in_train_mode():
+    """The authors' notebook keeps the UNet in train mode. The shipped digit UNet with
+    explain-image's LoRA (dropout 0 in the UNet's config and in the adapter; GroupNorm, not
+    BatchNorm) has no layer that depends on the mode: the gradients in train mode are those
+    in eval mode, in which the collection takes them."""
+    from diffusers import UNet2DConditionModel
+
+    from datainf.jobs.explain_image import Config
+    from datainf.models.diffusion import SHIPPED_DIGITS
+
+    unet = UNet2DConditionModel.from_pretrained(SHIPPED_DIGITS / "unet")
+    defaults = Config(train_dir="t", queries="q")
+    torch.manual_seed(0)
+    model = add_lora(unet, r=defaults.lora_r, alpha=defaults.lora_alpha,
+                     target_modules=defaults.lora_targets)
+    g = torch.Generator().manual_seed(0)
+    size, width = unet.config.sample_size, unet.config.cross_attention_dim
+    batch = {"pixel_values": torch.randn(2, 1, size, size, generator=g),
+             "encoder_hidden_states": torch.randn(2, 4, width, generator=g)}
+    task = Diffusion(timesteps=(25, 525), seed=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient(train: bool) -> list[torch.Tensor]:
+        model.train(train)
+        return torch.autograd.grad(task.losses(model, batch, torch.arange(2), 1).sum(), params)
+
+    for a, b in zip(gradient(False), gradient(True), strict=True):
+        assert torch.equal(a, b)  # the same computation when no layer depends on the mode
 
 
 def test_diffusion_store_holds_every_timestep(tmp_path):

@@ -171,6 +171,10 @@ class CausalLM:
 class Diffusion:
     """Noise-prediction MSE at fixed timesteps, noise seeded per (seed, example, timestep).
 
+    ``noise_stream`` 0: the noise of row i is the same in every store made with ``seed``, so a
+    query and the training example at the same position share it (the authors' notebook);
+    another value draws every row's noise from its own stream.
+
     loss_{b,t} = mean over pixels of (eps_theta(x_t, t, cond) - eps)^2 with
     x_t = scheduler.add_noise(x_0, eps, t); one pass (and gradient) per timestep.
     The batch needs ``pixel_values`` (images or latents) and may hold ``encoder_hidden_states``
@@ -182,6 +186,7 @@ class Diffusion:
     seed: int = 0
     scheduler: object = field(default=None, compare=False)
     name: str = "diffusion"
+    noise_stream: int = 0
 
     @property
     def num_passes(self) -> int:
@@ -193,6 +198,8 @@ class Diffusion:
             "name": self.name,
             "timesteps": list(self.timesteps),
             "seed": self.seed,
+            # stream 0's settings are those of stores written before there were streams
+            **({"noise_stream": self.noise_stream} if self.noise_stream else {}),
             "scheduler": type(scheduler).__name__,
             "scheduler_config": {
                 k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")
@@ -209,7 +216,9 @@ class Diffusion:
 
     def noise(self, shape: torch.Size, row: int, timestep: int) -> torch.Tensor:
         """The noise of one example at one timestep (float64, deterministic)."""
-        key = hashlib.blake2b(f"{self.seed}:{row}:{timestep}".encode(), digest_size=8).digest()
+        stream = f"{self.noise_stream}:" if self.noise_stream else ""
+        key = hashlib.blake2b(f"{self.seed}:{stream}{row}:{timestep}".encode(),
+                              digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
         return torch.randn(shape, generator=generator, dtype=torch.float64)
 

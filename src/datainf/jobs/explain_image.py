@@ -65,6 +65,7 @@ from .pipeline import (
 )
 from .runs import check_numbers, settings_json
 
+QUERY_NOISE = ("shared", "own")  # --query-noise: the Diffusion task's noise stream 0 or 1
 SAMPLES = 8  # training prompts drawn before and after fine-tuning for the report
 
 
@@ -103,6 +104,10 @@ class Config(PairwiseOptions):
         (25, 225, 425, 525, 725, 925),
         "diffusion timesteps of the gradients (comma-separated, of 1000)", kind="ints")
     seed: int = option(0, "seed of LoRA, the data order, the noise and the drawings")
+    query_noise: str = option(
+        "shared", "noise of a query's gradients: 'shared' = that of the training image at the "
+        "same position (the authors' notebook), 'own' = drawn for the queries alone",
+        choices=QUERY_NOISE)
     # cheap: may change between runs on the same --out
     sampling_steps: int = option(50, "DDIM steps when drawing a query")
     # classifier-free guidance; at 3 the digit model's drawings fall apart (README)
@@ -117,7 +122,8 @@ class Config(PairwiseOptions):
 
 MODEL_OPTIONS = {  # the diffusion study runs the same pipeline with these
     "model": ("pipeline", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",
-              "learning_rate", "timesteps", "sampling_steps", "guidance", "seed", "device"),
+              "learning_rate", "timesteps", "query_noise", "sampling_steps", "guidance", "seed",
+              "device"),
     "scoring": SCORING_OPTIONS}
 COMMAND = Command(
     "explain-image",
@@ -247,12 +253,14 @@ def fitted_images(pipeline, examples: list[ImageExample], what: str, main: bool 
 
 # ---------------------------------------------------------------- stage 4: gradients
 def gradients(config: Config, pipeline, unet, images: np.ndarray, prompts: list[str],
-              path: Path) -> GradientStore:
+              path: Path, queries: bool = False) -> GradientStore:
     """Per-example gradients of the noise-prediction MSE at ``config.timesteps`` (noise
-    seeded per example and timestep), in the store at ``path``."""
+    seeded per example and timestep; the queries' from their own stream with
+    ``--query-noise own``), in the store at ``path``."""
     pixels = to_pixels(np.moveaxis(images, -1, 1), pipeline.image_size)
+    stream = QUERY_NOISE.index(config.query_noise) if queries else 0
     task = Diffusion(timesteps=tuple(config.timesteps), seed=config.seed,
-                     scheduler=pipeline.scheduler)
+                     scheduler=pipeline.scheduler, noise_stream=stream)
     # batches are encoded as they are needed (latents of a VAE, text states), not all at once
     return collect_gradients(unet, image_batches(pipeline, pixels, prompts, config.batch_size),
                              task, out=str(path), num_examples=len(prompts),
@@ -345,14 +353,16 @@ def prepared(config: Config) -> Iterator[Prepared]:
         moments = second_moments(run, config, source)
         with run.main_first():  # rank 0 draws the queries; the others read its files
             folder = query_folder(run.out, config, source, config.queries,
-                                  sampling_steps=config.sampling_steps, guidance=config.guidance)
+                                  sampling_steps=config.sampling_steps, guidance=config.guidance,
+                                  query_noise=config.query_noise)
             with run.stage("query images"):
                 q_images, q_files, seeds = query_images(config, pipeline, unet, queries, folder)
         train_path, query_path = run.out / "gradients" / "train", folder / "gradients"
         train_store = collected(run, "gradients", [train_path], lambda: gradients(
             config, pipeline, unet, train_images, prompts, train_path))
         query_store = collected(run, "query gradients", [query_path], lambda: gradients(
-            config, pipeline, unet, q_images, [q.text for q in queries], query_path))
+            config, pipeline, unet, q_images, [q.text for q in queries], query_path,
+            queries=True))
         inputs = Inputs(train_store, query_store, second_moments=moments)
         yield Prepared(run, train, queries, train_images, q_images, q_files, seeds, pipeline,
                        unet, source, history, train_store, query_store, inputs)
