@@ -10,6 +10,7 @@ from datainf import DataInfError
 from datainf.metrics import (
     detection_auc,
     detection_curve,
+    lds,
     mean_interval,
     pearson,
     spearman,
@@ -180,3 +181,32 @@ def test_class_detection_by_hand():
     assert got["auc_magnitude"] == pytest.approx([0.75, 0.0])
     with pytest.raises(DataInfError, match="must be among the training classes"):
         class_detection(scores[:1], train, np.array([2]))
+
+
+def test_lds_by_hand():
+    # 4 subsets, 2 test examples. Test 0: predicted (1, 2, 2, 3) with ties, actual (1, 3, 2, 4):
+    # the tie case above, rho = sqrt(0.9). Test 1: predicted (0.4, 0.1, 0.3, 0.2) ranks
+    # (4, 1, 3, 2), actual (10, 40, 20, 30) ranks (1, 4, 2, 3); deviations (1.5, -1.5, 0.5, -0.5)
+    # and (-1.5, 1.5, -0.5, 0.5): the exact negative, rho = -1
+    predicted = np.array([[1, 0.4], [2, 0.1], [2, 0.3], [3, 0.2]])
+    actual = np.array([[1, 10], [3, 40], [2, 20], [4, 30]])
+    got = lds(predicted, actual)
+    assert got.shape == (2,)
+    assert got[0] == pytest.approx(math.sqrt(0.9), rel=1e-12)
+    assert got[1] == pytest.approx(-1, rel=1e-12)
+    # a monotone map of either side changes nothing (ranks only)
+    np.testing.assert_allclose(lds(np.exp(predicted), actual ** 3), got, rtol=1e-12)
+
+
+@pytest.mark.parametrize("predicted, actual, message", [
+    (np.ones((4, 2)), np.arange(8.0).reshape(4, 2), "predicted values of test example 0 "
+                                                    "are the same in every subset"),
+    (np.arange(8.0).reshape(4, 2), np.array([[1, 2], [1, 3], [1, 4], [1, 5.0]]),
+     "actual values of test example 0"),
+    (np.arange(4.0).reshape(2, 2), np.arange(4.0).reshape(2, 2), "at least 3 subsets"),
+    (np.arange(6.0).reshape(3, 2), np.arange(6.0).reshape(2, 3), "of one shape"),
+    (np.array([[0, 1], [1, np.nan], [2, 3.0]]), np.arange(6.0).reshape(3, 2), "NaN or inf"),
+])
+def test_lds_refuses(predicted, actual, message):
+    with pytest.raises(DataInfError, match=message):
+        lds(predicted, actual)

@@ -2,7 +2,8 @@
 
 Against ground truth: detection AUC and the detection curve. Between two score vectors (e.g.
 DataInf against Exact): Pearson and Spearman correlation and the overlap of the top share.
-Over repeated runs: the mean with a Student-t confidence interval.
+Over repeated runs: the mean with a Student-t confidence interval. Against retraining: the
+linear datamodeling score.
 """
 
 from __future__ import annotations
@@ -183,6 +184,37 @@ def class_detection(scores: np.ndarray, train_classes: np.ndarray,
         helpful = np.argsort(scores[j], kind="stable")[:s]
         recall[j] = same[helpful].mean()
     return {"auc": auc, "recall": recall, "auc_magnitude": magnitude}
+
+
+def lds(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """The linear datamodeling score (Park et al., TRAK, 2023) per test example.
+
+    ``predicted``, ``actual``: (M, m), one row per training subset, one column per test
+    example: the method's prediction of test j's loss after training on subset k (the sum of
+    its scores over the subset's examples, oriented so that larger = larger loss) and the loss
+    the model trained on that subset has. Returns (m,): LDS_j = Spearman correlation over the
+    M subsets of column j (ties: average ranks). A constant column (a prediction or a loss that
+    no subset changes) has no rank order: refused, as are M < 3, NaN or inf and mismatched
+    shapes.
+    """
+    predicted = np.asarray(predicted, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if predicted.ndim != 2 or predicted.shape != actual.shape:
+        raise DataInfError(f"lds needs two (subsets, test examples) arrays of one shape, not "
+                           f"{predicted.shape} and {actual.shape}")
+    if predicted.shape[0] < 3:
+        raise DataInfError(f"lds needs at least 3 subsets, not {predicted.shape[0]}")
+    for name, x in (("predicted", predicted), ("actual", actual)):
+        if not np.isfinite(x).all():
+            raise DataInfError(f"lds: the {name} values hold NaN or inf")
+        constant = np.flatnonzero((x == x[:1]).all(axis=0))
+        if constant.size:
+            raise DataInfError(
+                f"lds: the {name} values of test example {int(constant[0])} are the same in "
+                f"every subset ({constant.size} such columns): no rank order to correlate; "
+                "leave such examples out or use subsets that differ")
+    return np.array([spearman(predicted[:, j], actual[:, j])
+                     for j in range(predicted.shape[1])])
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
