@@ -11,7 +11,9 @@
 - ``generation``: class detection on the synthetic text-generation tasks (Table 2, LLM rows),
   on the explain-generation pipeline;
 - ``diffusion``: class detection on the digit style and subject tasks (Table 2, image rows),
-  on the explain-image pipeline.
+  on the explain-image pipeline;
+- ``lds``: the linear datamodeling score of every method (not in the paper): does the score
+  predict the test loss of fine-tunes on random subsets of the training data?
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from ..jobs import detect_mislabeled, explain_generation, explain_image
-from . import approximation, diffusion, generation, mislabeled, removal
+from . import approximation, diffusion, generation, lds, mislabeled, removal
 from .common import (
     CELL_DEFAULTS,
     CELL_DESCRIPTION,
@@ -76,6 +78,8 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("diffusion", diffusion.HELP, diffusion.DESCRIPTION, explain_image.Config,
                explain_image.MODEL_OPTIONS, diffusion.OPTIONS, diffusion.start,
                {"methods": ",".join(diffusion.METHODS)}),
+    Experiment("lds", lds.HELP, lds.DESCRIPTION, detect_mislabeled.Config, {}, lds.OPTIONS,
+               lds.start),
 )}
 
 __all__ = ["EXPERIMENTS", "Experiment", "Settings"]

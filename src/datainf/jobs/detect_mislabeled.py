@@ -159,6 +159,9 @@ class Config:
     # training examples (positions in the training split, after noise) left out of the run:
     # the removal experiment's retraining
     exclude: tuple[int, ...] = ()
+    # the seed of LoRA, the head and the data order when it is not --seed (None): the LDS
+    # study's repeated fine-tunes of one subset, on the same split
+    training_seed: int | None = None
     out: str = option("runs/detect-mislabeled", "run folder (reused when repeated)")
     progress: bool | None = option(None, QUIET_HELP, flag="--quiet", kind="quiet")
     stage_seconds: dict = field(default_factory=dict)
@@ -169,7 +172,7 @@ class Config:
     EXPENSIVE = ("data", "text_columns", "label_column", "id_column", "val_data", "val_fraction",
                  "train_size", "val_size", "noise", "model", "adapter", "lora_r", "lora_alpha",
                  "lora_targets", "epochs", "max_epochs", "patience", "batch_size", "learning_rate",
-                 "max_length", "seed", "exclude")
+                 "max_length", "seed", "exclude", "training_seed")
 
     def __post_init__(self) -> None:
         if self.noise is None:
@@ -313,13 +316,19 @@ def recorded_settings(out: Path) -> dict:
 
 
 # ---------------------------------------------------------------- stage 2: adapter
+def training_seed(config: Config) -> int:
+    """The seed of LoRA, the head and the data order: ``training_seed``, else ``seed``."""
+    return config.seed if config.training_seed is None else config.training_seed
+
+
 def load_model(config: Config, train: TextData, out: Path):
-    """The classifier (its head initialised with ``config.seed``) with its LoRA adapter, before
-    any training: (model, tokenizer, source); see :func:`datainf.jobs.pipeline.with_adapter`."""
-    torch.manual_seed(config.seed)
+    """The classifier (its head initialised with the training seed) with its LoRA adapter,
+    before any training: (model, tokenizer, source); see
+    :func:`datainf.jobs.pipeline.with_adapter`."""
+    torch.manual_seed(training_seed(config))
     id2label = dict(enumerate(train.classes))
     base, tokenizer = load_classifier(config.model, len(train.classes), id2label=id2label)
-    model, source = with_adapter(base, config, out)
+    model, source = with_adapter(base, config, out, seed=training_seed(config))
     if config.blocks is not None:
         names_matching([n for n, p in model.named_parameters() if p.requires_grad],
                        config.blocks)
@@ -367,7 +376,8 @@ def train_adapter(config: Config, model, tokenizer, train: TextData, val: TextDa
         history["learning_rates"].append(rate)
         finetune(model, tokenizer, train, epochs=config.epochs,
                  batch_size=config.batch_size, learning_rate=rate,
-                 max_length=config.max_length, seed=config.seed + round_, progress=config.progress,
+                 max_length=config.max_length, seed=training_seed(config) + round_,
+                 progress=config.progress,
                  on_epoch=after_epoch, process_group=config.process_group,
                  second_moments=moments)
         history["rounds"] += 1
@@ -455,13 +465,20 @@ def features(config: Config, model, tokenizer, data: TextData) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- stage 5: scores
-def score_all(config: Config, inputs: Inputs, train_loss: np.ndarray):
-    """Every chosen method's scores (higher = more suspicious) and its seconds."""
+def scoring_inputs(config: Config, inputs: Inputs) -> Inputs:
+    """``inputs`` with the gradient blocks that ``config.blocks`` selects, grouped as
+    ``config.grouping`` says."""
     train = blocks_matching(inputs.train, config.blocks)
     val = blocks_matching(inputs.test, config.blocks)
     if config.grouping == "module":
         train, val = group_by_module(train), group_by_module(val)
-    inputs = replace(inputs, train=train, test=val)
+    return replace(inputs, train=train, test=val)
+
+
+def score_all(config: Config, inputs: Inputs, train_loss: np.ndarray):
+    """Every chosen method's scores (higher = more suspicious) and its seconds."""
+    inputs = scoring_inputs(config, inputs)
+    train = inputs.train
 
     def score(method: str, est, val) -> np.ndarray:
         if METHODS[method].self_influence:

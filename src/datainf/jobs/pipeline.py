@@ -115,16 +115,18 @@ class Run:
                 (self.out / name).unlink(missing_ok=True)
 
 
-def with_adapter(base: torch.nn.Module, config, out: Path) -> tuple[torch.nn.Module, str]:
+def with_adapter(base: torch.nn.Module, config, out: Path, seed: int | None = None
+                 ) -> tuple[torch.nn.Module, str]:
     """(``base`` with its LoRA adapter, source): ``config.adapter`` ("given"), the adapter an
     earlier run saved in out/adapter ("reused"), or a fresh LoRA of ``config.lora_r``,
-    ``lora_alpha`` and ``lora_targets``, initialised with ``config.seed`` ("new")."""
+    ``lora_alpha`` and ``lora_targets``, initialised with ``seed`` (default ``config.seed``)
+    ("new")."""
     saved = out / "adapter"
     if config.adapter is not None:
         return load_adapter(base, config.adapter), "given"
     if (saved / "adapter_config.json").exists():
         return load_adapter(base, saved), "reused"
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed if seed is None else seed)
     return add_lora(base, r=config.lora_r, alpha=config.lora_alpha,
                     target_modules=config.lora_targets), "new"
 
