@@ -136,3 +136,23 @@ def test_quick_end_to_end(tiny_model, csv_file, tmp_path):
     assert len(list((out / "subsets").glob("subset-*.json"))) == 4
     assert not (out / "scratch").exists()  # the subset models are not kept
     assert main([*args, "--subsets", "2"]) == 2  # refused in one line
+
+
+@pytest.mark.parametrize("task, n_train, n_test", [("generation", 20, 10),
+                                                   ("diffusion", 12, 6)])
+def test_quick_generation_and_diffusion(task, n_train, n_test, tmp_path):
+    """--quick on the tiny chat model (2 examples of 10 classes) and the tiny digit pipeline
+    (4 images of 3 styles): scores from the command's pipeline, subset models trained and
+    their test losses kept."""
+    out = tmp_path / task
+    assert main(["experiment", "lds", "--task", task, "--quick", "--quiet", "--out", str(out),
+                 "--methods", "datainf,less"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["n_train"], summary["n_test"]) == (n_train, n_test)
+    assert set(summary["lds"]) == {"datainf", "less", "random"}
+    losses = [json.loads(p.read_text()) for p in sorted((out / "subsets").glob("subset-*"))]
+    assert [len(x["kept"]) for x in losses] == [n_train // 2] * 4
+    assert all(len(x["test_loss"]) == n_test and np.isfinite(x["test_loss"]).all()
+               for x in losses)
+    # the subset models differ in their data: their test losses differ
+    assert len({tuple(x["test_loss"]) for x in losses}) == 4

@@ -103,16 +103,21 @@ def write_task(study: Study, data: Path, write: bool = True
                                   per_class_test=study.per_class_test or test_n,
                                   classes=study.classes, seed=study.seed)
     for name, rows in (("train", train), ("test", test)) if write else ():
-        folder = data / name
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        meta = []
-        for i, row in enumerate(rows):
-            save_png(row["image"][..., None], folder / f"{i:04d}.png")
-            meta.append({"file_name": f"{i:04d}.png", "text": row["text"],
-                         "class": row["class"], "digit": row["digit"], "style": row["style"]})
-        write_atomic(folder / "metadata.jsonl", "".join(json.dumps(m) + "\n" for m in meta))
+        write_image_folder(data / name, rows)
     return train, test
+
+
+def write_image_folder(folder: Path, rows: list[dict]) -> None:
+    """Rows of :func:`~datainf.data.image_tasks.make_image_task` as an ImageFolder (28 x 28
+    PNGs and metadata.jsonl with text, class, digit and style), replacing what was there."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    meta = []
+    for i, row in enumerate(rows):
+        save_png(row["image"][..., None], folder / f"{i:04d}.png")
+        meta.append({"file_name": f"{i:04d}.png", "text": row["text"],
+                     "class": row["class"], "digit": row["digit"], "style": row["style"]})
+    write_atomic(folder / "metadata.jsonl", "".join(json.dumps(m) + "\n" for m in meta))
 
 
 def run(study: Study) -> dict:

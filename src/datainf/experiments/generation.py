@@ -98,7 +98,7 @@ def run(study: Study) -> dict:
         if is_main(group):
             data.mkdir(parents=True, exist_ok=True)
             for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
-                write_atomic(data / name, "".join(json.dumps(_chat(r)) + "\n" for r in rows))
+                write_atomic(data / name, "".join(json.dumps(chat_row(r)) + "\n" for r in rows))
     job = replace(study.job, train=str(data / "train.jsonl"), queries=str(data / "test.jsonl"))
     train_classes = np.array([r["class"] for r in train])
     test_classes = np.array([r["class"] for r in test])
@@ -123,7 +123,7 @@ def run(study: Study) -> dict:
     return summary
 
 
-def _chat(row: dict) -> dict:
+def chat_row(row: dict) -> dict:
     """An example in TRL's chat format with a short system turn (SmolLM2's template would
     otherwise add its own 20-token system prompt to every example)."""
     return {"messages": [{"role": "system", "content": SYSTEM},

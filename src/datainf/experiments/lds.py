@@ -28,24 +28,36 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from ..data.chat import Encoded, encode_all
+from ..data.image_tasks import TASKS as IMAGE_TASKS
+from ..data.image_tasks import make_image_task
+from ..data.synthetic import TASKS as TEXT_TASKS
+from ..data.synthetic import make_task
 from ..data.text import builtin_dataset
 from ..errors import DataInfError
-from ..jobs import detect_mislabeled
+from ..gradients.tasks import CausalLM, Diffusion
+from ..jobs import detect_mislabeled, explain_generation, explain_image
 from ..jobs.detect_mislabeled import scoring_inputs
+from ..jobs.pairwise import matrix_folder, score_queries
 from ..jobs.runs import write_atomic
 from ..methods import LABELS, PAIRWISE, score_each
 from ..methods.damping import damping_rule
 from ..metrics import lds
+from ..models.diffusion import to_pixels
+from ..models.tiny import tiny_chat_model, tiny_digit_pipeline
 from ..report import figure_png, study_page
 from .common import CORRELATION, QUICK_HELP, interval, interval_bars, write_files
+from .diffusion import write_image_folder
+from .generation import chat_row
 
-TASKS = ("classification",)
+TASKS = ("classification", "generation", "diffusion")
 METHODS = ("datainf", "exact", "lissa", "hessian_free", "datainf_normalized", "cosine", "less",
            "repsim")
 NAMES = {**LABELS, "random": "random scores (zero line)"}
@@ -60,8 +72,19 @@ PUBLISHED = (
 # 48 subsets and the full run fit in 45 minutes
 CLASSIFICATION = {"train_size": 200, "val_size": 100, "max_length": 64, "learning_rate": 1e-3,
                   "epochs": 4}
+# generation: SmolLM2 on 10 classes of a synthetic task, 10 training and 2 test examples a
+# class; diffusion: the digit model on 3 styles, 40 training and 10 test images a style
+GENERATION = {"train_per_class": 10, "test_per_class": 2, "epochs": 3}
+DIFFUSION = {"train_per_class": 40, "test_per_class": 10, "epochs": 40}
+SUBJECT = {"train_per_class": 3, "test_per_class": 2}  # 31 subjects: the diffusion study's
 DEFAULT_SUBSETS = 48
-QUICK = {"train_size": 24, "val_size": 8, "max_length": 16, "epochs": 1, "subsets": 4}
+QUICK_SUBSETS = 4
+QUICK_SIZES = {
+    "classification": {"train_size": 24, "val_size": 8, "max_length": 16, "epochs": 1},
+    "generation": {"train_per_class": 2, "test_per_class": 1, "epochs": 1},
+    "diffusion": {"train_per_class": 4, "test_per_class": 2, "epochs": 1, "batch_size": 4,
+                  "timesteps": (25, 525)},
+}
 
 
 @dataclass
@@ -77,6 +100,8 @@ class Study:
     runs: int = 1
     seed: int = 0
     quick: bool = False
+    data: str | None = None     # generation, diffusion: the task of their data module
+    sizes: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if self.subsets < 3:
@@ -253,16 +278,117 @@ def classification(study: Study) -> Kind:
     return Kind(n_train, n_test, scores, losses, {"task": "classification", **settings})
 
 
-KINDS = {"classification": classification}
+def pairwise_matrices(out: Path, job, inputs) -> dict[str, np.ndarray]:
+    """Every method of ``job`` (an explain-* Config) scored as its command scores: the (m, n)
+    matrices, read back from the temporary folder they are written to."""
+    with matrix_folder(out) as folder:
+        score_queries(inputs, folder=folder, **{**job.scoring(), "matrix": True})
+        return {m: np.load(folder / f"{m}.npy") for m in job.methods}
+
+
+@torch.no_grad()
+def mean_losses(losses: Callable[[dict], torch.Tensor], batches) -> np.ndarray:
+    """The per-example losses of every batch, concatenated: (m,) float64."""
+    return torch.cat([losses(b).double() for b in batches]).numpy()
+
+
+def generation(study: Study) -> Kind:
+    """explain-generation's pipeline on a synthetic task: the test examples with their true
+    responses are the queries, the loss on their ``loss_on`` tokens the test loss."""
+    job = study.job
+    data = study.out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    sizes = study.sizes  # make_task's per_class counts the test examples too
+    train, test = make_task(study.data,
+                            per_class=sizes["train_per_class"] + sizes["test_per_class"],
+                            test_per_class=sizes["test_per_class"], seed=study.seed)
+    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+        write_atomic(data / name, "".join(json.dumps(chat_row(r)) + "\n" for r in rows))
+    job = replace(job, train=str(data / "train.jsonl"), queries=str(data / "test.jsonl"))
+    with explain_generation.prepared(job) as p:
+        scores = pairwise_matrices(p.run.out, job, p.inputs)
+        tokenizer, examples, queries = p.tokenizer, p.train, p.queries
+    encoded = encode_all(tokenizer, examples, [e.response for e in examples],
+                         max_length=job.max_length, what="the training examples")
+    tests = encode_all(tokenizer, queries, [q.response for q in queries],
+                       max_length=job.max_length, what="the test examples")
+    task = CausalLM()
+
+    def losses(kept: np.ndarray, seed: int, folder: Path) -> np.ndarray:
+        config = replace(job, seed=seed, progress=False)
+        model, _, _ = explain_generation.load_model(config, folder)  # a fresh LoRA
+        part = Encoded([encoded.ids[i] for i in kept], [encoded.prompt_lengths[i] for i in kept])
+        explain_generation.train_adapter(config, model, tokenizer, part)
+        model.eval()
+        return mean_losses(lambda b: task.losses(model, b, torch.arange(len(b["input_ids"])), 0),
+                           explain_generation.scored_batches(config, tokenizer, tests))
+
+    settings = {k: v for k, v in job.expensive().items() if k != "seed"}
+    return Kind(len(examples), len(queries), scores, losses,
+                {"task": "generation", "data": study.data, **study.sizes, **settings,
+                 "loss_on": job.loss_on})
+
+
+def diffusion(study: Study) -> Kind:
+    """explain-image's pipeline on a digit image task: the test images with their prompts are
+    the queries; the test loss is the noise-prediction MSE at the gradients' timesteps and
+    noise (seeded per example), averaged over the timesteps."""
+    job = study.job
+    train, test = make_image_task(study.data, per_class_train=study.sizes["train_per_class"],
+                                  per_class_test=study.sizes["test_per_class"], seed=study.seed)
+    data = study.out / "data"
+    for name, rows in (("train", train), ("test", test)):
+        write_image_folder(data / name, rows)
+    job = replace(job, train_dir=str(data / "train"), queries=str(data / "test"),
+                  folder_names=("the study's training images", "the study's test images"))
+    with explain_image.prepared(job) as p:
+        scores = pairwise_matrices(p.run.out, job, p.inputs)
+        train_images, query_images = p.train_images, p.query_images
+        prompts, query_prompts = [e.text for e in p.train], [q.text for q in p.queries]
+
+    def losses(kept: np.ndarray, seed: int, folder: Path) -> np.ndarray:
+        config = replace(job, seed=seed, progress=False)
+        pipeline, unet, _ = explain_image.load_model(config, folder)  # a fresh LoRA
+        pixels = to_pixels(np.moveaxis(train_images[kept], -1, 1), pipeline.image_size)
+        explain_image.train_adapter(config, pipeline, unet, pixels, [prompts[i] for i in kept])
+        unet.eval()
+        # the noise of the test gradients (the job's seed, not the run's): the same in every
+        # subset model
+        task = Diffusion(timesteps=tuple(job.timesteps), seed=job.seed,
+                         scheduler=pipeline.scheduler)
+        queries = to_pixels(np.moveaxis(query_images, -1, 1), pipeline.image_size)
+        batches = list(explain_image.image_batches(pipeline, queries, query_prompts,
+                                                   job.batch_size))
+        starts = np.cumsum([0] + [len(b["pixel_values"]) for b in batches])
+
+        def loss(b: dict, first: int) -> torch.Tensor:
+            rows = torch.arange(first, first + len(b["pixel_values"]))
+            return torch.stack([task.losses(unet, b, rows, t)
+                                for t in range(task.num_passes)]).mean(0)
+
+        return np.concatenate([mean_losses(lambda b, f=first: loss(b, f), [b])
+                               for b, first in zip(batches, starts, strict=False)])
+
+    settings = {k: v for k, v in job.expensive().items() if k != "seed"}
+    return Kind(len(train), len(test), scores, losses,
+                {"task": "diffusion", "data": study.data, **study.sizes, **settings})
+
+
+KINDS = {"classification": classification, "generation": generation, "diffusion": diffusion}
 
 
 # ---------------------------------------------------------------- the command
 HELP = ("does the score predict what retraining would do: the linear datamodeling score of "
         "every method, from fine-tunes on random halves of the training data")
-DESCRIPTION = (HELP[0].upper() + HELP[1:] + ". classification: MiniLM + LoRA on BBC News "
-               f"({CLASSIFICATION['train_size']} training and {CLASSIFICATION['val_size']} "
-               f"test articles of {CLASSIFICATION['max_length']} tokens), "
-               f"{DEFAULT_SUBSETS} subsets of half the training data by default.")
+DESCRIPTION = (
+    HELP[0].upper() + HELP[1:] + ". classification: MiniLM + LoRA on BBC News "
+    f"({CLASSIFICATION['train_size']} training and {CLASSIFICATION['val_size']} test articles "
+    f"of {CLASSIFICATION['max_length']} tokens); generation: SmolLM2 + LoRA on a synthetic task "
+    f"(default sentence-transformations, {GENERATION['train_per_class']} training and "
+    f"{GENERATION['test_per_class']} test examples a class); diffusion: the digit model + LoRA "
+    f"on an image task (default style, {DIFFUSION['train_per_class']} training and "
+    f"{DIFFUSION['test_per_class']} test images a class); {DEFAULT_SUBSETS} subsets of half the "
+    "training data by default.")
 OPTIONS = (
     ("--task", {"choices": TASKS, "default": TASKS[0], "help": "the kind of task"}),
     ("--subsets", {"type": int, "default": None,
@@ -272,23 +398,33 @@ OPTIONS = (
     ("--runs", {"type": int, "default": 1,
                 "help": "fine-tunes per subset (seeds --seed, --seed + 1, ..., the same for "
                         "every subset), whose test losses are averaged"}),
-    ("--methods", {"default": ",".join(METHODS), "help": "comma-separated"}),
-    ("--data", {"default": None, "help": "classification: a built-in dataset name or a CSV/JSONL "
-                                         "file (default: BBC News)"}),
-    ("--model", {"default": None, "help": "classification: 'minilm' (shipped, the default), a "
-                                          "HF model folder or hub name"}),
+    ("--methods", {"default": None,
+                   "help": "comma-separated (default: " + ",".join(METHODS) + "; diffusion: "
+                           "without repsim)"}),
+    ("--data", {"default": None,
+                "help": "classification: a built-in dataset name or a CSV/JSONL file (default: "
+                        "BBC News); generation: a synthetic task (" + ", ".join(TEXT_TASKS)
+                        + "); diffusion: an image task (" + ", ".join(IMAGE_TASKS) + ")"}),
+    ("--model", {"default": None,
+                 "help": "classification: 'minilm' (shipped, the default), a HF model folder "
+                         "or hub name; generation: 'smollm2' (shipped, the default) or a causal "
+                         "LM; diffusion: 'digits' (the default) or a diffusers pipeline folder"}),
     ("--train-size", {"type": int, "default": None,
-                      "help": f"training examples (default: {CLASSIFICATION['train_size']})"}),
-    ("--seed", {"type": int, "default": 0, "help": "seed of the data, LoRA, the subsets"}),
+                      "help": "classification: training examples (default: "
+                              f"{CLASSIFICATION['train_size']} of built-in data, all of a "
+                              "file); generation and diffusion: per class"}),
+    ("--seed", {"type": int, "default": 0,
+                "help": "seed of the data, LoRA, the order and the subsets"}),
     ("--quick", {"action": "store_true",
-                 "help": f"{QUICK_HELP}: 24 training and 8 test examples, 1 epoch, 4 subsets"}),
+                 "help": f"{QUICK_HELP}: a few examples, 1 epoch, 4 subsets; generation and "
+                         "diffusion on tiny models built from a config"}),
     ("--out", {"help": "the experiment's folder (default: runs/experiment-lds-TASK)"}),
     ("--quiet", {"action": "store_true", "help": "no progress bars or stage lines"}),
 )
 
 
 def start(settings: dict, *, task: str, subsets: int | None, fraction: float, runs: int,
-          methods: str, data: str | None, model: str | None, train_size: int | None,
+          methods: str | None, data: str | None, model: str | None, train_size: int | None,
           seed: int, quick: bool, out: str | None, quiet: bool,
           process_group: object | None = None) -> str:
     """Runs the study from its command's options; returns its folder."""
@@ -296,22 +432,53 @@ def start(settings: dict, *, task: str, subsets: int | None, fraction: float, ru
         raise DataInfError("experiment lds runs in one process (its fine-tunes are small); "
                            "start it without torchrun")
     folder = Path(out or f"runs/experiment-lds-{task}")
-    # built-in data at the study's sizes and rate; a file: all of it, the job's rate
-    sizes = dict(CLASSIFICATION) if builtin_dataset(data) is not None else {
-        k: CLASSIFICATION[k] for k in ("max_length", "epochs")}
-    if quick:
-        sizes.update({k: v for k, v in QUICK.items() if k != "subsets"})
+    chosen = tuple(m for m in (methods or "").split(",") if m) or tuple(
+        m for m in METHODS if task != "diffusion" or m != "repsim")
+    common = {"methods": chosen, "out": str(folder / "full"),
+              "progress": False if quiet else None}
+    count = subsets if subsets is not None else (QUICK_SUBSETS if quick else DEFAULT_SUBSETS)
+    study = Study(task=task, out=folder, job=None, subsets=count, fraction=fraction, runs=runs,
+                  seed=seed, quick=quick)
+    if task == "classification":
+        # built-in data at the study's sizes and rate; a file: all of it, the job's rate
+        sizes = dict(CLASSIFICATION) if builtin_dataset(data) is not None else {
+            k: CLASSIFICATION[k] for k in ("max_length", "epochs")}
+        sizes.update(QUICK_SIZES[task] if quick else {})
+        if train_size is not None:
+            sizes["train_size"] = train_size
+        study.job = detect_mislabeled.from_command(
+            **settings, **({"data": data} if data else {}),
+            **({"model": model} if model else {}), **sizes, max_epochs=sizes["epochs"],
+            patience=0, noise=0.0, seed=seed, **common)
+        study.sizes = sizes
+        return _started(study)
+    names = TEXT_TASKS if task == "generation" else IMAGE_TASKS
+    study.data = data or names[0]
+    if study.data not in names:
+        raise DataInfError(f"--data for {task} is one of its tasks: {', '.join(names)}; not "
+                           f"{study.data!r}")
+    preset = {**(GENERATION if task == "generation" else DIFFUSION),
+              **(SUBJECT if study.data == "subject" else {}),
+              **(QUICK_SIZES[task] if quick else {})}
     if train_size is not None:
-        sizes["train_size"] = train_size
-    job = detect_mislabeled.from_command(
-        **settings, **({"data": data} if data else {}), **({"model": model} if model else {}),
-        **sizes, max_epochs=sizes["epochs"], patience=0, noise=0.0, seed=seed,
-        methods=tuple(m for m in methods.split(",") if m), out=str(folder / "full"),
-        progress=False if quiet else None)
-    count = subsets if subsets is not None else (QUICK["subsets"] if quick else DEFAULT_SUBSETS)
-    run(Study(task=task, out=folder, job=job, subsets=count, fraction=fraction, runs=runs,
-              seed=seed, quick=quick))
-    return str(folder)
+        preset["train_per_class"] = train_size
+    study.sizes = {k: preset[k] for k in ("train_per_class", "test_per_class")}
+    if task == "generation":
+        name = str(tiny_chat_model(folder / "tiny-model")) if quick else (model or "smollm2")
+        study.job = explain_generation.Config(model=name, epochs=preset["epochs"], seed=seed,
+                                              **common)
+    else:
+        name = str(tiny_digit_pipeline(folder / "tiny-pipeline")) if quick else (
+            model or "digits")
+        extra = {k: preset[k] for k in ("batch_size", "timesteps") if k in preset}
+        study.job = explain_image.Config(pipeline=name, epochs=preset["epochs"], seed=seed,
+                                         **extra, **common)
+    return _started(study)
+
+
+def _started(study: Study) -> str:
+    run(study)
+    return str(study.out)
 
 
 def _say(study: Study, message: str) -> None:
