@@ -34,7 +34,7 @@ def linear_kind(calls, weights, fail_after=None, settings=None):
 
 
 def study(tmp_path, subsets=6, **kw):
-    job = SimpleNamespace(methods=("datainf", "cosine"), progress=False)
+    job = SimpleNamespace(methods=("datainf", "cosine"), progress=False, stage_seconds={})
     return lds.Study(task="linear", out=tmp_path / "lds", job=job, subsets=subsets, **kw)
 
 

@@ -102,6 +102,7 @@ class Study:
     quick: bool = False
     data: str | None = None     # generation, diffusion: the task of their data module
     sizes: dict = field(default_factory=dict)
+    subset_seconds: list = field(default_factory=list)  # of each subset model, as written
 
     def check(self) -> None:
         if self.subsets < 3:
@@ -167,6 +168,8 @@ def run(study: Study) -> dict:
         "actual_loss": {"mean": round(float(actual.mean()), 4),
                         "spread_over_subsets": round(float(actual.std(0).mean()), 4)},
         "seconds": round(time.perf_counter() - started, 1),
+        "full_run_seconds": {k: round(v, 1) for k, v in study.job.stage_seconds.items()},
+        "subset_seconds": interval(study.subset_seconds, (0.0, np.inf)),
         "published": [list(p) for p in PUBLISHED],
     }
     summary["separated_at"] = separated_at(summary["by_subsets"])
@@ -212,6 +215,7 @@ def subset_losses(study: Study, kind: Kind) -> dict[int, list[np.ndarray]]:
             if saved["kept"] != kept.tolist():  # the draw is the study's: never another
                 raise DataInfError(f"{file} holds another subset; remove {folder}")
             losses[k].append(np.asarray(saved["test_loss"], dtype=np.float64))
+            study.subset_seconds.append(saved["seconds"])
     return losses
 
 
