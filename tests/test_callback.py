@@ -1,0 +1,201 @@
+"""DataInfCallback on a transformers Trainer and TRL's SFTTrainer (tiny models from configs):
+the run folder's store equals per-example gradients of the final adapter on each unpadded
+example with the labels the trainer used, and every refused setting is refused before the
+first training step."""
+
+import json
+
+import datasets
+import pytest
+import torch
+import trl
+from tolerances import relative
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
+
+from datainf import DataInfError
+from datainf.gradients.store import GradientStore
+from datainf.integrations import DataInfCallback
+from datainf.models.hf import add_lora, minilm_path
+from datainf.models.tiny import tiny_chat_model
+from datainf.training.moments import read_second_moments
+
+# float32 store against a float64 reference on one unpadded example: rounding of a 2-layer
+# model of width 64 in float32 (a few 1e-7 per layer), far below the issue's 1e-5
+BOUND = 1e-5
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    folder = tiny_chat_model(tmp_path_factory.mktemp("chat") / "model")
+    return folder, AutoTokenizer.from_pretrained(folder)
+
+
+def sft_model(folder):
+    torch.manual_seed(0)
+    return add_lora(AutoModelForCausalLM.from_pretrained(folder), r=2, alpha=4)
+
+
+def sft(folder, tokenizer, out, tmp_path, rows=10, **settings):
+    data = datasets.Dataset.from_list([{"prompt": f"Say {i} twice:", "completion": f" {i} {i}"}
+                                       for i in range(rows)])
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4,
+                         num_train_epochs=2, learning_rate=1e-2, report_to=[],
+                         save_strategy="no", logging_strategy="no", use_cpu=True,
+                         max_length=64, **settings)
+    return trl.SFTTrainer(model=sft_model(folder), train_dataset=data, args=args,
+                          processing_class=tokenizer, callbacks=[DataInfCallback(out)])
+
+
+def reference_rows(trained, fresh, examples, loss):
+    """Per example, the gradient of ``loss(model64, example)`` on the unpadded example in
+    float64, model64 = ``fresh`` (the same base and LoRA, untouched by any trainer) with the
+    trained adapter's values: {parameter name: (n, numel)}."""
+    values = {n: p.detach() for n, p in trained.named_parameters() if p.requires_grad}
+    model64 = fresh.double().eval()
+    params = {n: p for n, p in model64.named_parameters() if p.requires_grad}
+    assert set(params) == set(values)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(values[n])
+    rows = {n: [] for n in params}
+    for example in examples:
+        grads = torch.autograd.grad(loss(model64, example), list(params.values()))
+        for n, g in zip(params, grads, strict=True):
+            rows[n].append(g.reshape(-1))
+    return {n: torch.stack(v) for n, v in rows.items()}
+
+
+def completion_loss(model, example):
+    ids = torch.tensor([example["input_ids"]])
+    labels = torch.tensor(example["labels"])[1:]
+    logits = model(input_ids=ids).logits[0, :-1]
+    scored = labels != -100
+    return torch.nn.functional.cross_entropy(logits[scored], labels[scored])
+
+
+def test_sft_trainer_leaves_a_run_folder(chat, tmp_path):
+    folder, tokenizer = chat
+    out = tmp_path / "run"
+    trainer = sft(*chat, out, tmp_path)
+    trainer.train()
+    record = json.loads((out / "callback.json").read_text())
+    assert record["task"] == "causal_lm" and record["n_train"] == 10
+    assert record["trainer"]["steps"] == trainer.state.global_step == 6
+    store = GradientStore.open(out / "gradients" / "train")
+    assert store.num_rows == 10
+    examples = [trainer.train_dataset[i] for i in range(10)]
+    # the labels the model trained on: the completion only (TRL's completion-only loss)
+    assert all(-100 in e["labels"] and e["labels"][-1] != -100 for e in examples)
+    expected = reference_rows(trainer.model, sft_model(folder), examples, completion_loss)
+    assert set(store.block_names) == set(expected)
+    for name, rows in expected.items():
+        assert relative(store.read_block(name), rows) < BOUND, name
+    # the adapter, its optimizer moments and the examples' text
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert set(read_second_moments(out / "adapter")) == set(store.block_names)
+    lines = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
+    # the trainer's dataloader no longer holds the text columns: the tokens, decoded
+    assert lines[3]["text"].startswith("Say 3 twice: 3 3")
+
+
+def test_trainer_on_a_classifier(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, num_labels=3)
+    def classifier():
+        torch.manual_seed(0)
+        return add_lora(BertForSequenceClassification(config), r=2, alpha=4,
+                        target_modules=["query", "value"])
+
+    model = classifier()
+    texts = [f"text number {i} about {'abc'[i % 3]}" for i in range(9)]
+    data = datasets.Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(9)]})
+    data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=16),
+                    batched=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4,
+                             num_train_epochs=1, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True)
+    out = tmp_path / "run"
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
+                      callbacks=[DataInfCallback(out)])
+    trainer.train()
+    store = GradientStore.open(out / "gradients" / "train")
+    assert json.loads((out / "callback.json").read_text())["task"] == "classification"
+
+    def loss(model64, example):
+        ids = torch.tensor([example["input_ids"]])
+        logits = model64(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        return torch.nn.functional.cross_entropy(logits, torch.tensor([example["label"]]))
+
+    expected = reference_rows(trainer.model, classifier(), [data[i] for i in range(9)], loss)
+    for name, rows in expected.items():
+        assert relative(store.read_block(name), rows) < BOUND, name
+    lines = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
+    assert texts[4] in lines[4]["text"] and lines[4]["label"] == 1  # decoded, [CLS] ... [SEP]
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no lora", "has no trainable LoRA adapter"),
+    ("out not empty", "already holds files"),
+    ("out is a file", "is a file"),
+    ("packing", "packing and padding-free"),
+    ("fsdp", "FSDP is not supported"),
+])
+def test_refused_at_construction(chat, tmp_path, problem, message):
+    folder, tokenizer = chat
+    out = tmp_path / "run"
+    settings = {}
+    if problem == "out not empty":
+        out.mkdir()
+        (out / "old.txt").write_text("x")
+    elif problem == "out is a file":
+        out.write_text("x")
+    elif problem == "packing":
+        settings["packing"] = True
+    with pytest.raises(DataInfError, match=message):
+        if problem == "no lora":
+            data = datasets.Dataset.from_list([{"prompt": "a", "completion": " b"}])
+            trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder),
+                           train_dataset=data, processing_class=tokenizer,
+                           args=trl.SFTConfig(output_dir=str(tmp_path / "t"), report_to=[],
+                                              use_cpu=True),
+                           callbacks=[DataInfCallback(out)])
+        elif problem == "fsdp":
+            callback = DataInfCallback(out)
+            args = type("Args", (), {"fsdp": "full_shard", "process_index": 0})()
+            callback.on_init_end(args, None, None, model=sft_model(folder))
+        else:
+            sft(folder, tokenizer, out, tmp_path, **settings)
+
+
+def test_unbatchable_dataset_refused_before_the_first_step(chat, tmp_path):
+    """A dataset whose first example the collator cannot batch alone: refused when training
+    begins, before any step changes the adapter."""
+    folder, tokenizer = chat
+    trainer = sft(folder, tokenizer, tmp_path / "run", tmp_path)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+              if p.requires_grad}
+    original = trainer.data_collator
+
+    def collator(examples):
+        if len(examples) == 1:
+            raise ValueError("needs pairs")
+        return original(examples)
+
+    trainer.data_collator = collator
+    with pytest.raises(DataInfError, match="cannot batch the first training example alone"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    for n, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n])
