@@ -6,6 +6,7 @@ first training step."""
 import json
 
 import datasets
+import numpy as np
 import pytest
 import torch
 import trl
@@ -21,6 +22,7 @@ from transformers import (
 )
 
 from datainf import DataInfError
+from datainf.cli import main
 from datainf.gradients.store import GradientStore
 from datainf.integrations import DataInfCallback
 from datainf.models.hf import add_lora, minilm_path
@@ -199,3 +201,66 @@ def test_unbatchable_dataset_refused_before_the_first_step(chat, tmp_path):
     for n, p in trainer.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, before[n])
+
+
+def test_explain_generation_from_the_run_folder(chat, tmp_path, capsys):
+    """SFTTrainer on conversational prompt/completion rows tokenizes them as explain-generation
+    does (the chat template, the completion scored): --run on its folder scores the queries as
+    the standalone command does with the same adapter and data."""
+    folder, tokenizer = chat
+    rows = [{"prompt": [{"role": "user", "content": f"Say {i} twice."}],
+             "completion": [{"role": "assistant", "content": f"{i} {i}"}]} for i in range(8)]
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=3,
+                         num_train_epochs=2, learning_rate=1e-2, report_to=[],
+                         save_strategy="no", logging_strategy="no", use_cpu=True, max_length=64)
+    run = tmp_path / "run"
+    trl.SFTTrainer(model=sft_model(folder), train_dataset=datasets.Dataset.from_list(rows),
+                   args=args, processing_class=tokenizer,
+                   callbacks=[DataInfCallback(run)]).train()
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"messages": r["prompt"] + r["completion"]}) + "\n"
+                             for r in rows))
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"prompt": f"Say {i} twice.", "response": f"{i} {i}"})
+                               + "\n" for i in (3, 9)))
+    common = ["--queries", str(queries), "--methods", "datainf,cosine", "--quiet"]
+    assert main(["explain-generation", "--run", str(run), "--out", str(tmp_path / "a"),
+                 *common]) == 0
+    assert main(["explain-generation", "--model", str(folder), "--adapter", str(run / "adapter"),
+                 "--train", str(train), "--out", str(tmp_path / "b"), *common]) == 0
+    a, b = np.load(tmp_path / "a" / "scores.npz"), np.load(tmp_path / "b" / "scores.npz")
+    for method in ("datainf", "cosine"):
+        # the same float32 gradients batched otherwise (3 a batch in the trainer's collator,
+        # 8 in ours): one float32 pass apart, see tolerances
+        assert relative(a[method], b[method]) < 1e-5, (method, relative(a[method], b[method]))
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert "gradients" in summary["reused_stages"] and summary["n_train"] == 8
+    top = json.loads((tmp_path / "a" / "top.jsonl").read_text().splitlines()[0])
+    assert "Say" in top["datainf"]["helpful"][0]["prompt"]
+    # a run folder whose gradients are of other base weights than the model named: refused
+    record = json.loads((run / "callback.json").read_text())
+    (run / "callback.json").write_text(json.dumps({**record, "weights_fingerprint": "0" * 16}))
+    capsys.readouterr()
+    assert main(["explain-generation", "--run", str(run), "--out", str(tmp_path / "c"),
+                 *common]) == 2
+    assert "its gradients were made with another model or adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("with train", "give it without --train and --adapter"),
+    ("unfinished", "has no callback.json"),
+    ("repsim", "repsim needs the training examples' representations"),
+])
+def test_run_folder_refused(tmp_path, capsys, problem, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    args = ["explain-generation", "--run", str(run), "--queries", str(queries), "--out",
+            str(tmp_path / "out"), "--quiet"]
+    if problem == "with train":
+        args += ["--train", str(queries)]
+    elif problem == "repsim":
+        args += ["--methods", "datainf,repsim"]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

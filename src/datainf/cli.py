@@ -143,14 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "clusters with flipped labels: the AUC of each for finding them.")
     demo.add_argument("--n-train", type=int, default=2000, help="training examples generated")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data and the flips")
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(handler=_demo)
 
     for job in JOBS.values():
         command = job.COMMAND
         p = sub.add_parser(command.name, help=command.help, formatter_class=Help,
                            description=command.description, epilog=command.epilog)
         add_options(p, command.config, command.layout)
-        p.set_defaults(run=_job)
+        p.set_defaults(handler=_job)
 
     x = sub.add_parser("experiment", help="the paper's studies: approximation, mislabeled, "
                        "generation, diffusion; and removal",
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, kwargs in study.options:
             g.add_argument(flag, **kwargs)
         add_options(e, study.config, study.layout, study.helps)
-        e.set_defaults(run=_experiment, **study.defaults)
+        e.set_defaults(handler=_experiment, **study.defaults)
     return parser
 
 
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _join_torchrun(args)
         with command_line():  # messages name the options the user typed
-            args.run(args)
+            args.handler(args)
         _finish_together(args)
     except DataInfError as error:
         print(f"datainf: error: {error}", file=sys.stderr)

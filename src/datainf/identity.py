@@ -63,7 +63,8 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def model_fingerprint(
-    model: Any, *, frozen_samples: int = 1024, trainable_values: bool = True
+    model: Any, *, frozen_samples: int = 1024, trainable_values: bool = True,
+    configs: bool = True,
 ) -> str:
     """A 16-hex-digit digest of a model's architecture and current weights.
 
@@ -78,11 +79,14 @@ def model_fingerprint(
     An edit to frozen weights that misses every sampled value goes unnoticed.
     ``trainable_values=False`` leaves the trainable values out: a digest of the base model and
     the adapter's shape, unchanged by training (the adapter's values are fingerprinted apart).
+    ``configs=False`` leaves the configs out: the weights alone, which a trainer's switches in
+    the config (``use_cache`` under gradient checkpointing, ...) do not change.
     """
     h = hashlib.blake2b(digest_size=8)
-    h.update(_config_json(model.config).encode())
-    for name, cfg in sorted(getattr(model, "peft_config", {}).items()):
-        h.update(f"peft:{name}:{_config_json(cfg)}".encode())
+    if configs:
+        h.update(_config_json(model.config).encode())
+        for name, cfg in sorted(getattr(model, "peft_config", {}).items()):
+            h.update(f"peft:{name}:{_config_json(cfg)}".encode())
     for name, p in model.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad};".encode())
         if p.requires_grad:

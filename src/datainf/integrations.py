@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from transformers import TrainerCallback
 
 from .errors import DataInfError
 from .gradients.collect import collect_gradients
+from .gradients.store import GradientStore
 from .identity import adapter_fingerprint, model_fingerprint
 from .training.moments import adam_second_moments, save_second_moments
 
@@ -126,6 +128,8 @@ class DataInfCallback(TrainerCallback):
             "format": FORMAT, "version": 1, "task": self.task,
             "base_model": _base_name(model),
             "model_fingerprint": model_fingerprint(model, trainable_values=False),
+            "weights_fingerprint": model_fingerprint(model, trainable_values=False,
+                                                     configs=False),
             "adapter_fingerprint": adapter_fingerprint(model, widths),
             "n_train": len(dataset), "batch_size": batch_size,
             "trainer": {"epochs": args.num_train_epochs, "steps": state.global_step,
@@ -195,6 +199,65 @@ def _plain_forward(model):
             model.forward = patched
 
 
+@dataclass
+class CallbackRun:
+    """A complete run folder of :class:`DataInfCallback`, as the commands read it."""
+
+    folder: Path
+    record: dict                # callback.json
+    examples: list[dict]        # examples.jsonl, one per training example, in store order
+
+    @property
+    def adapter(self) -> Path:
+        return self.folder / "adapter"
+
+    @property
+    def store(self) -> Path:
+        return self.folder / "gradients" / "train"
+
+
+def read_callback_run(folder: str | os.PathLike, task: str, what: str = "--run"
+                      ) -> CallbackRun:
+    """The run folder ``folder``, refused in one line when it is not a complete one of a
+    ``task`` ("causal_lm" or "classification") training."""
+    folder = Path(folder)
+    path = folder / RECORD
+    if not path.is_file():
+        raise DataInfError(f"{what} {folder} has no {RECORD}: not a folder that "
+                           "datainf.integrations.DataInfCallback finished writing (training "
+                           "still running, stopped before its end, or another folder)")
+    record = json.loads(path.read_text())
+    if record.get("format") != FORMAT:
+        raise DataInfError(f"{what} {folder}: {RECORD} is not of a DataInfCallback run")
+    if record["task"] != task:
+        kind = {"causal_lm": "a causal LM", "classification": "a sequence classifier"}
+        raise DataInfError(f"{what} {folder} holds the training of {kind[record['task']]}; "
+                           f"this command needs {kind[task]}")
+    lines = (folder / "examples.jsonl").read_text().splitlines()
+    return CallbackRun(folder, record, [json.loads(line) for line in lines])
+
+
+def given_store(given: CallbackRun, model) -> GradientStore:
+    """The run's training store, refused when ``model`` (the base with the run's adapter
+    loaded) is not the model it was made from."""
+    if not GradientStore.is_complete(given.store):
+        raise DataInfError(f"--run {given.folder}: its gradient store is not complete")
+    store = GradientStore.open(given.store)
+    widths = {name: store.block_widths[name] for name in store.block_names}
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(widths) != names:
+        raise DataInfError(f"--run {given.folder}: its gradients are of other parameters than "
+                           "the adapter's (another model or adapter)")
+    # the weights, not the configs: the trainer switched some of the config's flags
+    weights = model_fingerprint(model, trainable_values=False, configs=False)
+    if given.record["weights_fingerprint"] != weights or \
+            store.identity["adapter"] != adapter_fingerprint(model, widths):
+        raise DataInfError(f"--run {given.folder}: its gradients were made with another model "
+                           f"or adapter than {given.record['base_model']} with the run's "
+                           "adapter (the base model's weights changed?)")
+    return store
+
+
 def _task_of(model) -> str:
     """'causal_lm' or 'classification', from the PEFT task type or the model's class."""
     peft_config = getattr(model, "peft_config", {}) or {}
@@ -243,4 +306,4 @@ def _write_examples(path: Path, dataset, tokenizer, task: str) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["DataInfCallback"]
+__all__ = ["CallbackRun", "DataInfCallback", "read_callback_run"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,12 +37,14 @@ from ..data.chat import (
     read_chat_jsonl,
 )
 from ..devices import check_device
+from ..errors import DataInfError
 from ..gradients.collect import collect_gradients
 from ..gradients.representations import representations
 from ..gradients.source import names_matching
 from ..gradients.store import GradientStore
 from ..gradients.tasks import CausalLM
 from ..identity import fingerprint
+from ..integrations import CallbackRun, given_store, read_callback_run
 from ..log import warn
 from ..methods import Inputs
 from ..models.hf import check_adapter_folder, check_model_name, load_causal_lm
@@ -81,7 +83,11 @@ class Config(PairwiseOptions):
     blocks: str | None = option(
         None, "regular expression: only the matching gradient blocks count (e.g. "
         "'layers\\.2[0-9]\\.')")
-    train: str = option("", "fine-tuning examples (.jsonl)", required=True, shown=None)
+    train: str = option("", "fine-tuning examples (.jsonl)", shown=None)
+    run: str | None = option(
+        None, "instead of --train, --model and --adapter: a run folder that "
+        "datainf.integrations.DataInfCallback wrote at the end of your Trainer / SFTTrainer "
+        "training (its model, adapter, training examples and their gradients)", shown=None)
     queries: str = option("", "queries to explain (.jsonl)", required=True, shown=None)
     model: str = option(
         "smollm2", "'smollm2' (shipped SmolLM2-135M-Instruct), a HF causal LM folder or hub name")
@@ -109,7 +115,7 @@ class Config(PairwiseOptions):
     progress: bool | None = option(None, QUIET_HELP, flag="--quiet", kind="quiet")
     stage_seconds: dict = field(default_factory=dict)
 
-    EXPENSIVE = ("model", "adapter", "lora_r", "lora_alpha", "lora_targets", "epochs",
+    EXPENSIVE = ("model", "adapter", "run", "lora_r", "lora_alpha", "lora_targets", "epochs",
                  "batch_size", "learning_rate", "max_length", "seed")
 
 
@@ -124,7 +130,7 @@ COMMAND = Command(
     "queries: LoRA fine-tunes the causal LM on --train (or takes --adapter), answers the "
     "queries that have no response, and scores every training example against every query.",
     config=Config,
-    layout={"data": ("train", "queries", "adapter"), **MODEL_OPTIONS,
+    layout={"data": ("train", "run", "queries", "adapter"), **MODEL_OPTIONS,
             "outputs": OUTPUT_OPTIONS},
     epilog="""\
 data: JSON lines, one example a line: {"prompt": ..., "response": ...} or {"messages": [{"role":
@@ -151,6 +157,23 @@ def check_settings(config: Config) -> None:
                            "top": 1, "max_new_tokens": 1, "query_batch": 1},
                   ("learning_rate", "damping", "lora_alpha"))
     check_device(config.device)
+    if config.run is not None:
+        if config.train or config.adapter:
+            raise DataInfError("--run brings the training examples, the model and the adapter; "
+                               "give it without --train and --adapter")
+        if config.loss_on != "response":
+            raise DataInfError("--run: the training gradients are of the loss the trainer "
+                               "trained on (its labels); the queries' loss must be the "
+                               "response's: leave --loss-on at 'response'")
+        if "repsim" in config.methods:
+            raise DataInfError("--run: repsim needs the training examples' representations, "
+                               "which the run folder does not keep; leave repsim out of "
+                               "--methods")
+        read_callback_run(config.run, "causal_lm")  # refused now, not after loading
+        return
+    if not config.train:
+        raise DataInfError("give --train (a .jsonl file of examples to fine-tune on) or --run "
+                           "(a DataInfCallback run folder)")
     check_model_name(config.model, ("smollm2",))
     if config.adapter is not None:
         check_adapter_folder(config.adapter)
@@ -313,15 +336,21 @@ def prepared(config: Config) -> Iterator[Prepared]:
     run.json written) only once the model and adapter have loaded."""
     check_settings(config)
     run = Run.of(config)
+    given = read_callback_run(config.run, "causal_lm") if config.run else None
+    if given is not None:  # the trainer's model and adapter
+        config = replace(config, model=given.record["base_model"], adapter=str(given.adapter))
     with run.stage("data"):
-        train = read_chat_jsonl(config.train, need_response=True, what=said("train"))
+        train = (read_chat_jsonl(config.train, need_response=True, what=said("train"))
+                 if given is None else callback_examples(given))
     queries = read_chat_jsonl(config.queries, need_response=False, what=said("queries"))
-    record = {**config.expensive(), "train_fingerprint": fingerprint(config.train)}
+    record = {**config.expensive(), "train_fingerprint": fingerprint(
+        config.train if given is None else given.folder / "callback.json")}
     with run.locked(record):
         with run.stage("model"):
             model, tokenizer, source = load_model(config, run.out)
-        encoded_train = encode_all(tokenizer, train, [e.response for e in train],
-                                   max_length=config.max_length, what=said("train"))
+        encoded_train = None if given is not None else encode_all(
+            tokenizer, train, [e.response for e in train], max_length=config.max_length,
+            what=said("train"))
         # the prompts alone must fit too, with room for an answer
         encode_all(tokenizer, queries, [q.response for q in queries],
                    max_length=config.max_length, what=said("queries"))
@@ -339,8 +368,12 @@ def prepared(config: Config) -> Iterator[Prepared]:
                                      what=said("queries"))
         train_path = run.out / "gradients" / ("train" + _suffix(config))
         query_path = folder / ("gradients" + _suffix(config))
-        train_store = collected(run, "gradients", [train_path], lambda: gradients(
-            config, model, tokenizer, encoded_train, train_path))
+        if given is None:
+            train_store = collected(run, "gradients", [train_path], lambda: gradients(
+                config, model, tokenizer, encoded_train, train_path))
+        else:  # the trainer's: made by the callback, for this model and adapter
+            train_store = given_store(given, model)
+            run.reuse("gradients")
         query_store = collected(run, "query gradients", [query_path], lambda: gradients(
             config, model, tokenizer, encoded_queries, query_path))
         inputs = with_features(run, Inputs(train_store, query_store, second_moments=moments),
@@ -349,6 +382,14 @@ def prepared(config: Config) -> Iterator[Prepared]:
                                    for encoded in (encoded_train, encoded_queries)))
         yield Prepared(run, train, queries, responses, generated, model, tokenizer, source,
                        history, train_store, query_store, inputs)
+
+
+def callback_examples(given: CallbackRun) -> list[ChatExample]:
+    """The training examples of a DataInfCallback run folder, for the reports: the prompt and
+    completion when the dataset kept them, else the decoded tokens as the prompt."""
+    return [ChatExample([{"role": "user", "content": e.get("prompt") or e.get("text") or ""}],
+                        e.get("completion") or "", line=e["row"] + 1)
+            for e in given.examples]
 
 
 def _suffix(config: Config) -> str:
