@@ -9,10 +9,10 @@ run: setup
 	.venv/bin/datainf detect-mislabeled
 
 lint: setup
-	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff check src tests benchmarks scripts examples
 
 test: setup
-	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff check src tests benchmarks scripts examples
 	.venv/bin/python -m pytest -q
 
 bench: setup

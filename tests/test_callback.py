@@ -104,8 +104,9 @@ def test_sft_trainer_leaves_a_run_folder(chat, tmp_path):
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert set(read_second_moments(out / "adapter")) == set(store.block_names)
     lines = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
-    # the trainer's dataloader no longer holds the text columns: the tokens, decoded
-    assert lines[3]["text"].startswith("Say 3 twice: 3 3")
+    # the trainer's dataloader no longer holds the text columns: the tokens, decoded, split
+    # where the scored tokens begin
+    assert lines[3]["prompt"] == "Say 3 twice:" and lines[3]["completion"] == " 3 3<|im_end|>"
 
 
 def test_trainer_on_a_classifier(tmp_path):

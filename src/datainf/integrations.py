@@ -17,7 +17,8 @@ The folder (``out``) holds, once training has ended:
   gradients do not depend on how steps group examples);
 - ``examples.jsonl``: one record per training example: its text columns as the dataset
   holds them (prompt and completion, messages, text), else its input ids decoded (special
-  tokens kept); its label for a classifier;
+  tokens kept; for a causal LM split at the first scored token into prompt and completion);
+  its label for a classifier;
 - ``callback.json``: the settings (task, base model, trainer's batch size, epochs, steps) and
   fingerprints, written last: its presence marks a complete folder.
 
@@ -285,18 +286,27 @@ def _process_group():
     return None
 
 
+def _ints(values) -> list[int]:
+    return values.tolist() if hasattr(values, "tolist") else [int(v) for v in values]
+
+
 def _write_examples(path: Path, dataset, tokenizer, task: str) -> None:
     """One JSON line per training example: its text as the dataset still holds it ("prompt"
     and "completion", "messages" or "text" columns), else decoded from its input ids (special
-    tokens kept); for a classifier, its label."""
+    tokens kept; a causal LM's split into the unscored prompt and the scored completion); for
+    a classifier, its label."""
     lines = []
     for i in range(len(dataset)):
         row = dataset[i]
         record = {"row": i, **{k: row[k] for k in TEXT_COLUMNS if k in row}}
-        if len(record) == 1:
-            ids = row["input_ids"]
-            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-            record["text"] = tokenizer.decode(ids) if tokenizer is not None else None
+        if len(record) == 1 and tokenizer is not None:
+            ids = _ints(row["input_ids"])
+            scored = [j for j, y in enumerate(_ints(row.get("labels", []))) if y != -100]
+            if task == "causal_lm" and scored:  # the unscored head is the prompt
+                record["prompt"] = tokenizer.decode(ids[: scored[0]])
+                record["completion"] = tokenizer.decode(ids[scored[0]:])
+            else:
+                record["text"] = tokenizer.decode(ids)
         label = row.get("labels", row.get("label")) if task == "classification" else None
         if label is not None:
             record["label"] = int(label)
