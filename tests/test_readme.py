@@ -42,10 +42,33 @@ def prelude(code: str) -> dict:
     else:
         model, batches = tiny_bert_classifier(), text_batches()
     widths = {"layer.0.lora_A": 6, "layer.0.lora_B": 64, "head": 17}
+    if "DataInfCallback" in code:  # a user's SFTTrainer set-up, tiny, on one epoch
+        return sft_prelude()
     return {"model": model, "batches": batches,
             "train_grads": random_gradients(40, widths, seed=1),
             "test_grads": random_gradients(7, widths, seed=2),
             "query_grads": None}
+
+
+def sft_prelude() -> dict:
+    """``peft_model`` (a tiny chat model with LoRA), ``ds`` (prompt/completion rows), ``cfg``
+    (an SFTConfig of one epoch on the CPU) and SFTTrainer, in the working folder."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from datainf.models.hf import add_lora
+    from datainf.models.tiny import tiny_chat_model
+
+    folder = tiny_chat_model(Path("chat-model"))
+    torch.manual_seed(0)
+    return {"peft_model": add_lora(AutoModelForCausalLM.from_pretrained(folder), r=2, alpha=4),
+            "ds": Dataset.from_list([{"prompt": f"Say {i}.", "completion": f" {i}"}
+                                     for i in range(6)]),
+            "cfg": SFTConfig(output_dir="trainer", report_to=[], use_cpu=True, max_length=32,
+                             num_train_epochs=1, save_strategy="no", logging_strategy="no",
+                             per_device_train_batch_size=3),
+            "SFTTrainer": SFTTrainer}
 
 
 def test_the_readme_has_its_code_blocks():
