@@ -4,6 +4,7 @@ example with the labels the trainer used, and every refused setting is refused b
 first training step."""
 
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -265,3 +266,41 @@ def test_run_folder_refused(tmp_path, capsys, problem, message):
         args += ["--methods", "datainf,repsim"]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_rank_writes_its_shard(chat, tmp_path):
+    """Two processes (torchrun, DDP on gloo): the store has a shard a rank, and its rows are
+    the per-example gradients of the final adapter, as one process computes them."""
+    import os
+    import subprocess
+    import sys
+
+    from sft_ranks import ROWS
+
+    from datainf.data.chat import ChatExample, encode_all, lm_batches
+    from datainf.models.hf import load_adapter
+
+    folder, tokenizer = chat
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    script = Path(__file__).with_name("sft_ranks.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(script), str(folder), str(out),
+                           str(tmp_path / "work")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = GradientStore.open(out / "gradients" / "train")
+    assert store.shards == 2 and store.complete and store.num_rows == len(ROWS)
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(folder), out / "adapter")
+    examples = [ChatExample(r["prompt"], r["completion"][0]["content"]) for r in ROWS]
+    encoded = encode_all(tokenizer, examples, [e.response for e in examples], max_length=64,
+                         what="rows")
+    from datainf import collect_gradients
+
+    expected = collect_gradients(model, lm_batches(encoded, 3, tokenizer.pad_token_id),
+                                 "causal_lm")
+    for name, rows in expected.items():
+        # float32 both, batched otherwise (2 a rank against 3 here): one float32 pass apart
+        assert relative(store.read_block(name), rows) < BOUND, name
