@@ -66,7 +66,7 @@ def test_lds_of_a_known_linear_loss(tmp_path, weights, monkeypatch):
     assert -1 < summary["lds"]["random"]["mean"] < 1
     table = pd.read_csv(tmp_path / "lds" / "lds.csv")
     assert len(table) == 3 * N_TEST
-    assert summary["separated_at"] == {"subsets": 8, "best": "datainf"}
+    assert summary["separated_at"] == {"subsets": 8, "best": ["datainf"]}
     assert "LDS per method" in (tmp_path / "lds" / "report.html").read_text()
 
 
@@ -156,3 +156,16 @@ def test_quick_generation_and_diffusion(task, n_train, n_test, tmp_path):
                for x in losses)
     # the subset models differ in their data: their test losses differ
     assert len({tuple(x["test_loss"]) for x in losses}) == 4
+
+
+def test_separation_of_a_leading_group():
+    """Two methods level at the top (overlapping intervals) and apart from the rest: the group
+    is named, at the first count where it stands apart."""
+    def v(mean, half):
+        return {"mean": mean, "low": mean - half, "high": mean + half, "n": 50}
+
+    by = {"8": {"a": v(0.90, 0.05), "b": v(0.88, 0.05), "c": v(0.80, 0.06)},
+          "16": {"a": v(0.93, 0.02), "b": v(0.92, 0.02), "c": v(0.80, 0.03)}}
+    assert lds.separated_at(by) == {"subsets": 16, "best": ["a", "b"]}
+    by["16"]["c"] = v(0.90, 0.01)  # now level with the leaders: no separation
+    assert lds.separated_at(by) is None
