@@ -51,6 +51,7 @@ from .training.moments import adam_second_moments, save_second_moments
 FORMAT = "datainf-callback"
 RECORD = "callback.json"
 TEXT_COLUMNS = ("prompt", "completion", "messages", "text")  # kept in examples.jsonl
+PROBE = ".datainf-write-probe"  # written and removed by rank 0 to check that out is writable
 
 
 class DataInfCallback(TrainerCallback):
@@ -172,14 +173,14 @@ class DataInfCallback(TrainerCallback):
         out = self.out
         if out.exists() and not out.is_dir():
             raise DataInfError(f"DataInfCallback: out={str(out)!r} is a file; give a folder")
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != PROBE for p in out.iterdir()):  # rank 0's probe
             raise DataInfError(f"DataInfCallback: out={str(out)!r} already holds files (another "
                                "run's?); give a new or empty folder, or delete it")
         if args.process_index != 0:
             return
         try:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".datainf-write-probe"
+            probe = out / PROBE
             probe.write_text("")
             probe.unlink()
         except OSError as error:
