@@ -42,7 +42,7 @@ from ..data.synthetic import TASKS as TEXT_TASKS
 from ..data.synthetic import make_task
 from ..data.text import builtin_dataset
 from ..errors import DataInfError
-from ..gradients.tasks import CausalLM, Diffusion
+from ..gradients.tasks import CausalLM, Diffusion, batch_size
 from ..jobs import detect_mislabeled, explain_generation, explain_image
 from ..jobs.detect_mislabeled import scoring_inputs
 from ..jobs.pairwise import matrix_folder, score_queries
@@ -296,9 +296,17 @@ def pairwise_matrices(out: Path, job, inputs) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def mean_losses(losses: Callable[[dict], torch.Tensor], batches) -> np.ndarray:
-    """The per-example losses of every batch, concatenated: (m,) float64."""
-    return torch.cat([losses(b).double() for b in batches]).numpy()
+def task_losses(task, model, batches) -> np.ndarray:
+    """Each example's loss under ``task`` (the mean over its passes: a diffusion task's
+    timesteps), rows numbered across the batches as a gradient store numbers them (a
+    diffusion task's noise depends on the row): (m,) float64."""
+    out, first = [], 0
+    for batch in batches:
+        rows = torch.arange(first, first + batch_size(batch))
+        out.append(torch.stack([task.losses(model, batch, rows, p)
+                                for p in range(task.num_passes)]).mean(0).double().cpu())
+        first += len(rows)
+    return torch.cat(out).numpy()
 
 
 def generation(study: Study) -> Kind:
@@ -329,7 +337,7 @@ def generation(study: Study) -> Kind:
         part = Encoded([encoded.ids[i] for i in kept], [encoded.prompt_lengths[i] for i in kept])
         explain_generation.train_adapter(config, model, tokenizer, part)
         model.eval()
-        return mean_losses(lambda b: task.losses(model, b, torch.arange(len(b["input_ids"])), 0),
+        return task_losses(task, model,
                            explain_generation.scored_batches(config, tokenizer, tests))
 
     settings = {k: v for k, v in job.expensive().items() if k != "seed"}
@@ -366,17 +374,8 @@ def diffusion(study: Study) -> Kind:
         task = Diffusion(timesteps=tuple(job.timesteps), seed=job.seed,
                          scheduler=pipeline.scheduler)
         queries = to_pixels(np.moveaxis(query_images, -1, 1), pipeline.image_size)
-        batches = list(explain_image.image_batches(pipeline, queries, query_prompts,
-                                                   job.batch_size))
-        starts = np.cumsum([0] + [len(b["pixel_values"]) for b in batches])
-
-        def loss(b: dict, first: int) -> torch.Tensor:
-            rows = torch.arange(first, first + len(b["pixel_values"]))
-            return torch.stack([task.losses(unet, b, rows, t)
-                                for t in range(task.num_passes)]).mean(0)
-
-        return np.concatenate([mean_losses(lambda b, f=first: loss(b, f), [b])
-                               for b, first in zip(batches, starts, strict=False)])
+        return task_losses(task, unet, explain_image.image_batches(
+            pipeline, queries, query_prompts, job.batch_size))
 
     settings = {k: v for k, v in job.expensive().items() if k != "seed"}
     return Kind(len(train), len(test), scores, losses,
