@@ -278,8 +278,9 @@ def classification(study: Study) -> Kind:
 
     def losses(kept: np.ndarray, seed: int, folder: Path) -> np.ndarray:
         left_out = tuple(int(i) for i in np.setdiff1d(np.arange(n_train), kept))
-        again = replace(job, exclude=left_out, seed=seed, out=str(folder), stage_seconds={},
-                        progress=False)
+        # the run's seed moves LoRA, the head and the order, never the split
+        again = replace(job, exclude=left_out, training_seed=seed, out=str(folder),
+                        stage_seconds={}, progress=False)
         with detect_mislabeled.prepared(again, with_gradients=False) as q:
             return np.asarray(q.preds.val_loss, dtype=np.float64)
 
