@@ -46,6 +46,7 @@ from .errors import DataInfError
 from .gradients.collect import collect_gradients
 from .gradients.store import GradientStore
 from .identity import adapter_fingerprint, model_fingerprint
+from .jobs.runs import write_atomic
 from .training.moments import adam_second_moments, save_second_moments
 
 FORMAT = "datainf-callback"
@@ -125,14 +126,12 @@ class DataInfCallback(TrainerCallback):
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
             save_second_moments(adam_second_moments(model, inner), adapter)
         _write_examples(self.out / "examples.jsonl", dataset, processing_class, self.task)
-        widths = {name: store.block_widths[name] for name in store.block_names}
         record = {
             "format": FORMAT, "version": 1, "task": self.task,
             "base_model": _base_name(model),
-            "model_fingerprint": model_fingerprint(model, trainable_values=False),
             "weights_fingerprint": model_fingerprint(model, trainable_values=False,
                                                      configs=False),
-            "adapter_fingerprint": adapter_fingerprint(model, widths),
+            "adapter_fingerprint": adapter_fingerprint(model, store.block_widths),
             "n_train": len(dataset), "batch_size": batch_size,
             "trainer": {"epochs": args.num_train_epochs, "steps": state.global_step,
                         "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -140,9 +139,7 @@ class DataInfCallback(TrainerCallback):
                         "world_size": args.world_size, "learning_rate": args.learning_rate},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        tmp = self.out / f"{RECORD}.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, self.out / RECORD)
+        write_atomic(self.out / RECORD, json.dumps(record, indent=1))
 
     # ------------------------------------------------------------ checks
     def _check_model(self, model) -> None:
@@ -245,7 +242,7 @@ def given_store(given: CallbackRun, model) -> GradientStore:
     if not GradientStore.is_complete(given.store):
         raise DataInfError(f"--run {given.folder}: its gradient store is not complete")
     store = GradientStore.open(given.store)
-    widths = {name: store.block_widths[name] for name in store.block_names}
+    widths = store.block_widths
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(widths) != names:
         raise DataInfError(f"--run {given.folder}: its gradients are of other parameters than "
@@ -312,9 +309,7 @@ def _write_examples(path: Path, dataset, tokenizer, task: str) -> None:
         if label is not None:
             record["label"] = int(label)
         lines.append(json.dumps(record) + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(lines))
 
 
 __all__ = ["CallbackRun", "DataInfCallback", "read_callback_run"]
