@@ -46,7 +46,6 @@ from .errors import DataInfError
 from .gradients.collect import collect_gradients
 from .gradients.store import GradientStore
 from .identity import adapter_fingerprint, model_fingerprint
-from .jobs.runs import write_atomic
 from .training.moments import adam_second_moments, save_second_moments
 
 FORMAT = "datainf-callback"
@@ -139,7 +138,7 @@ class DataInfCallback(TrainerCallback):
                         "world_size": args.world_size, "learning_rate": args.learning_rate},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        write_atomic(self.out / RECORD, json.dumps(record, indent=1))
+        _write_whole(self.out / RECORD, json.dumps(record, indent=1))
 
     # ------------------------------------------------------------ checks
     def _check_model(self, model) -> None:
@@ -284,6 +283,14 @@ def _process_group():
     return None
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all. (jobs.runs.write_atomic does the same; this
+    floor stands below jobs, which reads the folder through this module.)"""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _ints(values) -> list[int]:
     return values.tolist() if hasattr(values, "tolist") else [int(v) for v in values]
 
@@ -309,7 +316,7 @@ def _write_examples(path: Path, dataset, tokenizer, task: str) -> None:
         if label is not None:
             record["label"] = int(label)
         lines.append(json.dumps(record) + "\n")
-    write_atomic(path, "".join(lines))
+    _write_whole(path, "".join(lines))
 
 
 __all__ = ["CallbackRun", "DataInfCallback", "read_callback_run"]
