@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import trl
@@ -17,6 +18,7 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     DataCollatorWithPadding,
     Trainer,
     TrainingArguments,
@@ -110,42 +112,118 @@ def test_sft_trainer_leaves_a_run_folder(chat, tmp_path):
     assert lines[3]["prompt"] == "Say 3 twice:" and lines[3]["completion"] == " 3 3<|im_end|>"
 
 
-def test_trainer_on_a_classifier(tmp_path):
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    """A Trainer's LoRA fine-tune of a tiny 3-class BERT (saved in a folder, as a base model
+    is) with the callback: (base folder, run folder, dataset, trained model, fresh model)."""
+    tmp = tmp_path_factory.mktemp("classifier")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, num_labels=3)
+    folder = tmp / "base"
+    BertModel(config).save_pretrained(folder)  # no head: each load initialises one
+    tokenizer.save_pretrained(folder)
+
     def classifier():
-        torch.manual_seed(0)
-        return add_lora(BertForSequenceClassification(config), r=2, alpha=4,
+        torch.manual_seed(1)  # another head than the command's (seeded 0): unused once trained
+        return add_lora(BertForSequenceClassification.from_pretrained(folder), r=2, alpha=4,
                         target_modules=["query", "value"])
 
     model = classifier()
-    texts = [f"text number {i} about {'abc'[i % 3]}" for i in range(9)]
-    data = datasets.Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(9)]})
+    data = datasets.Dataset.from_dict({"text": CLASSIFIER_TEXTS,
+                                       "label": [i % 3 for i in range(9)]})
     data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=16),
                     batched=True)
-    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4,
+    args = TrainingArguments(output_dir=str(tmp / "trainer"), per_device_train_batch_size=4,
                              num_train_epochs=1, report_to=[], save_strategy="no",
                              logging_strategy="no", use_cpu=True)
-    out = tmp_path / "run"
+    out = tmp / "run"
     trainer = Trainer(model=model, args=args, train_dataset=data,
                       data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                       callbacks=[DataInfCallback(out)])
     trainer.train()
+    return folder, out, data, trainer.model, classifier()
+
+
+CLASSIFIER_TEXTS = [f"text number {i} about {'abc'[i % 3]}" for i in range(9)]
+
+
+def test_trainer_on_a_classifier(classifier_run):
+    _, out, data, trained, fresh = classifier_run
     store = GradientStore.open(out / "gradients" / "train")
-    assert json.loads((out / "callback.json").read_text())["task"] == "classification"
+    record = json.loads((out / "callback.json").read_text())
+    assert record["task"] == "classification"
+    assert record["classes"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
 
     def loss(model64, example):
         ids = torch.tensor([example["input_ids"]])
         logits = model64(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         return torch.nn.functional.cross_entropy(logits, torch.tensor([example["label"]]))
 
-    expected = reference_rows(trainer.model, classifier(), [data[i] for i in range(9)], loss)
+    expected = reference_rows(trained, fresh, [data[i] for i in range(9)], loss)
     for name, rows in expected.items():
         assert relative(store.read_block(name), rows) < BOUND, name
     lines = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
-    assert texts[4] in lines[4]["text"] and lines[4]["label"] == 1  # decoded, [CLS] ... [SEP]
+    # decoded, [CLS] ... [SEP]; the tokens the collator made of the example alone
+    assert CLASSIFIER_TEXTS[4] in lines[4]["text"] and lines[4]["label"] == 1
+    assert lines[4]["inputs"]["input_ids"] == data[4]["input_ids"]
+    assert set(lines[4]["inputs"]) == {"input_ids", "attention_mask", "token_type_ids"}
+
+
+def test_detect_mislabeled_from_the_run_folder(classifier_run, tmp_path, capsys):
+    """--run scores the trainer's examples (on their own tokens) against --val-data as the
+    standalone command does with the same adapter and data; labels by name or id."""
+    folder, run, data, _, _ = classifier_run
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
+    train.write_text("text,label\n" + "".join(f"{t},{i % 3}\n"
+                                             for i, t in enumerate(CLASSIFIER_TEXTS)))
+    val.write_text("text,label\n" + "".join(f"other text {i} about {'abc'[i % 3]},LABEL_{i % 3}\n"
+                                           for i in range(6)))
+    common = ["--methods", "datainf,less,repsim", "--max-length", "16", "--quiet"]
+    assert main(["detect-mislabeled", "--run", str(run), "--val-data", str(val), "--out",
+                 str(tmp_path / "a"), *common]) == 0
+    val.write_text(val.read_text().replace("LABEL_", ""))  # the ids: the same classes
+    assert main(["detect-mislabeled", "--model", str(folder), "--adapter", str(run / "adapter"),
+                 "--data", str(train), "--val-data", str(val), "--noise", "0", "--out",
+                 str(tmp_path / "b"), *common]) == 0
+    a = pd.read_csv(tmp_path / "a" / "scores.csv").sort_values("row")
+    b = pd.read_csv(tmp_path / "b" / "scores.csv").sort_values("row")
+    assert list(a["row"]) == list(range(9))
+    for column in ("datainf", "less", "repsim", "loss"):
+        # the same float32 gradients batched otherwise (4 a batch in the trainer's collator,
+        # 16 in ours): one float32 pass apart, see tolerances
+        assert relative(torch.tensor(a[f"{column}_score"].to_numpy()),
+                        torch.tensor(b[f"{column}_score"].to_numpy())) < 1e-5, column
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert "gradients" in summary["reused_stages"] and summary["n_train"] == 9
+    # a validation label that is none of the run's classes: refused before the model loads
+    val.write_text("text,label\nsome text,7\n")
+    capsys.readouterr()
+    assert main(["detect-mislabeled", "--run", str(run), "--val-data", str(val), "--out",
+                 str(tmp_path / "c"), *common]) == 2
+    assert "labels ['7'] are none of the run's classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("with data", "give it without --data and --adapter"),
+    ("no val", "--run needs --val-data"),
+    ("noise", "leave --noise out"),
+    ("drop top", "drop the rows that suspects.csv names"),
+    ("unfinished", "has no callback.json"),
+])
+def test_mislabeled_run_refused(tmp_path, capsys, problem, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    val = tmp_path / "val.csv"
+    val.write_text("text,label\na,0\n")
+    extra = {"with data": ["--data", str(val), "--val-data", str(val)], "no val": [],
+             "noise": ["--val-data", str(val), "--noise", "0.1"],
+             "drop top": ["--val-data", str(val), "--drop-top", "2"],
+             "unfinished": ["--val-data", str(val)]}[problem]
+    assert main(["detect-mislabeled", "--run", str(run), "--out", str(tmp_path / "out"),
+                 "--quiet", *extra]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("problem, message", [

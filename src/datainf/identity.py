@@ -64,7 +64,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def model_fingerprint(
     model: Any, *, frozen_samples: int = 1024, trainable_values: bool = True,
-    configs: bool = True,
+    configs: bool = True, head_originals: bool = True,
 ) -> str:
     """A 16-hex-digit digest of a model's architecture and current weights.
 
@@ -81,6 +81,9 @@ def model_fingerprint(
     the adapter's shape, unchanged by training (the adapter's values are fingerprinted apart).
     ``configs=False`` leaves the configs out: the weights alone, which a trainer's switches in
     the config (``use_cache`` under gradient checkpointing, ...) do not change.
+    ``head_originals=False`` leaves out the frozen originals that PEFT keeps of each
+    ``modules_to_save`` head (``...original_module...``): its trained copy replaces them in the
+    forward pass, so their values (a classifier head's random initialisation) change no output.
     """
     h = hashlib.blake2b(digest_size=8)
     if configs:
@@ -88,6 +91,8 @@ def model_fingerprint(
         for name, cfg in sorted(getattr(model, "peft_config", {}).items()):
             h.update(f"peft:{name}:{_config_json(cfg)}".encode())
     for name, p in model.named_parameters():
+        if not head_originals and ".original_module." in name:
+            continue
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad};".encode())
         if p.requires_grad:
             if trainable_values:

@@ -18,9 +18,11 @@ The folder (``out``) holds, once training has ended:
 - ``examples.jsonl``: one record per training example: its text columns as the dataset
   holds them (prompt and completion, messages, text), else its input ids decoded (special
   tokens kept; for a causal LM split at the first scored token into prompt and completion);
-  its label for a classifier;
-- ``callback.json``: the settings (task, base model, trainer's batch size, epochs, steps) and
-  fingerprints, written last: its presence marks a complete folder.
+  for a classifier also its label and the model inputs the trainer's collator makes of it
+  (``detect-mislabeled --run`` predicts on exactly those tokens);
+- ``callback.json``: the settings (task, base model, a classifier's class names, trainer's
+  batch size, epochs, steps) and fingerprints, written last: its presence marks a complete
+  folder.
 
 Checked before the first training step (one clear error, nothing trained): the model has LoRA
 adapters; ``out`` is writable and empty (or absent); no DeepSpeed and no FSDP (they shard the
@@ -43,6 +45,7 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import DataInfError
+from .files import write_atomic
 from .gradients.collect import collect_gradients
 from .gradients.store import GradientStore
 from .identity import adapter_fingerprint, model_fingerprint
@@ -51,6 +54,7 @@ from .training.moments import adam_second_moments, save_second_moments
 FORMAT = "datainf-callback"
 RECORD = "callback.json"
 TEXT_COLUMNS = ("prompt", "completion", "messages", "text")  # kept in examples.jsonl
+CLASSIFIER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # kept for a classifier
 PROBE = ".datainf-write-probe"  # written and removed by rank 0 to check that out is writable
 
 
@@ -124,13 +128,14 @@ class DataInfCallback(TrainerCallback):
         if optimizer is not None:
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
             save_second_moments(adam_second_moments(model, inner), adapter)
-        _write_examples(self.out / "examples.jsonl", dataset, processing_class, self.task)
+        _write_examples(self.out / "examples.jsonl", dataset, processing_class, self.task,
+                        train_dataloader.collate_fn)
         record = {
             "format": FORMAT, "version": 1, "task": self.task,
             "base_model": _base_name(model),
-            "weights_fingerprint": model_fingerprint(model, trainable_values=False,
-                                                     configs=False),
+            "weights_fingerprint": weights_fingerprint(model),
             "adapter_fingerprint": adapter_fingerprint(model, store.block_widths),
+            **({"classes": _classes(model)} if self.task == "classification" else {}),
             "n_train": len(dataset), "batch_size": batch_size,
             "trainer": {"epochs": args.num_train_epochs, "steps": state.global_step,
                         "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -138,7 +143,7 @@ class DataInfCallback(TrainerCallback):
                         "world_size": args.world_size, "learning_rate": args.learning_rate},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_whole(self.out / RECORD, json.dumps(record, indent=1))
+        write_atomic(self.out / RECORD, json.dumps(record, indent=1))
 
     # ------------------------------------------------------------ checks
     def _check_model(self, model) -> None:
@@ -246,14 +251,20 @@ def given_store(given: CallbackRun, model) -> GradientStore:
     if set(widths) != names:
         raise DataInfError(f"--run {given.folder}: its gradients are of other parameters than "
                            "the adapter's (another model or adapter)")
-    # the weights, not the configs: the trainer switched some of the config's flags
-    weights = model_fingerprint(model, trainable_values=False, configs=False)
-    if given.record["weights_fingerprint"] != weights or \
+    if given.record["weights_fingerprint"] != weights_fingerprint(model) or \
             store.identity["adapter"] != adapter_fingerprint(model, widths):
         raise DataInfError(f"--run {given.folder}: its gradients were made with another model "
                            f"or adapter than {given.record['base_model']} with the run's "
                            "adapter (the base model's weights changed?)")
     return store
+
+
+def weights_fingerprint(model) -> str:
+    """The digest of the base model's weights and the adapter's shape: not of the configs (a
+    trainer switches some of their flags), nor of a classifier head's unused original (PEFT
+    keeps the initial head beside the trained copy; the command's initialisation differs from
+    the trainer's)."""
+    return model_fingerprint(model, trainable_values=False, configs=False, head_originals=False)
 
 
 def _task_of(model) -> str:
@@ -270,6 +281,12 @@ def _task_of(model) -> str:
                        "classifier; the callback attributes those two kinds of training")
 
 
+def _classes(model) -> list[str]:
+    """A classifier's class names in id order (its config's id2label)."""
+    labels = model.config.id2label
+    return [str(labels[i]) for i in range(model.config.num_labels)]
+
+
 def _base_name(model) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return str(getattr(base.config, "_name_or_path", "") or type(base).__name__)
@@ -283,40 +300,44 @@ def _process_group():
     return None
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all. (jobs.runs.write_atomic does the same; this
-    floor stands below jobs, which reads the folder through this module.)"""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _ints(values) -> list[int]:
     return values.tolist() if hasattr(values, "tolist") else [int(v) for v in values]
 
 
-def _write_examples(path: Path, dataset, tokenizer, task: str) -> None:
+def _attended(inputs: dict) -> list[int]:
+    """The input ids that the attention mask keeps (all without a mask)."""
+    mask = inputs.get("attention_mask") or [1] * len(inputs["input_ids"])
+    return [t for t, m in zip(inputs["input_ids"], mask, strict=True) if m]
+
+
+def _write_examples(path: Path, dataset, tokenizer, task: str, collate) -> None:
     """One JSON line per training example: its text as the dataset still holds it ("prompt"
     and "completion", "messages" or "text" columns), else decoded from its input ids (special
-    tokens kept; a causal LM's split into the unscored prompt and the scored completion); for
-    a classifier, its label."""
+    tokens kept; a causal LM's split into the unscored prompt and the scored completion). For a
+    classifier also its label and, under "inputs", the model inputs that ``collate`` (the
+    trainer's collator) makes of it alone (input ids, attention mask, token type ids): what
+    ``detect-mislabeled --run`` predicts on."""
     lines = []
     for i in range(len(dataset)):
         row = dataset[i]
         record = {"row": i, **{k: row[k] for k in TEXT_COLUMNS if k in row}}
-        if len(record) == 1 and tokenizer is not None:
-            ids = _ints(row["input_ids"])
+        inputs = None
+        if task == "classification":
+            batch = collate([row])
+            inputs = {k: _ints(batch[k][0]) for k in CLASSIFIER_INPUTS if k in batch}
+            record["label"] = int(batch["labels"][0])
+        if not any(k in row for k in TEXT_COLUMNS) and tokenizer is not None:
+            ids = _ints(row["input_ids"]) if inputs is None else _attended(inputs)
             scored = [j for j, y in enumerate(_ints(row.get("labels", []))) if y != -100]
             if task == "causal_lm" and scored:  # the unscored head is the prompt
                 record["prompt"] = tokenizer.decode(ids[: scored[0]])
                 record["completion"] = tokenizer.decode(ids[scored[0]:])
             else:
                 record["text"] = tokenizer.decode(ids)
-        label = row.get("labels", row.get("label")) if task == "classification" else None
-        if label is not None:
-            record["label"] = int(label)
+        if inputs is not None:
+            record["inputs"] = inputs
         lines.append(json.dumps(record) + "\n")
-    _write_whole(path, "".join(lines))
+    write_atomic(path, "".join(lines))
 
 
 __all__ = ["CallbackRun", "DataInfCallback", "read_callback_run"]

@@ -37,7 +37,9 @@ class TextData:
     noise and ``flipped``: where they differ (None when no noise was injected). ``rows``: each
     example's 0-based record position in the user's file (``df.iloc[row]``, counted before
     incomplete records were dropped; int64); ``ids``: the values of the file's id column ([]
-    without one).
+    without one). ``inputs``: each example's model inputs as tokens (input_ids, attention_mask,
+    token_type_ids: lists of ints), when the examples come tokenized (a DataInfCallback run's);
+    batches are then made of them, not of the texts (which serve only to show the examples).
     """
 
     texts: list[str]
@@ -48,6 +50,7 @@ class TextData:
     flipped: np.ndarray | None = None
     ids: list[str] = field(default_factory=list)
     rows: np.ndarray | None = None
+    inputs: list[dict] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -63,6 +66,7 @@ class TextData:
             flipped=None if self.flipped is None else self.flipped[index],
             ids=pick(self.ids) if self.ids else [],
             rows=None if self.rows is None else self.rows[index],
+            inputs=None if self.inputs is None else pick(self.inputs),
         )
 
     def fingerprint(self) -> str:
@@ -608,6 +612,31 @@ def load_splits(config) -> tuple[TextData, TextData, dict]:
     return train, validation, {"dropped": dropped, "notes": notes}
 
 
+def run_splits(config, examples: list[dict], classes: list[str]
+               ) -> tuple[TextData, TextData, dict]:
+    """The training examples of a DataInfCallback run (``examples``: its examples.jsonl records,
+    with their label ids and model inputs; ``classes``: the classifier's class names in id order)
+    and the validation data of ``config.val_data``, its labels matched to ``classes`` by name or
+    by id: (train, validation, info) as :func:`load_splits` returns them."""
+    train = TextData([e.get("text", "") for e in examples],
+                     np.array([e["label"] for e in examples], dtype=np.int64), list(classes),
+                     rows=np.array([e["row"] for e in examples], dtype=np.int64),
+                     inputs=[e["inputs"] for e in examples])
+    held = drop_incomplete(read_table(config.val_data, list(config.text_columns),
+                                      config.label_column, config.id_column))
+    (labels,), note = normalise_numeric_labels(held.labels)
+    ids = {str(i): i for i in range(len(classes))} | {name: i for i, name in enumerate(classes)}
+    unknown = sorted({x for x in labels if x not in ids})
+    if unknown:
+        raise DataInfError(f"--val-data {config.val_data}: labels {unknown[:5]} are none of the "
+                           f"run's classes (by name: {classes}; or by id: 0 to "
+                           f"{len(classes) - 1}); give the labels the classifier was trained on")
+    val = TextData(held.texts, np.array([ids[x] for x in labels], dtype=np.int64),
+                   list(classes), pairs=held.pairs, ids=held.ids, rows=held.rows)
+    notes = [n for n in (dropped_note(held), note) if n]
+    return train, val, {"dropped": {"val": held.dropped}, "notes": notes}
+
+
 def _take(rows: CleanRows, index: np.ndarray) -> CleanRows:
     pick = lambda xs: [xs[i] for i in index]  # noqa: E731
     return CleanRows(rows.source, pick(rows.texts),
@@ -617,7 +646,9 @@ def _take(rows: CleanRows, index: np.ndarray) -> CleanRows:
 
 def text_batches(tokenizer, data: TextData, batch_size: int, max_length: int,
                  order: np.ndarray | None = None):
-    """Tokenized, right-padded batches (input_ids, attention_mask, labels, ...) in ``order``.
+    """Tokenized, right-padded batches (input_ids, attention_mask, labels, ...) in ``order``;
+    the examples' own tokens when ``data.inputs`` holds them (not truncated), else their texts
+    tokenized and truncated to ``max_length``.
 
     A list, so it can be iterated more than once; padding is per batch.
     """
@@ -625,10 +656,13 @@ def text_batches(tokenizer, data: TextData, batch_size: int, max_length: int,
     batches = []
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        texts = [data.texts[i] for i in index]
-        pairs = None if data.pairs is None else [data.pairs[i] for i in index]
-        batch = dict(tokenizer(texts, pairs, truncation=True, max_length=max_length,
-                               padding=True, return_tensors="pt"))
+        if data.inputs is not None:
+            batch = dict(tokenizer.pad([data.inputs[i] for i in index], return_tensors="pt"))
+        else:
+            texts = [data.texts[i] for i in index]
+            pairs = None if data.pairs is None else [data.pairs[i] for i in index]
+            batch = dict(tokenizer(texts, pairs, truncation=True, max_length=max_length,
+                                   padding=True, return_tensors="pt"))
         batch["labels"] = torch.as_tensor(data.labels[index], dtype=torch.long)
         batches.append(batch)
     return batches

@@ -22,8 +22,9 @@ import numpy as np
 
 from ..data.image_tasks import TASKS, make_image_task
 from ..data.images import save_png
+from ..files import write_atomic
 from ..jobs import explain_image
-from ..jobs.runs import is_main, main_first, write_atomic
+from ..jobs.runs import is_main, main_first
 from ..methods import LABELS
 from ..metrics import frechet_distance
 from ..models.tiny import tiny_digit_pipeline

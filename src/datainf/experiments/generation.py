@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data.synthetic import TASKS, make_task
+from ..files import write_atomic
 from ..jobs import explain_generation as generation
-from ..jobs.runs import is_main, main_first, write_atomic
+from ..jobs.runs import is_main, main_first
 from ..methods import LABELS
 from ..models.tiny import tiny_chat_model
 from ..report import stage_line, study_page

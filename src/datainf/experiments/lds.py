@@ -42,11 +42,11 @@ from ..data.synthetic import TASKS as TEXT_TASKS
 from ..data.synthetic import make_task
 from ..data.text import builtin_dataset
 from ..errors import DataInfError
+from ..files import write_atomic
 from ..gradients.tasks import CausalLM, Diffusion, batch_size
 from ..jobs import detect_mislabeled, explain_generation, explain_image
 from ..jobs.detect_mislabeled import scoring_inputs
 from ..jobs.pairwise import matrix_folder, score_queries
-from ..jobs.runs import write_atomic
 from ..methods import LABELS, PAIRWISE, score_each
 from ..methods.damping import damping_rule
 from ..metrics import lds

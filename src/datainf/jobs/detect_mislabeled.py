@@ -10,6 +10,11 @@ the same settings; an interrupted run goes on from the last finished stage):
 5. scores   every method's score of every training example, metrics     -> summary.json,
             scores.csv, report.html (always recomputed)
 
+With ``--run`` (a folder of :class:`datainf.integrations.DataInfCallback` on a Trainer's
+classifier) the training examples, model, adapter and training gradients are the trainer's:
+stage 2 is skipped, the predictions are made on the examples' own tokens, and only the
+validation gradients are collected.
+
 Every score is oriented so that HIGHER = MORE SUSPICIOUS: influence on the mean validation loss
 (positive = harmful, the paper's convention), self-influence g^T H^-1 g, the training loss and
 the gradient norm.
@@ -35,15 +40,18 @@ from ..data.text import (
     TextData,
     builtin_dataset,
     load_splits,
+    run_splits,
     text_batches,
 )
 from ..devices import check_device
 from ..errors import DataInfError
+from ..files import write_atomic
 from ..gradients.collect import collect_gradients
 from ..gradients.representations import representations
 from ..gradients.source import blocks_matching, blocks_pattern, group_by_module, names_matching
 from ..gradients.store import GradientStore
 from ..identity import model_fingerprint
+from ..integrations import CallbackRun, given_store, read_callback_run
 from ..log import say, warn
 from ..methods import LABELS, METHODS, Inputs, score_each
 from ..methods.damping import damping_rule
@@ -65,7 +73,7 @@ from .pipeline import (
     with_adapter,
     with_features,
 )
-from .runs import check_numbers, settings_json, warn_unconverged, write_atomic
+from .runs import check_numbers, settings_json, warn_unconverged
 from .suspects import cleaned_table, score_table, suspect_table
 
 REFERENCES = {"loss": "Training loss", "grad_norm": "Gradient norm"}
@@ -99,6 +107,11 @@ class Config:
         None, "column of record ids, shown next to each example (default: the column 'id' "
         "when there is one)")
     val_data: str | None = option(None, "validation file (default: a share of --data)")
+    run: str | None = option(
+        None, "instead of --data, --model and --adapter: a run folder that "
+        "datainf.integrations.DataInfCallback wrote at the end of your Trainer's training of a "
+        "sequence classifier (its model, adapter, training examples and their gradients); "
+        "needs --val-data")
     val_fraction: float = option(
         0.1, "share of --data held out for validation when there is no --val-data")
     train_size: int | None = option(  # BBC News default; None: every remaining example
@@ -169,14 +182,16 @@ class Config:
     # scoring; rank 0 writes the outputs. None: one process
     process_group: object | None = None
 
-    EXPENSIVE = ("data", "text_columns", "label_column", "id_column", "val_data", "val_fraction",
+    EXPENSIVE = ("data", "run", "text_columns", "label_column", "id_column", "val_data",
+                 "val_fraction",
                  "train_size", "val_size", "noise", "model", "adapter", "lora_r", "lora_alpha",
                  "lora_targets", "epochs", "max_epochs", "patience", "batch_size", "learning_rate",
                  "max_length", "seed", "exclude", "training_seed")
 
     def __post_init__(self) -> None:
         if self.noise is None:
-            self.noise = DEMO_NOISE if builtin_dataset(self.data) is not None else 0.0
+            demo = self.run is None and builtin_dataset(self.data) is not None
+            self.noise = DEMO_NOISE if demo else 0.0
 
     def expensive(self) -> dict:
         return settings_json(self, self.EXPENSIVE)
@@ -199,7 +214,7 @@ COMMAND = Command(
     "MiniLM-L6 on the shipped BBC News corpus with 20% of the labels flipped (offline, a few "
     "minutes on a laptop CPU).",
     config=Config,
-    layout={"data": ("data", "text_columns", "label_column", "id_column", "val_data",
+    layout={"data": ("data", "run", "text_columns", "label_column", "id_column", "val_data",
                      "val_fraction", "train_size", "val_size", "noise"),
             "model": ("model", "adapter", "lora_r", "lora_alpha", "lora_targets", "epochs",
                       "max_epochs", "patience", "batch_size", "learning_rate", "max_length",
@@ -221,14 +236,19 @@ examples:
   datainf detect-mislabeled                                  # shipped BBC News, offline
   datainf detect-mislabeled --data train.csv --text-column review --label-column stars \\
       --drop-top 100 --out runs/reviews
+  datainf detect-mislabeled --run runs/my-classifier --val-data val.csv   # DataInfCallback's
 """,
     make=from_command)
 
 
 # ---------------------------------------------------------------- stage 1: data
-def load_data(config: Config) -> tuple[TextData, TextData, dict]:
+def load_data(config: Config, given: CallbackRun | None = None
+              ) -> tuple[TextData, TextData, dict]:
     """Training and validation data, with label noise injected into training when asked, and
-    what reading them found (see :func:`datainf.data.load_splits`)."""
+    what reading them found (see :func:`datainf.data.load_splits`); with ``given``, its
+    training examples and ``--val-data`` (:func:`datainf.data.run_splits`)."""
+    if given is not None:
+        return run_splits(config, given.examples, given.record["classes"])
     train, val, info = load_splits(config)
     if config.exclude:
         if max(config.exclude) >= len(train) or min(config.exclude) < 0:
@@ -275,9 +295,32 @@ def check_settings(config: Config) -> None:
         raise DataInfError(f"{said('val_fraction')} must be in (0, 1), not "
                            f"{config.val_fraction}")
     check_device(config.device)
+    if config.run is not None:
+        check_run_settings(config)
+        return
     check_model_name(config.model)
     if config.adapter is not None:
         check_adapter_folder(config.adapter)
+
+
+def check_run_settings(config: Config) -> None:
+    """``--run``: the trainer brought the data, model and adapter; what it cannot bring."""
+    if config.data is not None or config.adapter is not None:
+        raise DataInfError("--run brings the training examples, the model and the adapter; "
+                           "give it without --data and --adapter")
+    if config.val_data is None:
+        raise DataInfError("--run needs --val-data: a file of labelled examples that the "
+                           "influence is measured on (with --text-column and --label-column; "
+                           "labels as the classifier's class names or ids)")
+    if config.noise:
+        raise DataInfError("--run: the trainer has already trained on its labels, so none can "
+                           "be flipped on purpose; leave --noise out")
+    if config.drop_top:
+        raise DataInfError("--run: --drop-top writes your data file without the suspects, and "
+                           "a run's data are the trainer's dataset; drop the rows that "
+                           "suspects.csv names (its 'row': the dataset's index) yourself")
+    given = read_callback_run(config.run, "classification")  # refused now, not after loading
+    check_second_moments(replace(config, adapter=str(given.adapter)))
 
 
 def check_data(config: Config, train: TextData, val: TextData) -> None:
@@ -302,9 +345,13 @@ def check_data(config: Config, train: TextData, val: TextData) -> None:
 
 
 
-def run_record(config: Config, train: TextData) -> dict:
-    """What run.json holds: the settings that decide the adapter and gradients."""
-    return {**config.expensive(), "data_fingerprint": train.fingerprint()}
+def run_record(config: Config, train: TextData, given: CallbackRun | None = None) -> dict:
+    """What run.json holds: the settings that decide the adapter and gradients (with ``--run``,
+    also when the trainer's run was made)."""
+    record = {**config.expensive(), "data_fingerprint": train.fingerprint()}
+    if given is not None:
+        record["run_created"] = given.record["created"]
+    return record
 
 
 def recorded_settings(out: Path) -> dict:
@@ -444,17 +491,18 @@ def predictions(config: Config, model, tokenizer, train: TextData, val: TextData
 
 
 # ---------------------------------------------------------------- stage 4: gradients
-def gradients(config: Config, model, tokenizer, train: TextData, val: TextData, out: Path
-              ) -> tuple[GradientStore, GradientStore]:
-    """(train store, val store): per-example gradients in out/gradients/{train,val}."""
-    stores = {}
-    for split, data in (("train", train), ("val", val)):
+def gradients(config: Config, model, tokenizer, splits: dict[str, TextData], out: Path
+              ) -> list[GradientStore]:
+    """The stores of ``splits`` (name -> data; in that order): per-example gradients in
+    out/gradients/{name}."""
+    stores = []
+    for split, data in splits.items():
         batches = text_batches(tokenizer, data, config.batch_size, config.max_length)
-        stores[split] = collect_gradients(model, batches, "classification",
-                                          out=str(out / "gradients" / split),
-                                          progress=config.progress,
-                                          process_group=config.process_group)
-    return stores["train"], stores["val"]
+        stores.append(collect_gradients(model, batches, "classification",
+                                        out=str(out / "gradients" / split),
+                                        progress=config.progress,
+                                        process_group=config.process_group))
+    return stores
 
 
 def features(config: Config, model, tokenizer, data: TextData) -> torch.Tensor:
@@ -570,12 +618,15 @@ def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepare
     then None)."""
     check_settings(config)
     run = Run.of(config)
+    given = read_callback_run(config.run, "classification") if config.run else None
+    if given is not None:  # the trainer's model and adapter
+        config = replace(config, model=given.record["base_model"], adapter=str(given.adapter))
     with run.stage("data"):
-        train, val, data_info = load_data(config)
+        train, val, data_info = load_data(config, given)
     check_data(config, train, val)
     for note in data_info.get("notes", []) if run.main else []:
         warn(note)
-    record = run_record(config, train)
+    record = run_record(config, train, given)
     with run.locked(record):
         with run.stage("model"):
             model, tokenizer, source = load_model(config, train, run.out)
@@ -590,9 +641,15 @@ def prepared(config: Config, *, with_gradients: bool = True) -> Iterator[Prepare
             run.reuse("predictions")
         train_store = val_store = inputs = None
         if with_gradients:
-            paths = [run.out / "gradients" / split for split in ("train", "val")]
-            train_store, val_store = collected(run, "gradients", paths, lambda: gradients(
-                config, model, tokenizer, train, val, run.out))
+            splits = {"train": train, "val": val} if given is None else {"val": val}
+            paths = [run.out / "gradients" / split for split in splits]
+            stores = collected(run, "gradients" if given is None else "validation gradients",
+                               paths, lambda: gradients(config, model, tokenizer, splits,
+                                                        run.out))
+            train_store, val_store = stores[0], stores[-1]
+            if given is not None:  # the trainer's: made by the callback, for this adapter
+                train_store = given_store(given, model)
+                run.reuse("gradients")
             inputs = with_features(run, Inputs(train_store, val_store, second_moments=moments),
                                    config.methods, lambda: tuple(
                                        features(config, model, tokenizer, data)

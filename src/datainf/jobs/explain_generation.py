@@ -38,6 +38,7 @@ from ..data.chat import (
 )
 from ..devices import check_device
 from ..errors import DataInfError
+from ..files import write_atomic
 from ..gradients.collect import collect_gradients
 from ..gradients.representations import representations
 from ..gradients.source import names_matching
@@ -72,7 +73,7 @@ from .pipeline import (
     with_adapter,
     with_features,
 )
-from .runs import check_numbers, settings_json, write_atomic
+from .runs import check_numbers, settings_json
 
 
 @dataclass

@@ -21,12 +21,13 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import DataInfError
+from ..files import write_atomic
 from ..gradients.source import RowRange, blocks_matching, blocks_pattern
 from ..methods import LABELS, PAIRWISE, Inputs, TopK, score_each, top_k_of
 from ..methods.damping import Damping, damping_rule
 from ..options import option
 from .pipeline import DAMPING_HELP, DAMPING_RULE_HELP, DEVICE_HELP
-from .runs import settings_json, warn_unconverged, write_atomic
+from .runs import settings_json, warn_unconverged
 
 OUTPUTS = ("scores.npz", "top.jsonl", "summary.json", "report.html")
 SIDES = ("helpful", "harmful")

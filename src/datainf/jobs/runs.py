@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..distributed import broadcast_flag, world
 from ..errors import DataInfError
+from ..files import write_atomic
 from ..log import warn
 from ..options import said
 from ..training.moments import save_second_moments
@@ -129,13 +130,6 @@ def check_same_run(out: Path, record: dict) -> None:
 def record_run(out: Path, record: dict) -> None:
     """Write run.json: from here on ``out`` belongs to this run's settings."""
     write_atomic(out / "run.json", json.dumps(record, indent=2))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all (a temporary file, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_adapter(model, out: Path, history: dict, second_moments: dict | None = None) -> None:
