@@ -1,5 +1,6 @@
 # `make run`: the main job on its built-in default.  `make test`: the tests.
-# Both create .venv first when needed (scripts/setup.sh).
+# Both create .venv first when needed (scripts/setup.sh). The tests run in two processes
+# (pytest-xdist), each on one thread (tests/conftest.py).
 .PHONY: setup run test lint bench
 
 setup:
@@ -13,7 +14,7 @@ lint: setup
 
 test: setup
 	.venv/bin/ruff check src tests benchmarks scripts examples
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2
 
 bench: setup
 	.venv/bin/python benchmarks/bench_estimators.py

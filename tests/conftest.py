@@ -1,7 +1,13 @@
 import os
 
-import pytest
-import torch
+# One intra-op thread per test process (and the processes the tests start), unless the caller
+# sets another count: the tests' tensors are small, and on a 2-core machine torch's thread pool
+# cost more than it gained (tests/test_mislabeled.py and test_methods.py: 61 s with 2 threads,
+# 42 s with 1); the suite runs two test processes side by side instead (pytest -n 2).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests never reach a model hub: every model is built from a config or shipped in a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
