@@ -199,6 +199,7 @@ class BlockSubset:
         self.block_names = tuple(names)
         self.block_widths = {n: source.block_widths[n] for n in names}
         self.num_rows = source.num_rows
+        self.owners = getattr(source, "owners", None)  # per-token rows keep their owners
         if hasattr(source, "row_sq_norms"):
             self.row_sq_norms = source.row_sq_norms
 
@@ -229,6 +230,11 @@ class UnitNormRows:
 
     so that inner products become cosines. A row of norm 0 stays 0. The norms come from the
     source's ``row_sq_norms`` when it keeps them (a store), otherwise from one pass over it.
+
+    A source with ``owners`` (per-token rows: :class:`datainf.gradients.tokens.TokenGradients`)
+    has each row scaled by the norm of its owner's gradient, the mean of the owner's rows,
+    g_t -> g_t / ||mean_{s of t's owner} g_s||, so that an owner's mean row is its unit
+    gradient (the token scores then average to the sequence's score).
     """
 
     def __init__(self, source: GradientSource, where: str = "gradients") -> None:
@@ -236,10 +242,23 @@ class UnitNormRows:
         self.block_names = source.block_names
         self.block_widths = dict(source.block_widths)
         self.num_rows = source.num_rows
+        self.owners = getattr(source, "owners", None)
         per_block = {name: self._sq_norms(name, where) for name in source.block_names}
-        total = sum(per_block.values())
+        if self.owners is None:
+            total = sum(per_block.values())
+        else:  # each row's owner's squared norm
+            total = sum(self._owner_sq_norms(name) for name in source.block_names)[self.owners]
         self.scale = torch.where(total > 0, total.rsqrt(), torch.zeros_like(total))
         self._sq = {name: sq * self.scale**2 for name, sq in per_block.items()}
+
+    def _owner_sq_norms(self, name: str) -> torch.Tensor:
+        """||mean of owner o's rows of block name||^2 for every owner o (float64)."""
+        count = int(self.owners.max()) + 1
+        sums = torch.zeros(count, self.block_widths[name], dtype=torch.float64)
+        for start, chunk in self.source.iter_block(name, 4096):
+            sums.index_add_(0, self.owners[start : start + len(chunk)], chunk.double().cpu())
+        sizes = torch.bincount(self.owners, minlength=count).double()
+        return (sums / sizes[:, None]).square().sum(1)
 
     def _sq_norms(self, name: str, where: str) -> torch.Tensor:
         if hasattr(self.source, "row_sq_norms"):
@@ -272,6 +291,7 @@ class ScaledColumns:
         self.block_names = source.block_names
         self.block_widths = dict(source.block_widths)
         self.num_rows = source.num_rows
+        self.owners = getattr(source, "owners", None)  # per-token rows keep their owners
         groups = getattr(source, "groups", {})
         self.scales = {}
         for name in source.block_names:
@@ -335,6 +355,7 @@ class GroupedBlocks:
         self.block_widths = {g: sum(source.block_widths[m] for m in ms)
                              for g, ms in self.groups.items()}
         self.num_rows = source.num_rows
+        self.owners = getattr(source, "owners", None)  # per-token rows keep their owners
         if hasattr(source, "row_sq_norms"):
             self.row_sq_norms = lambda name: sum(source.row_sq_norms(m)
                                                  for m in self.groups[name])
