@@ -341,7 +341,8 @@ def generation(study: Study) -> Kind:
         return task_losses(task, model,
                            explain_generation.scored_batches(config, tokenizer, tests))
 
-    settings = {k: v for k, v in job.expensive().items() if k != "seed"}
+    # what decides a subset model (not --run: the study fine-tunes, never takes a trainer's)
+    settings = {k: v for k, v in job.expensive().items() if k not in ("seed", "run")}
     return Kind(len(examples), len(queries), scores, losses,
                 {"task": "generation", "data": study.data, **study.sizes, **settings,
                  "loss_on": job.loss_on})
