@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tolerances import FLOAT32_PASS, FLOAT64, assert_same_ranking, relative
+from tolerances import FLOAT32_PASS, FLOAT64, assert_same_ranking, float32_passes, relative
 
 from datainf.cli import main
 from datainf.data.chat import IGNORE, encode_all, lm_batches, read_chat_jsonl
@@ -369,3 +369,43 @@ def test_unconverged_methods_are_warned(capsys):
     assert capsys.readouterr().err == (
         "datainf: warning: lissa did not converge in 200 iterations (relative residual 0.04): "
         "its scores are approximate; raise --damping, or rank by datainf or exact\n")
+
+
+def test_per_token(tiny_chat_model, files, tmp_path, capsys):
+    """--per-token: each attributed token of each query scored alone; the mean of a query's
+    token scores is its score in scores.npz (both from float32 stores: the gradients of one
+    query's loss taken whole or token by token, a pass each, tolerances.py), tokens.jsonl
+    agrees with token_scores.npz, and a rerun reuses the token gradients."""
+    out = tmp_path / "run"
+    methods = "datainf,hessian_free,cosine,less,repsim"
+    assert run(tiny_chat_model, *files, out, "--methods", methods, "--top", "2",
+               "--per-token", "--token-matrix") == 0
+    scores, tokens = np.load(out / "scores.npz"), np.load(out / "token_scores.npz")
+    assert set(tokens.files) == {"datainf", "hessian_free", "cosine", "less", "query",
+                                 "position"}  # repsim has no per-token split
+    query = tokens["query"]
+    assert list(np.unique(query)) == [0, 1, 2] and (np.diff(query) >= 0).all()
+    for method in ("datainf", "hessian_free", "cosine", "less"):
+        means = np.stack([tokens[method][query == j].mean(0) for j in range(3)])
+        assert relative(means, scores[method]) < float32_passes(2), method
+    rows = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+    assert [len(r["tokens"]) for r in rows] == [int((query == j).sum()) for j in range(3)]
+    r = 0
+    for row in rows:
+        for token in row["tokens"]:
+            s = tokens["datainf"][r]
+            helpful = [x["train"] for x in token["datainf"]["helpful"]]
+            assert helpful == [i for i in np.argsort(s, kind="stable")[:2] if s[i] < 0]
+            assert token["position"] == tokens["position"][r]
+            r += 1
+    assert "blue" in "".join(t["token"] for t in rows[0]["tokens"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["per_token"]["tokens"] == len(query)
+    # the same command again: the token gradients are reused
+    assert run(tiny_chat_model, *files, out, "--methods", methods, "--per-token") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "token gradients" in summary["reused_stages"]
+    assert not (out / "token_scores.npz").exists()  # not asked for this time
+    capsys.readouterr()
+    assert run(tiny_chat_model, *files, out, "--token-matrix") == 2
+    assert "add --per-token" in capsys.readouterr().err

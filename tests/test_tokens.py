@@ -92,6 +92,18 @@ def test_token_scores_average_to_the_sequence_score(gradients, method):
         assert relative(mean_by_owner(alone, tokens.owners), expected) > 1e-3
 
 
+def test_query_batches_hold_whole_queries():
+    """The pairwise scoring's batches of token rows end at query boundaries (a query's rows
+    are scaled by its own norm), however long a query is."""
+    from datainf.jobs.pairwise import query_ranges
+
+    owners = torch.tensor([0] * 3 + [1] * 5 + [2] * 4)
+    assert query_ranges(12, 4, owners) == [(0, 3), (3, 8), (8, 12)]
+    assert query_ranges(12, 8, owners) == [(0, 8), (8, 12)]
+    assert query_ranges(12, 64, owners) == [(0, 12)]
+    assert query_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
 def test_refusals(llama):
     _, batches = llama
     with pytest.raises(DataInfError, match="need 'labels'"):

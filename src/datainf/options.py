@@ -8,7 +8,8 @@ the parsed values back as the Config's keyword arguments.
 
 Kinds: ``value`` (int, float or str: the default's type, or ``type``), ``list`` (comma-
 separated: a tuple of strings), ``ints`` (comma-separated integers), ``repeat`` (the option
-given again for each value), ``off`` (a switch that sets the setting to False), ``quiet`` (a
+given again for each value), ``on`` (a switch that sets the setting to True), ``off`` (a
+switch that sets the setting to False), ``quiet`` (a
 switch that sets ``progress`` to False, None otherwise).
 
 Messages name a setting as whoever set it typed it: :func:`said` gives ``--max-length 8``
@@ -87,7 +88,7 @@ def dest_of(setting: dataclasses.Field) -> str:
 
 def _argument(setting: dataclasses.Field, spec) -> dict:
     kind = spec["kind"]
-    if kind in ("off", "quiet"):
+    if kind in ("on", "off", "quiet"):
         return {"action": "store_true"}
     own = setting.default if setting.default is not MISSING else None
     shown = own if spec["shown"] is AS_DEFAULT else spec["shown"]
@@ -114,7 +115,9 @@ def settings_of(args: argparse.Namespace, config: type, layout: dict) -> dict:
     settings = {}
     for name in (n for names in layout.values() for n in names):
         kind, value = found[name].metadata["kind"], getattr(args, dest_of(found[name]))
-        if kind == "off":
+        if kind == "on":
+            value = bool(value)
+        elif kind == "off":
             value = not value
         elif kind == "quiet":
             value = False if value else None

@@ -208,13 +208,18 @@ class BlockSubset:
 
 
 class RowRange:
-    """Rows ``start:stop`` of a gradient source (a view)."""
+    """Rows ``start:stop`` of a gradient source (a view). Per-token rows keep their owners,
+    numbered from 0 (cut a range at owner boundaries: an owner's norm is that of its rows
+    in the range)."""
 
     def __init__(self, source: GradientSource, start: int, stop: int) -> None:
         self.source, self.start, self.stop = source, start, stop
         self.block_names = source.block_names
         self.block_widths = source.block_widths
         self.num_rows = stop - start
+        owners = getattr(source, "owners", None)
+        self.owners = None if owners is None else \
+            owners[start:stop].unique(return_inverse=True)[1]
 
     def iter_block(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         for first, chunk in self.source.iter_block(name, rows):

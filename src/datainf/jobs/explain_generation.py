@@ -74,6 +74,8 @@ from .pipeline import (
     with_features,
 )
 from .runs import check_numbers, settings_json
+from .tokens import OUTPUTS as TOKEN_OUTPUTS
+from .tokens import TokenScores, score_tokens, token_methods, write_token_outputs
 
 
 @dataclass
@@ -112,6 +114,13 @@ class Config(PairwiseOptions):
         "answer), the prompt alone (the DataInf authors' gradients; they also fine-tuned on the "
         "whole text and scored right padding, we do neither) or the full text (bergson's)",
         choices=LOSS_SPANS)
+    per_token: bool = option(
+        False, "also attribute every attributed token of each query alone (its loss's gradient): "
+        "tokens.jsonl lists each token's most helpful and harmful training examples; one "
+        "backward per token", kind="on")
+    token_matrix: bool = option(
+        False, "with --per-token: also token_scores.npz, every token's score of every training "
+        "example (8 x tokens x training examples bytes per method)", kind="on")
     out: str = option("runs/explain-generation", "run folder (reused when repeated)")
     progress: bool | None = option(None, QUIET_HELP, flag="--quiet", kind="quiet")
     stage_seconds: dict = field(default_factory=dict)
@@ -123,7 +132,7 @@ class Config(PairwiseOptions):
 MODEL_OPTIONS = {  # the generation study runs the same pipeline with these
     "model": ("model", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",
               "learning_rate", "max_length", "max_new_tokens", "seed", "device"),
-    "scoring": ("loss_on", *SCORING_OPTIONS)}
+    "scoring": ("loss_on", *SCORING_OPTIONS, "per_token", "token_matrix")}
 COMMAND = Command(
     "explain-generation",
     help="which fine-tuning examples made the LLM answer like that",
@@ -154,6 +163,11 @@ examples:
 def check_settings(config: Config) -> None:
     """Every setting, before anything is loaded."""
     config.check_scoring()
+    if config.token_matrix and not config.per_token:
+        raise DataInfError("--token-matrix writes the scores of --per-token; add --per-token")
+    if config.per_token and not token_methods(config.methods):
+        raise DataInfError("--per-token scores gradients, and --methods holds none (repsim "
+                           "compares representations); add a gradient method such as datainf")
     check_numbers(config, {"epochs": 1, "batch_size": 1, "lora_r": 1, "max_length": 2,
                            "top": 1, "max_new_tokens": 1, "query_batch": 1},
                   ("learning_rate", "damping", "lora_alpha"))
@@ -266,12 +280,11 @@ def query_answers(config: Config, model, tokenizer, queries: list[ChatExample],
 
 
 # ---------------------------------------------------------------- stage 4: gradients
-def gradients(config: Config, model, tokenizer, encoded: Encoded, path: Path) -> GradientStore:
-    """Per-example gradients of the loss on ``config.loss_on``'s tokens, in the store at
-    ``path``."""
-    return collect_gradients(model, scored_batches(config, tokenizer, encoded), "causal_lm",
-                             out=str(path), progress=config.progress,
-                             process_group=config.process_group)
+def gradients(config: Config, model, batches: list[dict], path: Path) -> GradientStore:
+    """Per-example gradients of ``batches`` (:func:`scored_batches`: labelled on
+    ``config.loss_on``'s tokens), in the store at ``path``."""
+    return collect_gradients(model, batches, "causal_lm", out=str(path),
+                             progress=config.progress, process_group=config.process_group)
 
 
 def features(config: Config, model, tokenizer, encoded: Encoded) -> torch.Tensor:
@@ -289,9 +302,10 @@ def scored_batches(config: Config, tokenizer, encoded: Encoded) -> list[dict]:
 # ---------------------------------------------------------------- outputs
 def write_outputs(config: Config, out: Path, train: list[ChatExample],
                   queries: list[ChatExample], responses: list[str], generated: list[bool],
-                  scores: Scored, extra: dict) -> dict:
-    """scores.npz, top.jsonl, report.html and summary.json (see
-    :func:`datainf.jobs.pairwise.write_outputs`). Returns the summary."""
+                  scores: Scored, extra: dict, tokens: TokenScores | None = None) -> dict:
+    """scores.npz, top.jsonl, report.html, with --per-token tokens.jsonl (and
+    token_scores.npz), then summary.json (see :func:`datainf.jobs.pairwise.write_outputs`).
+    Returns the summary."""
     rows = [{"query": j, "line": q.line, "prompt": q.messages, "response": responses[j],
              "generated": generated[j], **kept(q)} for j, q in enumerate(queries)]
 
@@ -300,6 +314,11 @@ def write_outputs(config: Config, out: Path, train: list[ChatExample],
                 "prompt": train[i].prompt_text, "response": train[i].response,
                 **kept(train[i])}
 
+    if tokens is not None:
+        written = write_token_outputs(out, tokens, [dict(r) for r in rows], entry)
+        extra = {**extra, "per_token": {
+            "tokens": len(tokens.texts), "outputs": written,
+            "methods": {m: {"seconds": round(s, 4)} for m, s in tokens.seconds.items()}}}
     head = {"command": "explain-generation",
             "config": settings_json(config, leave_out=("stage_seconds",)),
             "n_train": len(train), "n_queries": len(queries),
@@ -328,6 +347,8 @@ class Prepared:
     train_store: GradientStore
     query_store: GradientStore
     inputs: Inputs              # what the methods score: the stores, moments, features
+    query_batches: list[dict]   # the queries labelled on the attributed tokens
+    query_folder: Path          # their answers and stores
 
 
 @contextmanager
@@ -355,7 +376,7 @@ def prepared(config: Config) -> Iterator[Prepared]:
         # the prompts alone must fit too, with room for an answer
         encode_all(tokenizer, queries, [q.response for q in queries],
                    max_length=config.max_length, what=said("queries"))
-        run.claim(record, OUTPUTS)
+        run.claim(record, (*OUTPUTS, *TOKEN_OUTPUTS))
         history = fine_tuned(run, source, model, lambda moments: train_adapter(
             config, model, tokenizer, encoded_train, moments))
         moments = second_moments(run, config, source)
@@ -371,18 +392,19 @@ def prepared(config: Config) -> Iterator[Prepared]:
         query_path = folder / ("gradients" + _suffix(config))
         if given is None:
             train_store = collected(run, "gradients", [train_path], lambda: gradients(
-                config, model, tokenizer, encoded_train, train_path))
+                config, model, scored_batches(config, tokenizer, encoded_train), train_path))
         else:  # the trainer's: made by the callback, for this model and adapter
             train_store = given_store(given, model)
             run.reuse("gradients")
+        query_batches = scored_batches(config, tokenizer, encoded_queries)
         query_store = collected(run, "query gradients", [query_path], lambda: gradients(
-            config, model, tokenizer, encoded_queries, query_path))
+            config, model, query_batches, query_path))
         inputs = with_features(run, Inputs(train_store, query_store, second_moments=moments),
                                config.methods, lambda: tuple(
                                    features(config, model, tokenizer, encoded)
                                    for encoded in (encoded_train, encoded_queries)))
         yield Prepared(run, train, queries, responses, generated, model, tokenizer, source,
-                       history, train_store, query_store, inputs)
+                       history, train_store, query_store, inputs, query_batches, folder)
 
 
 def callback_examples(given: CallbackRun) -> list[ChatExample]:
@@ -404,12 +426,16 @@ def run(config: Config) -> dict | None:
     """Every stage; returns the summary (also written to out/summary.json). With a process
     group, rank 0 writes the outputs and returns the summary; other ranks None."""
     with prepared(config) as p, scored(p.run, config, p.inputs) as scores:
+        tokens = None if not config.per_token else score_tokens(
+            p.run, config, p.model, p.tokenizer, p.query_batches,
+            p.query_folder / ("token-gradients" + _suffix(config)), p.inputs,
+            matrix=config.token_matrix)
         if not p.run.main:
             return None
         extra = {"adapter": p.source, "training": p.history, "reused_stages": p.run.reused}
         with p.run.stage("report"):
             return write_outputs(config, p.run.out, p.train, p.queries, p.responses,
-                                 p.generated, scores, extra)
+                                 p.generated, scores, extra, tokens)
 
 
 __all__ = ["Config", "prepared", "run"]

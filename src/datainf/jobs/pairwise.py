@@ -8,6 +8,7 @@ the query's loss), positive = harmful.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from ..errors import DataInfError
 from ..files import write_atomic
@@ -108,6 +110,7 @@ def score_queries(inputs: Inputs, *, methods: tuple[str, ...], damping: Damping,
                      test=blocks_matching(inputs.test, blocks))
     n, m = inputs.train.num_rows, inputs.test.num_rows
     k = min(top, n)
+    ranges = query_ranges(m, query_batch, getattr(inputs.test, "owners", None))
 
     def score(method: str, est, queries) -> list[dict]:
         written = None
@@ -115,8 +118,7 @@ def score_queries(inputs: Inputs, *, methods: tuple[str, ...], damping: Damping,
             written = np.lib.format.open_memmap(folder / f"{method}.npy", mode="w+",
                                                 dtype=np.float64, shape=(m, n))
         entries = []
-        for first in range(0, m, query_batch):
-            last = min(m, first + query_batch)
+        for first, last in ranges:
             if not matrix:  # the engine's top k: memory does not grow with n
                 found = est.top_k(RowRange(queries, first, last), k)
             else:
@@ -131,6 +133,22 @@ def score_queries(inputs: Inputs, *, methods: tuple[str, ...], damping: Damping,
 
     return score_each(methods, inputs, score, damping=damping, progress=False, device=device,
                       process_group=process_group)
+
+
+def query_ranges(m: int, query_batch: int, owners=None) -> list[tuple[int, int]]:
+    """(first, last) row ranges of at most ``query_batch`` of the m query rows; with
+    ``owners`` (per-token rows, sorted by owner), each range holds whole owners (at least one,
+    however many rows it has), so that every owner is scaled by all its rows."""
+    if owners is None:
+        return [(f, min(m, f + query_batch)) for f in range(0, m, query_batch)]
+    bounds = [0, *(torch.nonzero(owners[1:] != owners[:-1]).flatten() + 1).tolist(), m]
+    ranges, first = [], 0
+    for start, end in itertools.pairwise(bounds):  # one owner's rows: start..end
+        if end - first > query_batch and start > first:  # it would overflow: close before it
+            ranges.append((first, start))
+            first = start
+    ranges.append((first, m))
+    return ranges
 
 
 def _entries(top: TopK) -> list[dict]:
