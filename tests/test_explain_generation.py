@@ -399,6 +399,20 @@ def test_per_token(tiny_chat_model, files, tmp_path, capsys):
             assert token["position"] == tokens["position"][r]
             r += 1
     assert "blue" in "".join(t["token"] for t in rows[0]["tokens"])
+    # the other side: each query's most helpful training examples, token by token, whose
+    # token scores average to the example's score
+    tops = [json.loads(line) for line in (out / "top.jsonl").read_text().splitlines()]
+    for row, top in zip(rows, tops, strict=True):
+        for method in ("datainf", "cosine", "less"):
+            listed = row["training_tokens"][method]
+            assert [x["train"] for x in listed] == [x["train"] for x in top[method]["helpful"]]
+            for x in listed:
+                assert x["tokens"] and x["response"] in "".join(t["token"] for t in x["tokens"])
+                mean = np.mean([t["score"] for t in x["tokens"]])
+                # the example's gradient whole or token by token: a float32 pass each
+                # (tolerances.py), on the scale of the query's scores
+                assert abs(mean - scores[method][row["query"], x["train"]]) <= \
+                    float32_passes(2) * np.abs(scores[method]).max(), method
     summary = json.loads((out / "summary.json").read_text())
     assert summary["per_token"]["tokens"] == len(query)
     # the same command again: the token gradients are reused

@@ -92,6 +92,24 @@ def test_token_scores_average_to_the_sequence_score(gradients, method):
         assert relative(mean_by_owner(alone, tokens.owners), expected) > 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:LiSSA did not converge")
+@pytest.mark.parametrize("method", [m for m in PAIRWISE if METHODS[m].reads == "gradients"])
+def test_training_token_splits_average_to_the_score(gradients, method):
+    """score_rows on a training example's token rows, with the inverse of the whole training
+    set: their mean is that example's score (float64: the estimators' own identity)."""
+    seq, tok, tokens = gradients
+    tok = {name: rows.double() for name, rows in tok.items()}
+    train = {name: mean_by_owner(rows, tokens.owners) for name, rows in tok.items()}
+    test = {name: torch.randn(2, g.shape[1], generator=torch.Generator().manual_seed(i),
+                              dtype=torch.float64) for i, (name, g) in enumerate(seq.items())}
+    widths = {name: g.shape[1] for name, g in seq.items()}
+    estimator = any_estimator(method, widths, progress=False).fit(train)
+    split = estimator.score_rows(test, TokenGradients(tok, tokens.owners))
+    assert split.shape == (2, 20)
+    means = mean_by_owner(split.T, tokens.owners).T
+    assert relative(means, estimator.score(test)) < 1e-6, method
+
+
 def test_query_batches_hold_whole_queries():
     """The pairwise scoring's batches of token rows end at query boundaries (a query's rows
     are scaled by its own norm), however long a query is."""

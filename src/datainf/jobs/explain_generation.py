@@ -349,6 +349,7 @@ class Prepared:
     inputs: Inputs              # what the methods score: the stores, moments, features
     query_batches: list[dict]   # the queries labelled on the attributed tokens
     query_folder: Path          # their answers and stores
+    encoded_train: Encoded | None  # the training examples' tokens (None: a --run folder's)
 
 
 @contextmanager
@@ -404,7 +405,8 @@ def prepared(config: Config) -> Iterator[Prepared]:
                                    features(config, model, tokenizer, encoded)
                                    for encoded in (encoded_train, encoded_queries)))
         yield Prepared(run, train, queries, responses, generated, model, tokenizer, source,
-                       history, train_store, query_store, inputs, query_batches, folder)
+                       history, train_store, query_store, inputs, query_batches, folder,
+                       encoded_train)
 
 
 def callback_examples(given: CallbackRun) -> list[ChatExample]:
@@ -429,7 +431,11 @@ def run(config: Config) -> dict | None:
         tokens = None if not config.per_token else score_tokens(
             p.run, config, p.model, p.tokenizer, p.query_batches,
             p.query_folder / ("token-gradients" + _suffix(config)), p.inputs,
-            matrix=config.token_matrix)
+            matrix=config.token_matrix, query_tops=scores.tops,
+            train_batches=None if p.encoded_train is None else lambda examples: scored_batches(
+                config, p.tokenizer, Encoded([p.encoded_train.ids[i] for i in examples],
+                                             [p.encoded_train.prompt_lengths[i]
+                                              for i in examples])))
         if not p.run.main:
             return None
         extra = {"adapter": p.source, "training": p.history, "reused_stages": p.run.reused}

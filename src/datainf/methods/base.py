@@ -221,6 +221,31 @@ class InfluenceEstimator:
             high = _merge((empty.long(), empty), gathered[1], k, largest=True)
         return TopK(low[0], low[1], high[0], high[1])
 
+    def score_rows(self, test_gradients: object, rows: object) -> torch.Tensor:
+        """Influence of other gradient rows, in the place of training examples, on each test
+        example, with the inverse of the fitted training set: an (m, r) float64 tensor,
+        S[j, s] = -sum_l r_jl . x_sl, R = V H^-1 as in :meth:`score`, x the rows after the
+        method's own transform (unit norm, preconditioning; per-token rows of training
+        examples, :class:`~datainf.gradients.tokens.TokenGradients`, are scaled by their
+        example's norm). For the per-token split of a training example's score: the mean of
+        its token rows' scores is its score (the method is linear in the training gradient
+        once the inverse is fixed). Every rank of a process group gets the whole tensor."""
+        self._check_fitted()
+        test = self._test_source(test_gradients)
+        other = self._source(rows, "rows")
+        check_same_blocks(self.train_, other)
+        self._start_scoring()
+        out = torch.zeros(test.num_rows, other.num_rows, dtype=torch.float64,
+                          device=self.device_)
+        for name in self._blocks("scoring"):
+            V = torch.cat([part for _, part in test.iter_block(name, self.test_batch_size)])
+            R = self._precondition(name, V.to(device=self.device_, dtype=self.compute_dtype_))
+            for first, X in other.iter_block(name, self.test_batch_size):
+                out[:, first : first + len(X)] -= (X.to(device=R.device, dtype=R.dtype)
+                                                   @ R.T).T.double()
+        self._finish_scoring()
+        return out
+
     def self_influence(self) -> torch.Tensor:
         """Self-influence of every training example, shape (n,), float64, >= 0.
 
