@@ -151,7 +151,10 @@ tokens are refused, never cut.
 
 outputs (in --out): scores.npz (one queries x training-examples float64 array per method, the
 paper's sign: negative = helpful), top.jsonl (per query, the --top most helpful and most harmful
-training examples), report.html, summary.json, the adapter and the gradient stores.
+training examples), report.html, summary.json, the adapter and the gradient stores; with
+--per-token, tokens.jsonl (per query token, its most helpful and harmful training examples;
+per query, its most helpful examples token by token) and, with --token-matrix,
+token_scores.npz.
 
 examples:
   datainf explain-generation --train train.jsonl --queries queries.jsonl --out runs/explain
