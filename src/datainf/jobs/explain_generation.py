@@ -132,7 +132,7 @@ class Config(PairwiseOptions):
 MODEL_OPTIONS = {  # the generation study runs the same pipeline with these
     "model": ("model", "lora_r", "lora_alpha", "lora_targets", "epochs", "batch_size",
               "learning_rate", "max_length", "max_new_tokens", "seed", "device"),
-    "scoring": ("loss_on", *SCORING_OPTIONS, "per_token", "token_matrix")}
+    "scoring": ("loss_on", *SCORING_OPTIONS)}
 COMMAND = Command(
     "explain-generation",
     help="which fine-tuning examples made the LLM answer like that",
@@ -141,7 +141,7 @@ COMMAND = Command(
     "queries that have no response, and scores every training example against every query.",
     config=Config,
     layout={"data": ("train", "run", "queries", "adapter"), **MODEL_OPTIONS,
-            "outputs": OUTPUT_OPTIONS},
+            "outputs": ("per_token", "token_matrix", *OUTPUT_OPTIONS)},
     epilog="""\
 data: JSON lines, one example a line: {"prompt": ..., "response": ...} or {"messages": [{"role":
 ..., "content": ...}, ...]} (TRL's chat format: the last assistant turn is the response, the
