@@ -206,27 +206,6 @@ def test_detect_mislabeled_from_the_run_folder(classifier_run, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("problem, message", [
-    ("with data", "give it without --data and --adapter"),
-    ("no val", "--run needs --val-data"),
-    ("noise", "leave --noise out"),
-    ("drop top", "drop the rows that suspects.csv names"),
-    ("unfinished", "has no callback.json"),
-])
-def test_mislabeled_run_refused(tmp_path, capsys, problem, message):
-    run = tmp_path / "run"
-    run.mkdir()
-    val = tmp_path / "val.csv"
-    val.write_text("text,label\na,0\n")
-    extra = {"with data": ["--data", str(val), "--val-data", str(val)], "no val": [],
-             "noise": ["--val-data", str(val), "--noise", "0.1"],
-             "drop top": ["--val-data", str(val), "--drop-top", "2"],
-             "unfinished": ["--val-data", str(val)]}[problem]
-    assert main(["detect-mislabeled", "--run", str(run), "--out", str(tmp_path / "out"),
-                 "--quiet", *extra]) == 2
-    assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("problem, message", [
     ("no lora", "has no trainable LoRA adapter"),
     ("out not empty", "already holds files"),
     ("out is a file", "is a file"),
@@ -326,23 +305,28 @@ def test_explain_generation_from_the_run_folder(chat, tmp_path, capsys):
     assert "its gradients were made with another model or adapter" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("with train", "give it without --train and --adapter"),
-    ("unfinished", "has no callback.json"),
-    ("repsim", "repsim needs the training examples' representations"),
+@pytest.mark.parametrize("command, extra, message", [
+    ("explain-generation", ["--train", "{q}"], "give it without --train and --adapter"),
+    ("explain-generation", [], "has no callback.json"),
+    ("explain-generation", ["--methods", "datainf,repsim"],
+     "repsim needs the training examples' representations"),
+    ("detect-mislabeled", ["--data", "{v}", "--val-data", "{v}"],
+     "give it without --data and --adapter"),
+    ("detect-mislabeled", [], "--run needs --val-data"),
+    ("detect-mislabeled", ["--val-data", "{v}", "--noise", "0.1"], "leave --noise out"),
+    ("detect-mislabeled", ["--val-data", "{v}", "--drop-top", "2"],
+     "drop the rows that suspects.csv names"),
+    ("detect-mislabeled", ["--val-data", "{v}"], "has no callback.json"),
 ])
-def test_run_folder_refused(tmp_path, capsys, problem, message):
+def test_run_folder_refused(tmp_path, capsys, command, extra, message):
     run = tmp_path / "run"
     run.mkdir()
-    queries = tmp_path / "q.jsonl"
-    queries.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
-    args = ["explain-generation", "--run", str(run), "--queries", str(queries), "--out",
-            str(tmp_path / "out"), "--quiet"]
-    if problem == "with train":
-        args += ["--train", str(queries)]
-    elif problem == "repsim":
-        args += ["--methods", "datainf,repsim"]
-    assert main(args) == 2
+    q, v = tmp_path / "q.jsonl", tmp_path / "val.csv"
+    q.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    v.write_text("text,label\na,0\n")
+    args = [command, "--run", str(run), "--out", str(tmp_path / "out"), "--quiet"]
+    args += ["--queries", str(q)] if command == "explain-generation" else []
+    assert main([*args, *(x.format(q=q, v=v) for x in extra)]) == 2
     assert message in capsys.readouterr().err
 
 
