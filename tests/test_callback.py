@@ -284,7 +284,7 @@ def test_explain_generation_from_the_run_folder(chat, tmp_path, capsys):
                                + "\n" for i in (3, 9)))
     common = ["--queries", str(queries), "--methods", "datainf,cosine", "--quiet"]
     assert main(["explain-generation", "--run", str(run), "--out", str(tmp_path / "a"),
-                 *common]) == 0
+                 "--per-token", *common]) == 0
     assert main(["explain-generation", "--model", str(folder), "--adapter", str(run / "adapter"),
                  "--train", str(train), "--out", str(tmp_path / "b"), *common]) == 0
     a, b = np.load(tmp_path / "a" / "scores.npz"), np.load(tmp_path / "b" / "scores.npz")
@@ -296,6 +296,9 @@ def test_explain_generation_from_the_run_folder(chat, tmp_path, capsys):
     assert "gradients" in summary["reused_stages"] and summary["n_train"] == 8
     top = json.loads((tmp_path / "a" / "top.jsonl").read_text().splitlines()[0])
     assert "Say" in top["datainf"]["helpful"][0]["prompt"]
+    # per token: the queries' side only (the folder keeps no training tokens)
+    tokens = json.loads((tmp_path / "a" / "tokens.jsonl").read_text().splitlines()[0])
+    assert tokens["tokens"] and "training_tokens" not in tokens
     # a run folder whose gradients are of other base weights than the model named: refused
     record = json.loads((run / "callback.json").read_text())
     (run / "callback.json").write_text(json.dumps({**record, "weights_fingerprint": "0" * 16}))
