@@ -16,7 +16,7 @@ def test_end_to_end_outputs(tiny_model, csv_file, tmp_path, capsys):
     assert "report:" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_train"] == 54 and summary["n_val"] == 6 and summary["n_flipped"] == 11
-    expected = {"datainf", "exact", "lissa", "hessian_free", "datainf_self", "loss",
+    expected = {"datainf", "exact", "lissa", "hessian_free", "datainf_self", "cosine", "loss",
                 "grad_norm"}
     assert set(summary["methods"]) == expected
     for entry in summary["methods"].values():
