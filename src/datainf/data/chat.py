@@ -162,6 +162,10 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def subset(self, index) -> Encoded:
+        """The examples at ``index``, in its order."""
+        return Encoded([self.ids[i] for i in index], [self.prompt_lengths[i] for i in index])
+
 
 def encode_all(tokenizer, examples: list[ChatExample], responses: list[str | None], *,
                max_length: int, what: str) -> Encoded:

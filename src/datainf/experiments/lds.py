@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.chat import Encoded, encode_all
+from ..data.chat import encode_all
 from ..data.image_tasks import TASKS as IMAGE_TASKS
 from ..data.image_tasks import make_image_task
 from ..data.synthetic import TASKS as TEXT_TASKS
@@ -335,8 +335,7 @@ def generation(study: Study) -> Kind:
     def losses(kept: np.ndarray, seed: int, folder: Path) -> np.ndarray:
         config = replace(job, seed=seed, progress=False)
         model, _, _ = explain_generation.load_model(config, folder)  # a fresh LoRA
-        part = Encoded([encoded.ids[i] for i in kept], [encoded.prompt_lengths[i] for i in kept])
-        explain_generation.train_adapter(config, model, tokenizer, part)
+        explain_generation.train_adapter(config, model, tokenizer, encoded.subset(kept))
         model.eval()
         return task_losses(task, model,
                            explain_generation.scored_batches(config, tokenizer, tests))

@@ -436,9 +436,7 @@ def run(config: Config) -> dict | None:
             p.query_folder / ("token-gradients" + _suffix(config)), p.inputs,
             matrix=config.token_matrix, query_tops=scores.tops,
             train_batches=None if p.encoded_train is None else lambda examples: scored_batches(
-                config, p.tokenizer, Encoded([p.encoded_train.ids[i] for i in examples],
-                                             [p.encoded_train.prompt_lengths[i]
-                                              for i in examples])))
+                config, p.tokenizer, p.encoded_train.subset(examples)))
         if not p.run.main:
             return None
         extra = {"adapter": p.source, "training": p.history, "reused_stages": p.run.reused}

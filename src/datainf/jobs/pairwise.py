@@ -186,13 +186,15 @@ def kept(example) -> dict:
     return {"keys": example.extra} if example.extra else {}
 
 
-def save_matrices(folder: Path, methods, out: Path) -> None:
-    """folder/METHOD.npy of every method into out/scores.npz, written whole or not at all."""
+def save_matrices(folder: Path, methods, out: Path, name: str = "scores.npz",
+                  **extra: np.ndarray) -> None:
+    """folder/METHOD.npy of every method (memory-mapped, not read whole) and the ``extra``
+    arrays into out/``name``, written whole or not at all."""
     arrays = {m: np.load(folder / f"{m}.npy", mmap_mode="r") for m in methods}
-    tmp = out / "scores.npz.tmp.npz"
-    np.savez(tmp, **arrays)
+    tmp = out / f"{name}.tmp.npz"
+    np.savez(tmp, **extra, **arrays)
     del arrays
-    os.replace(tmp, out / "scores.npz")
+    os.replace(tmp, out / name)
 
 
 @dataclass

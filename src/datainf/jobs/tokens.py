@@ -22,7 +22,6 @@ with the score of each of their tokens) and, with ``--token-matrix``, ``token_sc
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..gradients.collect import collect_gradients
 from ..gradients.source import RowRange, blocks_matching
 from ..gradients.tokens import TokenBatches, TokenGradients, token_batches
 from ..methods import METHODS, Inputs, score_each
-from .pairwise import SIDES, matrix_folder, score_queries
+from .pairwise import SIDES, matrix_folder, save_matrices, score_queries
 from .pipeline import Run, collected
 
 OUTPUTS = ("tokens.jsonl", "token_scores.npz")
@@ -51,13 +50,13 @@ def token_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
 class TokenScores:
     """Every token row's lists (``tops[method][r]`` as in
     :func:`datainf.jobs.pairwise.score_queries`), seconds per method, the token rows and
-    their texts; ``matrices``: method -> (R, n) array (with --token-matrix, rank 0)."""
+    their texts; ``matrix``: whether token_scores.npz was written (--token-matrix, rank 0)."""
 
     tops: dict
     seconds: dict
     tokens: TokenBatches
     texts: list[str]
-    matrices: dict | None
+    matrix: bool
     # method -> per query: [(training example, [(position, text, score) of its tokens])], the
     # query's most helpful examples in order (None: no training tokens, a --run folder's)
     training: dict | None = None
@@ -81,8 +80,11 @@ def score_tokens(run: Run, options, model, tokenizer, batches: list[dict], path:
     settings = {**options.scoring(), "methods": methods, "matrix": matrix}
     with matrix_folder(run.out, matrix and run.main) as folder, run.stage("token scoring"):
         tops, seconds, _ = score_queries(by_token, folder=folder, **settings)
-        matrices = None if folder is None else {m: np.load(folder / f"{m}.npy") for m in methods}
-    scores = TokenScores(tops, seconds, tokens, token_texts(tokenizer, tokens), matrices)
+        if folder is not None:
+            save_matrices(folder, methods, run.out, "token_scores.npz",
+                          query=tokens.owners.numpy(), position=tokens.positions.numpy())
+    scores = TokenScores(tops, seconds, tokens, token_texts(tokenizer, tokens),
+                         folder is not None)
     if train_batches is not None:
         with run.stage("training tokens"):
             scores.training = training_splits(options, inputs, query_tops, methods, model,
@@ -140,8 +142,8 @@ def training_splits(options, inputs: Inputs, query_tops: dict, methods: tuple[st
 def write_token_outputs(out: Path, scores: TokenScores, rows: list[dict],
                         entry: Callable[[int, float, int], dict]) -> list[str]:
     """tokens.jsonl (``rows``: one dict per query, the job's fields; each training example
-    as ``entry(i, score, rank)``) and token_scores.npz when the matrices are there, each
-    whole or not at all; returns the names written."""
+    as ``entry(i, score, rank)``), whole or not at all; returns the names of the per-token
+    outputs (token_scores.npz too when scoring wrote it)."""
     per_query: list[list[dict]] = [[] for _ in rows]
     for r, (j, t) in enumerate(zip(scores.tokens.owners.tolist(),
                                    scores.tokens.positions.tolist(), strict=True)):
@@ -160,13 +162,7 @@ def write_token_outputs(out: Path, scores: TokenScores, rows: list[dict],
                 for k, (i, split) in enumerate(lists[j])]
                 for method, lists in scores.training.items()}
     write_atomic(out / "tokens.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    if scores.matrices is None:
-        return ["tokens.jsonl"]
-    tmp = out / "token_scores.tmp.npz"
-    np.savez(tmp, query=scores.tokens.owners.numpy(), position=scores.tokens.positions.numpy(),
-             **scores.matrices)
-    os.replace(tmp, out / "token_scores.npz")
-    return list(OUTPUTS)
+    return list(OUTPUTS) if scores.matrix else ["tokens.jsonl"]
 
 
 __all__ = ["TokenScores", "score_tokens", "token_methods", "write_token_outputs"]
