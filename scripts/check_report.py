@@ -1,13 +1,21 @@
-"""Look at a detect-mislabeled report as a user would: render it in headless Chromium.
+"""Look at a report as a user would: render it in headless Chromium.
 
     .venv/bin/python scripts/check_report.py runs/detect-mislabeled/report.html [shot.png]
+    .venv/bin/python scripts/check_report.py runs/tok/report.html [shot.png]   # --per-token
 
 Needs Debian's chromium package (apt-get install chromium; .ci/run installs it). Takes a
-screenshot of the whole page (up to MAX_HEIGHT pixels) and checks the DOM that Chromium built
-against summary.json, suspects.csv and scores.csv when they lie next to the report: the methods
-table, the detection curve (a PNG that decodes) when noise was injected, the suspects table, the
-per-label table, the advice, the warnings; and that the screenshot is not blank. ``check`` returns
-the problems (tests/test_report_browser.py uses it); the script exits non-zero naming them.
+screenshot of the whole page (up to MAX_HEIGHT pixels), checks that it is not blank, and checks
+the DOM that Chromium built (scripts run) against the files beside the report:
+
+- detect-mislabeled (summary.json, suspects.csv, scores.csv): the methods table, the detection
+  curve (a PNG that decodes) when noise was injected, the suspects table, the per-label table,
+  the advice, the warnings;
+- explain-generation --per-token (tokens.jsonl): each response drawn token by token, the
+  training examples' tokens drawn, and, opened at ``#token-0-T``, the selected token's most
+  helpful and harmful examples as tokens.jsonl lists them.
+
+``check`` returns the problems (tests/test_report_browser.py uses it); the script exits non-zero
+naming them.
 """
 
 from __future__ import annotations
@@ -109,15 +117,16 @@ def _run(command: list[str]) -> tuple[str, str | None]:
     return done.stdout, None
 
 
-def render(report: Path, shot: Path) -> tuple[str, list[str]]:
-    """The DOM Chromium builds from ``report`` and a screenshot of the page in ``shot``, cut
-    below the content; returns (DOM, problems)."""
+def render(report: Path, shot: Path, fragment: str = "") -> tuple[str, list[str]]:
+    """The DOM Chromium builds from ``report`` (opened at ``#fragment`` when given) and a
+    screenshot of the page in ``shot``, cut below the content; returns (DOM, problems)."""
     browser = chromium()
     if browser is None:
         return "", ["chromium is not installed: apt-get install chromium (.ci/run installs it)"]
+    address = report.as_uri() + (f"#{fragment}" if fragment else "")
     with tempfile.TemporaryDirectory() as profile:
         base = [browser, *FLAGS, f"--user-data-dir={profile}"]
-        dom, failed = _run([*base, "--dump-dom", report.as_uri()])
+        dom, failed = _run([*base, "--dump-dom", address])
         if failed:
             return "", [failed]
         # the window must hold the whole page: a generous guess from the rows and images
@@ -127,7 +136,7 @@ def render(report: Path, shot: Path) -> tuple[str, list[str]]:
         height = min(MAX_HEIGHT, max(2400, 1500 + 120 * rows + 700 * len(page.images)))
         shot.unlink(missing_ok=True)
         _, failed = _run([*base, f"--screenshot={shot}", f"--window-size={WIDTH},{height}",
-                          report.as_uri()])
+                          address])
     if failed:
         return dom, [failed]
     if shot.exists():
@@ -273,16 +282,100 @@ def check_dom(dom: str, report: Path) -> list[str]:
     return problems
 
 
+class TokenPage(HTMLParser):
+    """What the token views of an explain-generation page hold, per query (``data-query``):
+    the response's token spans (and how many are chosen), the selected token's helpful and
+    harmful example ids, and the training examples drawn (id, token spans)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.views: dict[int, dict] = {}
+        self._view: dict | None = None
+        self._in: str | None = None      # "response", "example", "helpful", "harmful"
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        if "token-view" in classes:
+            self._view = self.views.setdefault(int(attrs["data-query"]), {
+                "tokens": 0, "chosen": 0, "helpful": [], "harmful": [], "examples": []})
+        elif self._view is None:
+            return
+        elif "response-tokens" in classes:
+            self._in = "response"
+        elif "train-ex" in classes:
+            self._in = "example"
+            self._view["examples"].append([int(attrs["data-train"]), 0])
+        elif tag == "ol" and {"token-helpful", "token-harmful"} & set(classes):
+            self._in = classes[0].removeprefix("token-")
+        elif tag == "li" and self._in in ("helpful", "harmful"):
+            self._view[self._in].append(int(attrs["data-train"]))
+        elif tag == "span" and "tok" in classes:
+            if self._in == "response":
+                self._view["tokens"] += 1
+                self._view["chosen"] += "chosen" in classes
+            elif self._in == "example":
+                self._view["examples"][-1][1] += 1
+
+    def handle_endtag(self, tag):
+        if (self._in, tag) in (("response", "p"), ("example", "div"), ("helpful", "ol"),
+                               ("harmful", "ol")):
+            self._in = None
+
+
+def check_token_views(dom: str, rows: list[dict], chosen: int | None) -> list[str]:
+    """Problems of the token views against tokens.jsonl's ``rows``; ``chosen``: the token of
+    query 0 that the address selected (None: none)."""
+    page = TokenPage()
+    page.feed(dom)
+    problems = []
+    if sorted(page.views) != list(range(len(rows))):
+        return [f"token views for the queries {sorted(page.views)}, not 0-{len(rows) - 1}"]
+    # the first of the token methods: the one the page draws first
+    method = [m for m in rows[0]["tokens"][0] if m not in ("position", "token")][0]
+    for j, row in enumerate(rows):
+        view = page.views[j]
+        if view["tokens"] != len(row["tokens"]):
+            problems.append(f"query {j}: {view['tokens']} token spans for "
+                            f"{len(row['tokens'])} tokens")
+        if view["chosen"] != (1 if j == 0 and chosen is not None else 0):
+            problems.append(f"query {j}: {view['chosen']} tokens marked chosen")
+        listed = row.get("training_tokens", {}).get(method, [])
+        drawn = [[x["train"], len(x["tokens"])] for x in listed]
+        if view["examples"] != drawn:
+            problems.append(f"query {j}: training examples drawn as (id, tokens) "
+                            f"{view['examples']}, tokens.jsonl has {drawn}")
+    if chosen is not None:
+        token = rows[0]["tokens"][chosen][method]
+        for side in ("helpful", "harmful"):
+            wanted = [x["train"] for x in token[side]]
+            if page.views[0][side] != wanted:
+                problems.append(f"query 0, token {chosen}: {side} examples "
+                                f"{page.views[0][side]}, tokens.jsonl has {wanted}")
+    return problems
+
+
 def check(report: Path, shot: Path) -> list[str]:
     """Renders ``report`` in Chromium, writes the screenshot to ``shot`` and returns the
     problems found (empty: the page shows everything it should)."""
     report, shot = Path(report).resolve(), Path(shot).resolve()
     if not report.is_file():
         return [f"no report at {report}"]
-    dom, problems = render(report, shot)
-    if not dom:
-        return problems
-    problems += check_dom(dom, report)
+    tokens = report.parent / "tokens.jsonl"
+    if tokens.is_file():  # explain-generation --per-token, opened at query 0's last token
+        rows = [json.loads(line) for line in tokens.read_text().splitlines()]
+        chosen = len(rows[0]["tokens"]) - 1
+        dom, problems = render(report, shot, f"token-0-{chosen}")
+        if not dom:
+            return problems
+        problems += check_token_views(dom, rows, chosen)
+        plain, failed = render(report, shot.with_name(shot.stem + "-plain.png"))
+        problems += failed or check_token_views(plain, rows, None)
+    else:
+        dom, problems = render(report, shot)
+        if not dom:
+            return problems
+        problems += check_dom(dom, report)
     if not shot.is_file():
         problems.append("no screenshot")
     elif shot.stat().st_size < 10_000:

@@ -426,6 +426,10 @@ def test_per_token(tiny_chat_model, files, tmp_path, capsys):
             for x in listed:
                 assert x["tokens"] and x["response"] in "".join(t["token"] for t in x["tokens"])
                 assert all(np.isfinite(t["score"]) for t in x["tokens"])
+                # each token's score on each query token; their mean is its score
+                assert all(len(t["by_query_token"]) == len(row["tokens"]) and
+                           np.isclose(np.mean(t["by_query_token"]), t["score"], rtol=1e-12)
+                           for t in x["tokens"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["per_token"]["tokens"] == len(query)
     # the same command again: the token gradients are reused

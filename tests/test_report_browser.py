@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from cli_helpers import cli, common, make_texts
 
+from datainf.cli import main
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_report.py"
 _spec = importlib.util.spec_from_file_location("check_report", SCRIPT)
 check_report = importlib.util.module_from_spec(_spec)
@@ -64,3 +66,35 @@ def test_the_check_finds_what_is_missing(report, tmp_path):
     assert problems[0].startswith("the detection-curve image does not decode")
     assert problems[1] == "no suspects table (under 'Top N suspects by ...')"
     assert problems[2].startswith("no weak-model warning")
+
+
+@pytest.fixture(scope="module")
+def token_report(tiny_chat_model, tmp_path_factory):
+    """report.html of explain-generation --per-token on a tiny Llama (two queries)."""
+    folder = tmp_path_factory.mktemp("tokens")
+    rows = [{"prompt": f"Name a {topic}.", "response": word}
+            for topic, words in (("colour", ("red", "blue green")), ("animal", ("cat", "dog")))
+            for word in words * 2]
+    for name, records in (("train.jsonl", rows), ("queries.jsonl", rows[::4])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = folder / "run"
+    assert main(["explain-generation", "--train", str(folder / "train.jsonl"), "--queries",
+                 str(folder / "queries.jsonl"), "--model", tiny_chat_model, "--out", str(out),
+                 "--epochs", "1", "--batch-size", "4", "--methods", "datainf,cosine",
+                 "--top", "2", "--per-token", "--quiet"]) == 0
+    return out / "report.html"
+
+
+def test_the_token_view_draws_every_token(token_report, tmp_path):
+    """Each response token by token, the training examples' tokens, and, opened at a token,
+    that token's examples as tokens.jsonl lists them; the check finds a page whose script is
+    gone."""
+    shot = tmp_path / "shot.png"
+    assert check_report.check(token_report, shot) == []
+    assert shot.stat().st_size > 10_000
+    for name in ("tokens.jsonl", "summary.json"):
+        (tmp_path / name).write_bytes((token_report.parent / name).read_bytes())
+    broken = tmp_path / "report.html"
+    broken.write_text(re.sub(r"<script>.*?</script>", "", token_report.read_text(), flags=re.S))
+    problems = check_report.check(broken, tmp_path / "broken.png")
+    assert any("token spans for" in p for p in problems), problems

@@ -11,6 +11,7 @@ from tiny_models import padded_text_batch, tiny_llama
 from tolerances import float32_passes, relative
 
 from datainf import DataInfError, collect_gradients
+from datainf.gradients.source import RowRange
 from datainf.gradients.tokens import TokenGradients, mean_by_owner, token_batches
 from datainf.methods import METHODS, PAIRWISE
 
@@ -108,6 +109,17 @@ def test_training_token_splits_average_to_the_score(gradients, method):
     assert split.shape == (2, 20)
     means = mean_by_owner(split.T, tokens.owners).T
     assert relative(means, estimator.score(test)) < 1e-6, method
+    # both sides by token (explain-generation's training split against each query token):
+    # query 1's token rows, whose mean is its row, against the examples' token rows
+    noise = {name: torch.randn(3, t.shape[1], generator=torch.Generator().manual_seed(7),
+                               dtype=torch.float64) for name, t in test.items()}
+    rows = {name: torch.cat([t[:1], t[1:] + noise[name] - noise[name].mean(0)])
+            for name, t in test.items()}  # rows 1-3: query 1's tokens
+    queries = TokenGradients(rows, torch.tensor([0, 1, 1, 1]))
+    both = estimator.score_rows(RowRange(queries, 1, 4), TokenGradients(tok, tokens.owners))
+    assert both.shape == (3, 20)
+    assert relative(mean_by_owner(both.mean(0)[:, None], tokens.owners)[:, 0],
+                    estimator.score(test)[1]) < 1e-6, method
 
 
 def test_query_batches_hold_whole_queries():

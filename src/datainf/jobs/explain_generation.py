@@ -317,8 +317,9 @@ def write_outputs(config: Config, out: Path, train: list[ChatExample],
                 "prompt": train[i].prompt_text, "response": train[i].response,
                 **kept(train[i])}
 
+    by_token = None
     if tokens is not None:
-        written = write_token_outputs(out, tokens, [dict(r) for r in rows], entry)
+        written, by_token = write_token_outputs(out, tokens, [dict(r) for r in rows], entry)
         extra = {**extra, "per_token": {
             "tokens": len(tokens.texts), "outputs": written,
             "methods": {m: {"seconds": round(s, 4)} for m, s in tokens.seconds.items()}}}
@@ -329,8 +330,9 @@ def write_outputs(config: Config, out: Path, train: list[ChatExample],
     sign = ("negative = helpful (up-weighting the training example lowers the query's loss), "
             "positive = harmful")
     return write_pairwise(config, out, scores, rows, entry, head, sign, extra,
-                          lambda summary, rows: explain_generation_page(summary, rows,
-                                                                        list(scores.tops)))
+                          lambda summary, rows: explain_generation_page(
+                              summary, rows, list(scores.tops), by_token,
+                              None if tokens is None else list(tokens.tops)))
 
 
 # ---------------------------------------------------------------- the job

@@ -8,16 +8,18 @@ gradient of token t's loss alone, and the query's score is the mean of its token
 queries; memory stays that of the pairwise scoring (``query_batch`` rows x n at a time).
 
 The other side: for each query's most helpful training examples (by the query's score), which
-of their own attributed tokens carry the influence: the example's token rows scored against
-the query with the inverse of the whole training set (``InfluenceEstimator.score_rows``); their
-mean is the example's score. One backward per token of those examples.
+of their own attributed tokens carry the influence, on each of the query's tokens: the
+example's token rows scored against the query's token rows with the inverse of the whole
+training set (``InfluenceEstimator.score_rows``), a (query tokens, example tokens) matrix whose
+mean is the example's score. One backward per token of those examples (the examples of each
+query token's own lists would cost up to one backward per token of the whole training set).
 
 Outputs: ``tokens.jsonl`` (per query, per token: its text and its ``--top`` most helpful and
 most harmful training examples; and per method the query's most helpful training examples
-with the score of each of their tokens) and, with ``--token-matrix``, ``token_scores.npz``
-(per method an (R, n) float64 array, the tokens of all queries in file order; ``query`` and
-``position``: each token's query row and its position in the query's token sequence).
-"""
+with the score of each of their tokens, against the whole query and, ``by_query_token``,
+against each query token) and, with ``--token-matrix``, ``token_scores.npz`` (per method an
+(R, n) float64 array, the tokens of all queries in file order; ``query`` and ``position``:
+each token's query row and its position in the query's token sequence)."""
 
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ def score_tokens(run: Run, options, model, tokenizer, batches: list[dict], path:
                          folder is not None)
     if train_batches is not None:
         with run.stage("training tokens"):
-            scores.training = training_splits(options, inputs, query_tops, methods, model,
+            scores.training = training_splits(options, by_token, query_tops, methods, model,
                                               tokenizer, train_batches)
     return scores
 
@@ -101,12 +103,17 @@ def token_texts(tokenizer, tokens: TokenBatches) -> list[str]:
 def training_splits(options, inputs: Inputs, query_tops: dict, methods: tuple[str, ...],
                     model, tokenizer, train_batches) -> dict:
     """Per method, per query: its most helpful training examples (in ``query_tops``' order),
-    each with the score of each of its attributed tokens against the query (the split of its
-    score: their mean). The token gradients of every example listed are taken once, in
-    memory (every rank alike)."""
+    each as (example, [(position, text, scores) of its attributed tokens]), ``scores`` (T_j,)
+    float: that token's score on each of query j's T_j attributed tokens (``inputs.test``:
+    the queries' :class:`TokenGradients`). The mean over the query's tokens is the token's
+    score against the whole query, and the mean of those over the example's tokens is the
+    example's score (both sides linear). The token gradients of every example listed are
+    taken once, in memory (every rank alike)."""
     blocks = options.blocks
     inputs = replace(inputs, train=blocks_matching(inputs.train, blocks),
                      test=blocks_matching(inputs.test, blocks))
+    counts = torch.bincount(inputs.test.owners, minlength=len(next(iter(query_tops.values()))))
+    ends = torch.cumsum(counts, 0).tolist()  # query j's token rows: ends[j] - counts[j] : ends[j]
     listed = sorted({i for m in methods for per_query in query_tops[m]
                      for i, _ in per_query["helpful"]})
     if not listed:
@@ -127,7 +134,9 @@ def training_splits(options, inputs: Inputs, query_tops: dict, methods: tuple[st
             owners = torch.cat([torch.full((len(where[i]),), k) for k, i in enumerate(examples)])
             part = blocks_matching(TokenGradients({n: r[picked] for n, r in rows.items()},
                                                   owners), blocks)
-            s = est.score_rows(RowRange(queries, j, j + 1), part)[0].tolist()
+            # (T_j, rows): query j's tokens against the examples' tokens
+            s = est.score_rows(RowRange(queries, ends[j] - int(counts[j]), ends[j]), part)
+            s = s.T.tolist()
             out.append([(i, [(int(tokens.positions[r]), texts[r], s[q])
                               for q, r in enumerate(picked.tolist()) if owners[q] == k])
                         for k, i in enumerate(examples)])
@@ -140,10 +149,10 @@ def training_splits(options, inputs: Inputs, query_tops: dict, methods: tuple[st
 
 
 def write_token_outputs(out: Path, scores: TokenScores, rows: list[dict],
-                        entry: Callable[[int, float, int], dict]) -> list[str]:
+                        entry: Callable[[int, float, int], dict]) -> tuple[list[str], list[dict]]:
     """tokens.jsonl (``rows``: one dict per query, the job's fields; each training example
     as ``entry(i, score, rank)``), whole or not at all; returns the names of the per-token
-    outputs (token_scores.npz too when scoring wrote it)."""
+    outputs (token_scores.npz too when scoring wrote it) and the rows written."""
     per_query: list[list[dict]] = [[] for _ in rows]
     for r, (j, t) in enumerate(zip(scores.tokens.owners.tolist(),
                                    scores.tokens.positions.tolist(), strict=True)):
@@ -156,13 +165,13 @@ def write_token_outputs(out: Path, scores: TokenScores, rows: list[dict],
         row["tokens"] = per_query[j]
         if scores.training is not None:  # the query's most helpful examples, token by token
             row["training_tokens"] = {method: [
-                {**entry(i, float(np.mean([x for *_, x in split])), k + 1),
-                 "tokens": [{"position": t, "token": text, "score": x}
-                            for t, text, x in split]}
+                {**entry(i, float(np.mean([np.mean(x) for *_, x in split])), k + 1),
+                 "tokens": [{"position": t, "token": text, "score": float(np.mean(x)),
+                             "by_query_token": x} for t, text, x in split]}
                 for k, (i, split) in enumerate(lists[j])]
                 for method, lists in scores.training.items()}
     write_atomic(out / "tokens.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    return list(OUTPUTS) if scores.matrix else ["tokens.jsonl"]
+    return (list(OUTPUTS) if scores.matrix else ["tokens.jsonl"]), rows
 
 
 __all__ = ["TokenScores", "score_tokens", "token_methods", "write_token_outputs"]

@@ -103,11 +103,16 @@ def write_report(summary: dict, table, suspects, scores: dict, flipped: np.ndarr
         breakdown=class_breakdown(table, suspects), reused=summary.get("reused_stages", []))
 
 
-def explain_generation_page(summary: dict, rows: list[dict], methods: list[str]) -> str:
+def explain_generation_page(summary: dict, rows: list[dict], methods: list[str],
+                            by_token: list[dict] | None = None,
+                            token_methods: list[str] | None = None) -> str:
     """The explain-generation report: per query, its prompt and response, and for each method
-    the most helpful and most harmful training examples side by side."""
+    the most helpful and most harmful training examples side by side; with ``by_token`` (the
+    rows of tokens.jsonl, scored by ``token_methods``) the response token by token, drawn in
+    the browser (templates/token_view.html)."""
     return render("explain_generation.html", summary=summary, config=summary["config"],
-                  rows=rows, methods=methods,
+                  rows=rows, methods=methods, by_token=by_token, token_methods=token_methods,
+                  labels={m: v["label"] for m, v in summary["methods"].items()},
                   timing=stage_line(summary["stage_seconds"], summary.get("reused_stages", [])))
 
 
