@@ -68,8 +68,9 @@ PUBLISHED = (
     ("bergson, GPT-2 fine-tune: MAGIC (several training runs)", "0.98"),
 )
 # the classification task on this 2-core CPU: 200 training and 100 validation articles of
-# 64 tokens; a subset fine-tune (100 articles, 4 epochs) took 64 s on one thread beside other
-# work, so that 32 subsets and the full run fit in 45 minutes (48 gave the same ranking)
+# 64 tokens; a subset fine-tune (100 articles, 4 epochs) takes 34-64 s on one thread beside
+# other work, so that 32 subsets and the full run fit in 45 minutes (measured: 20 min; 48
+# subsets gave the same ranking)
 CLASSIFICATION = {"train_size": 200, "val_size": 100, "max_length": 64, "learning_rate": 1e-3,
                   "epochs": 4}
 # generation: SmolLM2 on 10 classes of a synthetic task, 10 training and 2 test examples a
