@@ -41,7 +41,7 @@ def train_records():
 def files(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", train_records())
     queries = write_jsonl(tmp_path / "queries.jsonl", [
-        {"prompt": "Name a colour.", "response": "blue"},
+        {"prompt": "Name a colour.", "response": "light blue"},
         {"messages": [{"role": "user", "content": "Name an animal."},
                       {"role": "assistant", "content": "fox"}], "id": "q2"},
         {"prompt": "Give me one animal."},  # answered by the model
@@ -142,7 +142,7 @@ def test_formats_are_read_with_their_keys(files):
     assert train[1].messages == [{"role": "user", "content": "Name a colour."}]
     assert train[1].extra == {"topic": "colour"} and train[1].chat_format
     queries = read_chat_jsonl(files[1], need_response=False, what="--queries")
-    assert [q.response for q in queries] == ["blue", "fox", None]
+    assert [q.response for q in queries] == ["light blue", "fox", None]
     assert queries[1].extra == {"id": "q2"} and queries[2].line == 3
 
 
@@ -378,11 +378,11 @@ def test_per_token(tiny_chat_model, files, tmp_path, capsys):
     Hessian-free token scores is its score in scores.npz, to the bound that the two gradient
     computations' difference gives (the identity itself, every method, in float64:
     tests/test_tokens.py); tokens.jsonl agrees with token_scores.npz; a rerun reuses the token
-    gradients."""
+    gradients. Batches of 2 queries: the token rows of queries padded to other lengths."""
     out = tmp_path / "run"
     methods = "datainf,hessian_free,cosine,less,repsim"
     assert run(tiny_chat_model, *files, out, "--methods", methods, "--top", "2",
-               "--per-token", "--token-matrix") == 0
+               "--per-token", "--token-matrix", "--batch-size", "2") == 0
     scores, tokens = np.load(out / "scores.npz"), np.load(out / "token_scores.npz")
     assert set(tokens.files) == {"datainf", "hessian_free", "cosine", "less", "query",
                                  "position"}  # repsim has no per-token split
@@ -433,7 +433,8 @@ def test_per_token(tiny_chat_model, files, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["per_token"]["tokens"] == len(query)
     # the same command again: the token gradients are reused
-    assert run(tiny_chat_model, *files, out, "--methods", methods, "--per-token") == 0
+    assert run(tiny_chat_model, *files, out, "--methods", methods, "--per-token",
+               "--batch-size", "2") == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "token gradients" in summary["reused_stages"]
     assert not (out / "token_scores.npz").exists()  # not asked for this time

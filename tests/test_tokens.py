@@ -18,17 +18,18 @@ from datainf.methods import METHODS, PAIRWISE
 
 @pytest.fixture(scope="module")
 def llama():
-    """The model and two batches of right-padded examples (prompts of 2 tokens unscored)."""
+    """The model and two batches of right-padded examples (prompts of 2 tokens unscored),
+    each padded to its own longest example (7 and 8 tokens), as a collator pads them."""
     model = tiny_llama().eval()  # no dropout in the reference passes
     whole = padded_text_batch([5, 7, 6, 4, 8], vocab=50, side="right", seed=0, prompt=2)
-    return model, [{k: v[:3] for k, v in whole.items()}, {k: v[3:] for k, v in whole.items()}]
+    return model, [{k: v[:3, :7] for k, v in whole.items()}, {k: v[3:] for k, v in whole.items()}]
 
 
 @pytest.fixture(scope="module")
 def gradients(llama):
     """(sequence gradients, token gradients, token batches) of the five examples."""
     model, batches = llama
-    tokens = token_batches(batches, rows_per_batch=4)
+    tokens = token_batches(batches, rows_per_batch=5)
     return (collect_gradients(model, batches, "causal_lm"),
             collect_gradients(model, tokens.batches, "causal_lm"), tokens)
 
@@ -46,7 +47,9 @@ def test_rows_are_the_scored_tokens_in_order(llama, gradients):
     # 5 examples of 5, 7, 6, 4, 8 tokens, the first 2 unscored: 3 + 5 + 4 + 2 + 6 rows
     assert tokens.owners.tolist() == [0] * 3 + [1] * 5 + [2] * 4 + [3] * 2 + [4] * 6
     assert tokens.positions[:3].tolist() == [2, 3, 4]
-    assert [len(b["input_ids"]) for b in tokens.batches] == [4, 4, 4, 4, 4]
+    # 12 rows of the first batch, then 8 of the second: no token batch spans the two
+    assert [tuple(b["input_ids"].shape) for b in tokens.batches] == [
+        (5, 7), (5, 7), (2, 7), (5, 8), (3, 8)]
     for batch in tokens.batches:
         assert ((batch["labels"] != -100).sum(1) == 1).all()  # one scored token a row
     assert next(iter(tok.values())).shape[0] == 20

@@ -51,10 +51,11 @@ def token_batches(batches: Iterable[Mapping[str, torch.Tensor]], rows_per_batch:
                   ) -> TokenBatches:
     """``batches`` of causal-LM examples (input_ids, attention_mask, labels) as batches of at
     most ``rows_per_batch`` token rows: row r is example ``owners[r]`` whole, its labels -100
-    except at ``positions[r]``."""
+    except at ``positions[r]``. A batch of token rows never spans two of ``batches`` (their
+    padded lengths may differ), so each row keeps the padding its example was given."""
     if rows_per_batch < 1:
         raise DataInfError(f"rows_per_batch must be at least 1, not {rows_per_batch}")
-    rows: list[dict] = []
+    out: list[dict] = []
     owners, positions = [], []
     offset = 0
     for batch in batches:
@@ -62,19 +63,18 @@ def token_batches(batches: Iterable[Mapping[str, torch.Tensor]], rows_per_batch:
             raise DataInfError("per-token gradients need 'labels' in each batch (-100 where a "
                                "token is not scored)")
         labels = batch["labels"]
-        for b, t in scored_positions(labels).tolist():
-            row = {k: v[b] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            kept = torch.full_like(labels[b], -100)
-            kept[t] = labels[b, t]
-            row["labels"] = kept
-            rows.append(row)
-            owners.append(offset + b)
-            positions.append(t)
+        scored = scored_positions(labels)
+        for first in range(0, len(scored), rows_per_batch):
+            b, t = scored[first : first + rows_per_batch].unbind(1)
+            rows = {k: v[b] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            rows["labels"] = torch.full_like(rows["labels"], -100)
+            rows["labels"][torch.arange(len(b)), t] = labels[b, t]
+            out.append(rows)
+        owners += (offset + scored[:, 0]).tolist()
+        positions += scored[:, 1].tolist()
         offset += len(labels)
-    if not rows:
+    if not out:
         raise DataInfError("per-token gradients: no example has a scored token")
-    out = [{k: torch.stack([r[k] for r in rows[i : i + rows_per_batch]]) for k in rows[0]}
-           for i in range(0, len(rows), rows_per_batch)]
     return TokenBatches(out, torch.tensor(owners), torch.tensor(positions))
 
 
