@@ -298,9 +298,13 @@ class TokenPage(HTMLParser):
         classes = (attrs.get("class") or "").split()
         if "token-view" in classes:
             self._view = self.views.setdefault(int(attrs["data-query"]), {
-                "tokens": 0, "chosen": 0, "helpful": [], "harmful": [], "examples": []})
+                "tokens": 0, "chosen": 0, "helpful": [], "harmful": [], "examples": [],
+                "headings": []})
         elif self._view is None:
             return
+        elif "token-heading" in classes:
+            self._in = "heading"
+            self._view["headings"].append("")
         elif "response-tokens" in classes:
             self._in = "response"
         elif "train-ex" in classes:
@@ -317,9 +321,13 @@ class TokenPage(HTMLParser):
             elif self._in == "example":
                 self._view["examples"][-1][1] += 1
 
+    def handle_data(self, data):
+        if self._in == "heading":
+            self._view["headings"][-1] += data
+
     def handle_endtag(self, tag):
         if (self._in, tag) in (("response", "p"), ("example", "div"), ("helpful", "ol"),
-                               ("harmful", "ol")):
+                               ("harmful", "ol"), ("heading", "p")):
             self._in = None
 
 
@@ -346,6 +354,11 @@ def check_token_views(dom: str, rows: list[dict], chosen: int | None) -> list[st
             problems.append(f"query {j}: training examples drawn as (id, tokens) "
                             f"{view['examples']}, tokens.jsonl has {drawn}")
     if chosen is not None:
+        text = rows[0]["tokens"][chosen]["token"].replace("\n", "\\n")
+        named = "\u2423" * len(text) if text.strip(" ") == "" else text  # as the page names it
+        if not any(f"«{named}»" in h for h in page.views[0]["headings"]):
+            problems.append(f"query 0, token {chosen}: no heading names it as «{named}»: "
+                            f"{page.views[0]['headings']}")
         token = rows[0]["tokens"][chosen][method]
         for side in ("helpful", "harmful"):
             wanted = [x["train"] for x in token[side]]
