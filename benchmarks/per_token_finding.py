@@ -26,9 +26,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from datainf.cli import main as datainf
+from datainf.metrics import detection_auc, mean_interval
 
 PARTS = ("operands", "operators", "earlier results", "last result", "words", "final number",
          "punctuation", "spacing", "end of turn")
@@ -72,7 +72,8 @@ def parts(tokens: list[str], response: str) -> list[str]:
 
 
 def auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    return float(roc_auc_score(positive, -scores))
+    """AUC of -score (negative = helpful) for finding the ``positive`` training examples."""
+    return detection_auc(-scores, positive)
 
 
 def main() -> None:
@@ -108,11 +109,9 @@ def main() -> None:
     classes = np.array([r["class"] for r in train])
     answers = np.array([final_answer(r["messages"][-1]["content"]) for r in train])
     methods = [m for m in args.methods.split(",") if m in tokens.files]
-    owner, part_of = [], []
-    for j, row in enumerate(rows):
-        part_of += parts([t["token"] for t in row["tokens"]], queries[j]["messages"][-1]["content"])
-        owner += [j] * len(row["tokens"])
-    owner, part_of = np.array(owner), np.array(part_of)
+    owner = tokens["query"]  # each token's query row
+    part_of = np.array([p for j, row in enumerate(rows) for p in parts(
+        [t["token"] for t in row["tokens"]], queries[j]["messages"][-1]["content"])])
     same = {"class": [classes == q["class"] for q in queries],
             "answer": [answers == final_answer(q["messages"][-1]["content"]) for q in queries]}
     # a query whose final answer no training example shares has no same-answer AUC
@@ -123,7 +122,7 @@ def main() -> None:
           + ", ".join(f"{p} {int((part_of == p).sum())}" for p in PARTS))
     print("AUC of -score for finding the training examples of the same class / the same final "
           "answer: per query the mean over its tokens of the part, then the mean over queries "
-          "+- the half-width of its 95% interval (1.96 sd / sqrt(queries))")
+          "+- the half-width of its 95% Student-t interval (datainf.metrics.mean_interval)")
     for m in methods:
         per_query = {}  # (part, what) -> {query: mean AUC over its tokens of the part}
         for p in PARTS:
@@ -142,10 +141,10 @@ def main() -> None:
 
 
 def interval(values) -> str:
-    """Mean +- the half-width of a 95% normal interval over the values (one per query)."""
-    values = np.fromiter(values, float)
-    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
-    return f"{values.mean():.3f} +- {half:.3f}"
+    """Mean +- the half-width of its 95% interval over the values (one per query)."""
+    mean, low, high = mean_interval(list(values))
+    return f"{mean:.3f} +- {(high - low) / 2:.3f}"
+
 
 if __name__ == "__main__":
     main()
